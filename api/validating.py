@@ -1,0 +1,201 @@
+"""Turning YAML into a validated FineTuneJob, or into problems a person can act on.
+
+Called by ``kubetune validate`` and ``kubetune train`` (files), the operator (a body from the
+API server) and the trainer (its JSON config). Pydantic does the field checks; this module
+translates its errors into ``spec.peft.r: must be >= 1 (got -4)``, adds did-you-mean hints for
+unknown fields, then runs the cross-field rules with precise paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kubetune.api.jobs import FineTuneJob
+from kubetune.api.problems import Problem, SpecError, format_path
+from kubetune.api.rules import check_rules
+from kubetune.api.specs import FineTuneJobSpec
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "finite_number": "a finite number",
+}
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "nullable"}
+_SOURCE_HINT = "must be hf://org/name[@revision], pvc://claim/path, s3://bucket/key, pkg://package/path or a file path"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document of a file, with the line it starts on (1-based)."""
+
+    body: Any
+    line: int
+
+
+def load_documents(text: str, filename: str = "<stdin>") -> list[Document]:
+    """Every non-empty YAML document in ``text``; a syntax error names the line and column."""
+    try:
+        loader = yaml.SafeLoader(text)
+        docs = []
+        try:
+            while loader.check_node():
+                node = loader.get_node()
+                if node is None:
+                    continue
+                docs.append(Document(loader.construct_document(node), node.start_mark.line + 1))
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(f"{filename}: {where}", f"invalid YAML: {problem}")]) from None
+    return [d for d in docs if d.body is not None]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field_names_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The YAML field names allowed at ``loc`` (the parent of an unknown key)."""
+    model: Any = root
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        found = None
+        for name, info in model.model_fields.items():
+            if (info.alias or name) == key or name == key:
+                found = info.annotation
+        if found is None:
+            return None
+        model = _innermost_model(found)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [info.alias or name for name, info in model.model_fields.items()]
+    return None
+
+
+def _innermost_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _innermost_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        loc = tuple(err["loc"])
+        allowed = _field_names_at(root, loc[:-1]) or []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        if close:
+            return f"unknown field; did you mean {close[0]!r}?"
+        return f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
+    if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = ctx.get({"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}[kind])
+        return f"must be {op} {bound} (got {_describe(value)})"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {_describe(value)})"
+    if kind == "string_pattern_mismatch":
+        if str(err["loc"][-1]) in {"source", "tokenizer"}:
+            return f"{_SOURCE_HINT} (got {_describe(value)})"
+        return f"must match {ctx.get('pattern')} (got {_describe(value)})"
+    if kind in {"string_too_short", "too_short"}:
+        n = ctx.get("min_length")
+        return "must not be empty" if n == 1 else f"needs at least {n} {'characters' if kind.startswith('string') else 'items'}"
+    if kind in {"string_too_long", "too_long"}:
+        return f"must have at most {ctx.get('max_length')} {'characters' if kind.startswith('string') else 'items'}"
+    if kind in _TYPE_WORDS:
+        return f"must be {_TYPE_WORDS[kind]} (got {type(value).__name__} {_describe(value)})"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return str(err["msg"])
+
+
+def problems_from(error: ValidationError, root: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[Problem]:
+    """Pydantic's errors as problems with YAML field paths, one per path."""
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for err in error.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith(("literal[", "function-")))))
+        path = format_path(prefix + loc)
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append(Problem(path, _message({**err, "loc": loc}, root)))
+    return out
+
+
+def validate_manifest(body: Any) -> tuple[FineTuneJob | None, list[Problem]]:
+    """Validate one manifest; returns the job (None when invalid) and every problem found."""
+    if not isinstance(body, dict):
+        return None, [Problem("(root)", f"a FineTuneJob manifest must be a mapping, got {type(body).__name__}")]
+    try:
+        job = FineTuneJob.model_validate(body, context={"skip_rules": True})
+    except ValidationError as exc:
+        return None, problems_from(exc, FineTuneJob)
+    problems = check_rules(job.spec)
+    return (None, problems) if problems else (job, [])
+
+
+def parse_job(body: Any) -> FineTuneJob:
+    """A validated FineTuneJob, or SpecError listing every problem."""
+    job, problems = validate_manifest(body)
+    if job is None:
+        raise SpecError(problems)
+    return job
+
+
+def parse_spec(spec: Any) -> FineTuneJobSpec:
+    """A validated spec (the body of ``spec:``), or SpecError with ``spec.``-prefixed paths."""
+    try:
+        parsed = FineTuneJobSpec.model_validate(spec, context={"skip_rules": True})
+    except ValidationError as exc:
+        raise SpecError(problems_from(exc, FineTuneJobSpec, prefix=("spec",))) from None
+    problems = check_rules(parsed)
+    if problems:
+        raise SpecError(problems)
+    return parsed
+
+
+def validate_text(text: str, filename: str) -> tuple[list[FineTuneJob], list[Problem]]:
+    """Every FineTuneJob in a YAML file; problems are prefixed with the document when there are several."""
+    docs = load_documents(text, filename)
+    jobs: list[FineTuneJob] = []
+    problems: list[Problem] = []
+    if not docs:
+        return [], [Problem("(root)", "no YAML document found")]
+    for index, doc in enumerate(docs):
+        job, found = validate_manifest(doc.body)
+        if job is not None:
+            jobs.append(job)
+        where = f"document {index + 1} (line {doc.line}): " if len(docs) > 1 else ""
+        problems.extend(Problem(f"{where}{p.path}", p.message) for p in found)
+    return jobs, problems
+

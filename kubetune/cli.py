@@ -1,0 +1,140 @@
+"""The ``kubetune`` console script: one entry point for users, the operator and the pods.
+
+Subcommands import their layer lazily, so ``kubetune validate`` and ``kubetune operator`` work in
+the operator image, which has no torch.
+
+    kubetune validate -f job.yaml [-f more.yaml | -f -]   check manifests, one line per problem
+    kubetune crd                                           print the FineTuneJob CRD
+    kubetune render -f job.yaml                            print what the operator would create
+    kubetune train -f job.yaml                             train locally from the same manifest
+    kubetune operator                                      run the operator
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _read(path: str) -> tuple[str, str]:
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    return Path(path).read_text(encoding="utf-8"), path
+
+
+def _files(args: argparse.Namespace) -> list[str]:
+    files = list(args.file or []) + list(getattr(args, "paths", None) or [])
+    if not files:
+        raise SystemExit("kubetune: give at least one manifest with -f FILE (or - for stdin)")
+    return files
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kubetune.api import SpecError, validate_text
+
+    failed = False
+    for path in _files(args):
+        try:
+            text, name = _read(path)
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+            failed = True
+            continue
+        try:
+            jobs, problems = validate_text(text, name)
+        except SpecError as exc:
+            for problem in exc.problems:
+                print(str(problem) if problem.path.startswith(name) else f"{name}: {problem}")
+            failed = True
+            continue
+        for problem in problems:
+            print(f"{name}: {problem}")
+        failed = failed or bool(problems)
+        if not problems and not args.quiet:
+            for job in jobs:
+                techniques = ", ".join(job.spec.techniques.enabled()) or "none"
+                print(f"{name}: {job.name}: valid (peft {job.spec.peft.method}; techniques: {techniques})")
+    return 1 if failed else 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kubetune.api.crds import render_crd
+
+    text = render_crd()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from kubetune.operator.rendering import render_main
+
+    return render_main(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kubetune.trainer.local import train_main
+
+    return train_main(args)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from kubetune.operator.running import operator_main
+
+    return operator_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kubetune import __version__
+
+    parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune language models on Kubernetes with FineTuneJob manifests.")
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check FineTuneJob manifests; exit 1 with one line per problem")
+    p.add_argument("-f", "--file", action="append", help="manifest file, or - for stdin (repeatable)")
+    p.add_argument("paths", nargs="*", help="more manifest files")
+    p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("render", help="print the objects the operator would create for a manifest")
+    p.add_argument("-f", "--file", action="append", help="manifest file, or - for stdin")
+    p.add_argument("paths", nargs="*", help="more manifest files")
+    p.add_argument("-n", "--namespace", default=None, help="namespace to render into (default: the manifest's, else default)")
+    p.add_argument("--image", default=None, help="trainer image (default: the operator's default)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("train", help="train locally from a FineTuneJob manifest")
+    p.add_argument("-f", "--file", required=True, help="manifest file")
+    p.add_argument("-o", "--output-dir", default=None, help="run directory (default ./runs/<name>)")
+    p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 1 on CPU)")
+    p.add_argument("--max-steps", type=int, default=None, help="override spec.training.maxSteps (quick tries)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("operator", help="run the operator")
+    p.add_argument("--namespace", action="append", dest="namespaces", help="namespace to watch (repeatable); default all")
+    p.add_argument("--all-namespaces", action="store_true", help="watch all namespaces (the default)")
+    p.add_argument("--trainer-image", default=None, help="default trainer image")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    p.add_argument("--health-port", type=int, default=None, help="port of /healthz and /readyz")
+    p.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics endpoint")
+    p.set_defaults(func=cmd_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
