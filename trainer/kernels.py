@@ -56,19 +56,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         chunk_size: int,
     ) -> torch.Tensor:
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         n_target = (target != ignore_index).sum()
-        denom = n_target.clamp(min=1).to(torch.float32)
+        denom = n_target.clamp(min=1).to(acc)
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = target[start : start + chunk_size]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight, bias).to(acc)
             valid = t != ignore_index
             safe_t = torch.where(valid, t, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -78,7 +79,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = (softmax - onehot) / n_target, zero on ignored rows
                 grad = torch.exp(logits - lse[:, None])
                 grad.scatter_add_(-1, safe_t[:, None], torch.full_like(picked[:, None], -1.0))
-                grad *= (valid.float() / denom)[:, None]
+                grad *= (valid.to(acc) / denom)[:, None]
                 g = grad.to(weight.dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = g @ weight
@@ -95,7 +96,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        scale = grad_out.to(torch.float32)
+        scale = grad_out
         gh = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * scale).to(w_dtype)
         gb = None if grad_b is None else (grad_b * scale).to(b_dtype)
