@@ -92,6 +92,7 @@ class Progress(SpecModel):
     tokens_per_second: float | None = Field(default=None, description="Training throughput, all ranks.")
     eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
     updated_at: str | None = Field(default=None, description="When this progress was reported (RFC 3339).")
+    stop_reason: str | None = Field(default=None, max_length=1024, description="Why training ended, set by the trainer at the end: completed, max-steps, early-stopped: <why>.")
 
 
 class CheckpointRecord(SpecModel):
