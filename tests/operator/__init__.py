@@ -1,0 +1,1 @@
+"""Operator tests: builders, handlers against the emulator, metrics."""
