@@ -1,0 +1,119 @@
+"""
+Suite-wide pytest wiring: the Kubernetes fixtures every layer uses, and the ``--kubeconfig`` switch.
+
+Fixtures (see ``tests/support`` for the classes):
+
+* ``k8s_emulator`` — a fresh :class:`~tests.support.emulating.EmulatorThread` per test: ``.url``,
+  ``.emulator`` (the kmock object, for fault injection and history), ``get_object`` /
+  ``create_object`` / ``patch_object`` / ``delete_object`` / ``list_objects`` acting directly on
+  its store;
+* ``kubeconfig_file`` — a kubeconfig for that emulator, also exported as ``KUBECONFIG`` for the
+  test (kopf, the ``kubernetes`` client and subprocesses pick it up);
+* ``real_cluster`` — a :class:`~tests.support.clusters.Cluster` on the cluster named by
+  ``--kubeconfig`` (skipped without it), in a fresh namespace deleted afterwards;
+* ``cluster`` — the same :class:`Cluster` interface, parametrised: ``emulator`` always, ``real``
+  (marked ``k8s``) only with ``--kubeconfig``. Write a test once against ``cluster``.
+
+Tests marked ``k8s`` are skipped unless ``--kubeconfig PATH`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator
+
+import kubernetes
+import pytest
+
+from tests.support.clusters import Cluster, fresh_namespace_name, write_kubeconfig
+from tests.support.emulating import EmulatorThread
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kubeconfig", action="store", default=None, metavar="PATH",
+        help="run the tests marked k8s against the real cluster of this kubeconfig (skipped without it)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--kubeconfig"):
+        return
+    skip = pytest.mark.skip(reason="needs a real cluster: pass --kubeconfig PATH")
+    for item in items:
+        if "k8s" in item.keywords:
+            item.add_marker(skip)
+
+
+def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, path: pathlib.Path) -> None:
+    """Point ``KUBECONFIG`` at ``path`` for this test, for this process and its subprocesses.
+
+    The ``kubernetes`` client reads ``KUBECONFIG`` once, at import, into a module constant that
+    ``load_kube_config()`` (and so ``kopf.login_via_client``) uses as its default: patch it too.
+    """
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    monkeypatch.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+
+
+@pytest.fixture()
+def k8s_emulator() -> Iterator[EmulatorThread]:
+    """A Kubernetes API server emulator on a free loopback port, fresh for each test."""
+    thread = EmulatorThread().start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture()
+def kubeconfig_file(k8s_emulator: EmulatorThread, tmp_path: pathlib.Path,
+                    monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A kubeconfig pointing at ``k8s_emulator``, exported as ``KUBECONFIG`` for this test."""
+    path = write_kubeconfig(tmp_path / "kubeconfig.yaml", k8s_emulator.kubeconfig())
+    use_kubeconfig(monkeypatch, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_kubeconfig(pytestconfig: pytest.Config) -> pathlib.Path:
+    value = pytestconfig.getoption("--kubeconfig")
+    if not value:
+        pytest.skip("needs a real cluster: pass --kubeconfig PATH")
+    path = pathlib.Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise pytest.UsageError(f"--kubeconfig: no such file: {path}")
+    return path
+
+
+def _namespaced_cluster(kubeconfig: pathlib.Path, emulator: EmulatorThread | None) -> Iterator[Cluster]:
+    namespace = fresh_namespace_name()
+    cluster = Cluster(kubeconfig, namespace=namespace, emulator=emulator)
+    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.delete("v1", "Namespace", namespace, missing_ok=True)
+        finally:
+            cluster.close()
+
+
+@pytest.fixture()
+def real_cluster(real_kubeconfig: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """The ``--kubeconfig`` cluster, in a fresh namespace; ``KUBECONFIG`` points at it."""
+    use_kubeconfig(monkeypatch, real_kubeconfig)
+    yield from _namespaced_cluster(real_kubeconfig, None)
+
+
+@pytest.fixture(params=["emulator", pytest.param("real", marks=pytest.mark.k8s)])
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """One test body, two backends: the emulator always, a real cluster with ``--kubeconfig``."""
+    if request.param == "real":
+        yield request.getfixturevalue("real_cluster")
+        return
+    emulator: EmulatorThread = request.getfixturevalue("k8s_emulator")
+    kubeconfig: pathlib.Path = request.getfixturevalue("kubeconfig_file")
+    assert os.environ["KUBECONFIG"] == str(kubeconfig)
+    yield from _namespaced_cluster(kubeconfig, emulator)
