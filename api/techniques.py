@@ -16,7 +16,7 @@ from pydantic import Field
 from kubetune.api.base import Fraction, Probability, SpecModel
 
 Pattern = Annotated[str, Field(min_length=1, max_length=256)]
-ColumnName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.\-]+$")]
+ColumnName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
 # --- PEFT -------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class SearchParameter(SpecModel):
     path: str = Field(
         min_length=1,
         max_length=256,
-        pattern=r"^[a-zA-Z][\w]*(\.[a-zA-Z][\w]*)+$",
+        pattern=r"^[a-zA-Z][A-Za-z0-9_]*(\.[a-zA-Z][A-Za-z0-9_]*)+$",
         description="Dotted spec path of the field tuned, e.g. `training.learningRate` or `peft.r`.",
     )
     type: Literal["float", "int", "categorical"] = Field(description="Kind of values.")
@@ -197,7 +197,7 @@ class HyperparameterSearchSpec(SpecModel):
     sampler: Literal["grid", "random", "tpe"] = Field(default="random", description="How trials are proposed.")
     trials: int = Field(default=8, ge=1, le=10000, description="Number of trials (grid: at most the grid size).")
     parallelism: int = Field(default=1, ge=1, le=1000, description="Trials run at once.")
-    metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[\w./\-]+$", description="Metric to optimise.")
+    metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[A-Za-z0-9_./\-]+$", description="Metric to optimise.")
     mode: Literal["min", "max"] = Field(default="min", description="Minimise or maximise the metric.")
     parameters: list[SearchParameter] = Field(min_length=1, max_length=64, description="The search space.")
     max_steps_per_trial: int | None = Field(default=None, ge=1, le=10**9, description="Cap each trial's steps.")
@@ -302,7 +302,7 @@ class AugmentationSpec(SpecModel):
 class EarlyStoppingSpec(SpecModel):
     """13 · Stop when an eval metric stops improving."""
 
-    metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[\w./\-]+$", description="Eval metric watched.")
+    metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[A-Za-z0-9_./\-]+$", description="Eval metric watched.")
     mode: Literal["min", "max"] = Field(default="min", description="Lower or higher is better.")
     patience: int = Field(default=3, ge=1, le=10000, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(default=0.0, ge=0.0, le=1e9, description="Smallest change that counts as improvement.")

@@ -1,0 +1,82 @@
+"""`kubetune validate`: exit 0 when valid, else exit 1 and one line per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = (ROOT / "examples" / "quickstart.yaml").read_text()
+BAD = """\
+apiVersion: kubetune.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: bad}
+spec:
+  model: {source: hf://org/model}
+  data:
+    datasets: [{source: d.jsonl, format: text}]
+  peft: {method: lora, r: -4, alpah: 3}
+"""
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kubetune", "validate", *args], input=stdin, capture_output=True, text=True, cwd=ROOT)
+
+
+def test_valid_file_exits_zero() -> None:
+    result = _run("-f", "examples/quickstart.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "quickstart: valid" in result.stdout
+
+
+def test_invalid_file_lists_each_problem_with_file_and_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    result = _run("-f", str(bad))
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert f"{bad}: spec.peft.r: must be >= 1 (got -4)" in lines
+    assert f"{bad}: spec.peft.alpah: unknown field; did you mean 'alpha'?" in lines
+    assert len(lines) == 2
+
+
+def test_stdin_and_several_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    result = _run("-f", "-", "-f", str(bad), stdin=GOOD)
+    assert result.returncode == 1
+    assert "<stdin>: quickstart: valid" in result.stdout
+    assert f"{bad}: spec.peft.r" in result.stdout
+
+
+def test_positional_files_work_too() -> None:
+    assert _run("examples/quickstart.yaml").returncode == 0
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nspec:\n  model: {source: x\n  data: [\n")
+    result = _run("-f", str(broken))
+    assert result.returncode == 1
+    assert f"{broken}: line " in result.stdout and ", column " in result.stdout and "invalid YAML" in result.stdout
+
+
+def test_multi_document_file_names_the_document(tmp_path: Path) -> None:
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(GOOD + "\n---\n" + BAD)
+    result = _run("-f", str(multi))
+    assert result.returncode == 1
+    assert "document 2 (line" in result.stdout and "spec.peft.r" in result.stdout
+
+
+def test_missing_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    result = _run("-f", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_kind_is_reported() -> None:
+    result = _run("-f", "-", stdin="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    assert result.returncode == 1
+    assert "apiVersion" in result.stdout and "kind" in result.stdout
