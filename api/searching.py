@@ -1,5 +1,5 @@
-"""Search-space paths: which spec fields a hyperparameter search may tune, and how a trial's
-values are written into a copy of the spec.
+"""Hyperparameter search: which spec fields a search may tune, the samplers that propose trial
+values (grid, random, TPE), and how a trial's values are written into a copy of the spec.
 
 A path is dotted camelCase under ``spec`` (``training.learningRate``, ``peft.r``). It must name a
 scalar field; the trial's spec is re-validated, so a value out of a field's bounds is caught.
@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
+import math
+import random
 from typing import Any, get_args, get_origin
 
+import yaml
+
 from pydantic import BaseModel
+
+from kubetune.api.techniques import HyperparameterSearchSpec, SearchParameter
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -62,3 +69,116 @@ def apply_trial(spec: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[leaf] = value
     return out
+
+
+# --- samplers ---------------------------------------------------------------------------------
+# Pure Python and deterministic for a seed, so that the operator (trials as child FineTuneJobs)
+# and `kubetune train` (trials one after another) propose the very same trials.
+
+
+
+def choice_value(text: str) -> Any:
+    """A categorical choice as the YAML scalar it spells (`cosine`, `true` -> True, `8` -> 8)."""
+    return yaml.safe_load(text) if text.strip() else text
+
+
+def grid_points(space: list[SearchParameter]) -> list[dict[str, Any]]:
+    """Every combination of a grid search, in a stable order."""
+    axes: list[list[Any]] = []
+    for p in space:
+        if p.type == "categorical":
+            axes.append([choice_value(c) for c in p.choices or []])
+        elif p.values:
+            axes.append([int(v) if p.type == "int" else float(v) for v in p.values])
+        elif p.type == "int" and p.low is not None and p.high is not None:
+            axes.append(list(range(int(p.low), int(p.high) + 1)))
+        else:  # rules.py refuses float grids without values
+            raise ValueError(f"{p.path}: grid search needs values")
+    return [dict(zip([p.path for p in space], combo)) for combo in itertools.product(*axes)]
+
+
+def _sample_uniform(p: SearchParameter, rng: random.Random) -> Any:
+    if p.type == "categorical":
+        return choice_value(rng.choice(p.choices or [""]))
+    if p.values:
+        return int(rng.choice(p.values)) if p.type == "int" else float(rng.choice(p.values))
+    low, high = float(p.low), float(p.high)  # type: ignore[arg-type]
+    x = math.exp(rng.uniform(math.log(low), math.log(high))) if p.log else rng.uniform(low, high)
+    return int(round(x)) if p.type == "int" else x
+
+
+def _to_unit(p: SearchParameter, x: float) -> float:
+    low, high = float(p.low), float(p.high)  # type: ignore[arg-type]
+    if p.log:
+        return (math.log(x) - math.log(low)) / (math.log(high) - math.log(low))
+    return (x - low) / (high - low)
+
+
+def _from_unit(p: SearchParameter, u: float) -> Any:
+    low, high = float(p.low), float(p.high)  # type: ignore[arg-type]
+    u = min(1.0, max(0.0, u))
+    x = math.exp(math.log(low) + u * (math.log(high) - math.log(low))) if p.log else low + u * (high - low)
+    return int(round(x)) if p.type == "int" else x
+
+
+def _parzen(points: list[float], x: float, bandwidth: float) -> float:
+    # A Gaussian mixture over observed points plus a flat prior component (keeps exploring).
+    total = 1.0  # the prior: uniform density 1 on [0, 1]
+    for c in points:
+        total += math.exp(-0.5 * ((x - c) / bandwidth) ** 2) / (bandwidth * math.sqrt(2 * math.pi))
+    return total / (len(points) + 1)
+
+
+def _tpe_one(p: SearchParameter, good: list[Any], bad: list[Any], rng: random.Random, candidates: int = 24) -> Any:
+    if p.type == "categorical" or p.values:
+        options = [choice_value(c) for c in p.choices] if p.type == "categorical" and p.choices else list(p.values or [])
+
+        def weight(v: Any, seen: list[Any]) -> float:
+            return (sum(1 for s in seen if s == v) + 1.0) / (len(seen) + len(options))
+
+        return max(options, key=lambda v: (weight(v, good) / weight(v, bad), -options.index(v)))
+    g = [_to_unit(p, float(v)) for v in good]
+    b = [_to_unit(p, float(v)) for v in bad]
+    bw_g = max(0.05, 1.0 / (1 + len(g)) ** 0.5 / 2)
+    bw_b = max(0.05, 1.0 / (1 + len(b)) ** 0.5 / 2)
+    best_u, best_score = 0.5, -math.inf
+    for _ in range(candidates):
+        centre = rng.choice(g) if g else rng.random()
+        u = min(1.0, max(0.0, rng.gauss(centre, bw_g)))
+        score = math.log(_parzen(g, u, bw_g)) - math.log(_parzen(b, u, bw_b))
+        if score > best_score:
+            best_u, best_score = u, score
+    return _from_unit(p, best_u)
+
+
+def propose_trial(
+    search: HyperparameterSearchSpec,
+    index: int,
+    history: list[tuple[dict[str, Any], float]],
+    seed: int,
+) -> dict[str, Any]:
+    """Values for trial ``index`` given the finished trials' (values, metric) so far.
+
+    grid: the index-th grid point; random: independent uniform draws; tpe: random for the first
+    few trials, then a tree-structured Parzen estimator per parameter over the better quarter of
+    the history versus the rest.
+    """
+    rng = random.Random(f"{seed}:{index}")
+    space = search.parameters
+    if search.sampler == "grid":
+        points = grid_points(space)
+        return points[index % len(points)]
+    startup = max(3, search.trials // 4)
+    if search.sampler == "random" or len(history) < startup:
+        return {p.path: _sample_uniform(p, rng) for p in space}
+    ordered = sorted(history, key=lambda h: h[1], reverse=search.mode == "max")
+    n_good = max(1, math.ceil(0.25 * len(ordered)))
+    good, bad = ordered[:n_good], ordered[n_good:]
+    return {p.path: _tpe_one(p, [v[p.path] for v, _ in good], [v[p.path] for v, _ in bad], rng) for p in space}
+
+
+def trial_count(search: HyperparameterSearchSpec) -> int:
+    """How many trials run: ``trials``, capped at the grid size for grid search."""
+    if search.sampler == "grid":
+        return min(search.trials, len(grid_points(search.parameters)))
+    return search.trials
