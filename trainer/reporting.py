@@ -148,8 +148,8 @@ class TrainerStatus:
                 number = _number(values.get(key))
                 if number is not None:
                     current[key] = number
-            if values.get("metrics"):
-                current["metrics"] = _bounded_metrics({**(current.get("metrics") or {}), **values["metrics"]})
+            if values.get("metrics"):  # the latest evaluation's full set replaces the previous one
+                current["metrics"] = _bounded_metrics(values["metrics"]) or None
             current.setdefault("step", 0)
             self._make_consistent(current, eta_given="eta_seconds" in values and _number(values.get("eta_seconds")) is not None)
             current["updated_at"] = _now()
@@ -286,7 +286,8 @@ class Reporter:
 
     def progress(self, values: Mapping[str, Any]) -> None:
         """Every log interval: step, total_steps, epoch, percent, loss, eval_loss, metrics,
-        learning_rate, tokens_per_second, eta_seconds (missing or None keys keep the last value)."""
+        learning_rate, tokens_per_second, eta_seconds. Missing or None keys keep the last value;
+        a non-empty ``metrics`` replaces the previous metrics."""
 
     def checkpoint(self, step: int, path: str, metrics: Mapping[str, Any] | None = None, best: bool = False) -> None:
         """After a checkpoint is written (``best``: it is the best so far by the eval metric)."""
@@ -401,6 +402,9 @@ def describe_failure(exc: BaseException) -> str:
         except (TypeError, ValueError, AttributeError):
             pass
         return f"HTTP {status} {exc.reason}" + (f": {detail[:200]}" if detail else "")
+    cause = getattr(exc, "reason", None)  # urllib3's MaxRetryError wraps the connection error
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text[:300]}"
 
