@@ -1,0 +1,1 @@
+"""Helm chart tests: lint, render matrix, schema validation, RBAC and CRD agreement, images."""
