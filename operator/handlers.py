@@ -1,0 +1,98 @@
+"""Every kopf handler of the operator, and nothing else: each one delegates in a line or two.
+
+``kubetune operator`` (``kubetune.operator.running``) imports this module; tests load it into a
+fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watched:
+
+* FineTuneJobs: create and resume make the children (``creating``), a spec change is checked and
+  its runPolicy applied (``updating``), every event updates the jobs-by-phase metric;
+* batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
+  owning FineTuneJob's status (``statusing``). No timers, no polling loops.
+
+Nothing here holds a finalizer: children are owned through ownerReferences, so deleting a
+FineTuneJob — with the operator running or not — leaves their removal to the garbage collector
+(the workspace claim is kept unless ``deleteWithJob``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kopf
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.operator import creating, kubeapi, metrics, naming, running, statusing, updating
+
+FINETUNEJOBS = (GROUP, VERSION, PLURAL)
+MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+
+
+@contextlib.contextmanager
+def _reconcile(kind: str) -> Iterator[None]:
+    started = time.monotonic()
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        metrics.observe_reconcile(kind, time.monotonic() - started, failed)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    running.configure(settings, memo)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # The same credentials as the gateway's: the kubernetes client's in-cluster or kubeconfig loading.
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.cleanup()
+def disconnect(**_: Any) -> None:
+    kubeapi.close()
+
+
+@kopf.on.probe(id="api")
+def api_probe(**_: Any) -> str:
+    return "connected" if kubeapi.is_connected() else "not connected"
+
+
+@kopf.on.create(*FINETUNEJOBS)
+async def create_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    with _reconcile("FineTuneJob"):
+        return await creating.ensure_children(dict(body), memo.settings)
+
+
+@kopf.on.resume(*FINETUNEJOBS)
+async def resume_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    with _reconcile("FineTuneJob"):
+        return await creating.ensure_children(dict(body), memo.settings)
+
+
+@kopf.on.update(*FINETUNEJOBS, field="spec")
+async def change_spec(body: kopf.Body, **_: Any) -> dict[str, Any]:
+    with _reconcile("FineTuneJob"):
+        return await updating.apply_spec_change(dict(body))
+
+
+@kopf.on.event(*FINETUNEJOBS)
+def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    running.track_phase(body.metadata.uid, None if event["type"] == "DELETED" else body.get("status", {}).get("phase"))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+async def follow_job(body: kopf.Body, namespace: str, **_: Any) -> None:
+    with _reconcile("Job"):
+        await statusing.refresh(namespace, body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name))
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+async def follow_pod(body: kopf.Body, namespace: str, **_: Any) -> None:
+    job_name = body.metadata.annotations.get(naming.ANNOTATION_JOB)
+    if job_name:
+        with _reconcile("Pod"):
+            await statusing.refresh(namespace, job_name)

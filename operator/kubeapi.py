@@ -1,0 +1,248 @@
+"""The one module of the operator that talks to the Kubernetes API.
+
+Handlers and their helpers (``creating``, ``statusing``, ``suspending``) call these coroutines;
+nothing else in ``kubetune.operator`` opens a connection (kopf's own watching aside). Calls run
+the official ``kubernetes`` client in a worker thread, so kubeconfig, in-cluster tokens and exec
+plugins behave exactly as in kubectl. The answers every caller would otherwise have to special-case
+are folded in here: :func:`create` treats 409 AlreadyExists as "already there" and returns the
+existing object, :func:`get` and :func:`delete` treat 404 as "absent". Every failed request is
+counted in ``kubetune.operator.metrics``.
+
+:data:`REQUIRED_PERMISSIONS` lists every (API group, resource, verbs) the operator needs, its own
+calls plus kopf's watching; each call here checks itself against it, a test compares it with the
+requests the operator really makes, and the Helm chart's ClusterRole is tested against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiClient, ApiException
+
+from kubetune.api import GROUP, PLURAL, VERSION
+from kubetune.operator import metrics
+
+logger = logging.getLogger(__name__)
+
+#: (API group, resource, verbs) the operator uses. "" is the core group.
+REQUIRED_PERMISSIONS: list[tuple[str, str, tuple[str, ...]]] = [
+    (GROUP, PLURAL, ("get", "list", "watch", "patch")),  # kopf watches and annotates; we read
+    (GROUP, f"{PLURAL}/status", ("get", "patch")),  # phase/conditions; also granted on to trainers
+    ("batch", "jobs", ("get", "list", "watch", "create", "patch")),
+    ("", "pods", ("list", "watch")),
+    ("", "configmaps", ("get", "create")),
+    ("", "services", ("get", "create")),
+    ("", "persistentvolumeclaims", ("get", "create")),
+    ("", "serviceaccounts", ("get", "create")),
+    ("rbac.authorization.k8s.io", "roles", ("get", "create")),
+    ("rbac.authorization.k8s.io", "rolebindings", ("get", "create")),
+    ("", "events", ("create",)),
+]
+
+#: kind -> (group, version, plural) of every kind the operator reads or writes.
+RESOURCES: dict[str, tuple[str, str, str]] = {
+    "FineTuneJob": (GROUP, VERSION, PLURAL),
+    "Job": ("batch", "v1", "jobs"),
+    "Pod": ("", "v1", "pods"),
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Service": ("", "v1", "services"),
+    "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
+    "ServiceAccount": ("", "v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    "Event": ("", "v1", "events"),
+}
+
+MERGE_PATCH = "application/merge-patch+json"
+EVENT_SOURCE = "kubetune-operator"
+
+_client: ApiClient | None = None
+
+
+class UndeclaredPermission(RuntimeError):
+    """A call the operator makes is missing from REQUIRED_PERMISSIONS (a bug: the chart would lack it)."""
+
+
+def connect(config_file: str | None = None) -> None:
+    """Open the client: in-cluster credentials in a pod, else the kubeconfig (``KUBECONFIG`` or ~/.kube/config)."""
+    global _client
+    close()
+    if config_file is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        _client = ApiClient(configuration)
+    else:
+        _client = kubernetes.config.new_client_from_config(config_file=config_file)
+
+
+def close() -> None:
+    global _client
+    if _client is not None:
+        _client.close()
+        _client = None
+
+
+def _api() -> ApiClient:
+    if _client is None:
+        connect()
+    assert _client is not None
+    return _client
+
+
+def is_declared(group: str, resource: str, verb: str) -> bool:
+    return any(g == group and r == resource and verb in verbs for g, r, verbs in REQUIRED_PERMISSIONS)
+
+
+def _path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> tuple[str, str]:
+    group, version, plural = RESOURCES[kind]
+    parts = [f"/api/{version}" if not group else f"/apis/{group}/{version}"]
+    if namespace is not None:
+        parts.append(f"namespaces/{namespace}")
+    parts.append(plural)
+    if name is not None:
+        parts.append(name)
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts), f"{plural}/{subresource}" if subresource else plural
+
+
+def _call_sync(method: str, path: str, body: Any, query: dict[str, Any] | None, content_type: str) -> Any:
+    client = _api()
+    serialized = client.param_serialize(
+        method,
+        path,
+        query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = client.call_api(*serialized)
+    response.read()
+    return client.response_deserialize(response, {"2XX": "object"}).data
+
+
+async def _request(
+    verb: str,
+    kind: str,
+    namespace: str | None,
+    name: str | None = None,
+    *,
+    subresource: str | None = None,
+    body: Any = None,
+    query: dict[str, Any] | None = None,
+    content_type: str = "application/json",
+) -> Any:
+    group = RESOURCES[kind][0]
+    path, resource = _path(kind, namespace, name, subresource)
+    if not is_declared(group, resource, verb):
+        raise UndeclaredPermission(f"{verb} {group or 'core'}/{resource} is not in REQUIRED_PERMISSIONS")
+    method = {"get": "GET", "list": "GET", "create": "POST", "patch": "PATCH", "delete": "DELETE"}[verb]
+    try:
+        return await asyncio.to_thread(_call_sync, method, path, body, query, content_type)
+    except ApiException as exc:
+        if not (exc.status == 404 and verb in ("get", "delete")) and not (exc.status == 409 and verb == "create"):
+            metrics.count_api_error(verb, resource, int(exc.status or 0))
+        raise
+    except Exception:
+        metrics.count_api_error(verb, resource, 0)
+        raise
+
+
+# ------------------------------------------------------------------------------------ verbs
+
+
+async def get(kind: str, namespace: str | None, name: str, *, subresource: str | None = None) -> dict[str, Any] | None:
+    """The object, or None when it does not exist."""
+    try:
+        return await _request("get", kind, namespace, name, subresource=subresource)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def create(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create ``body``; returns (object, True), or (the existing object, False) when it is already there."""
+    meta = body["metadata"]
+    namespace = meta.get("namespace")
+    try:
+        return await _request("create", body["kind"], namespace, body=body), True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    existing = await get(body["kind"], namespace, meta["name"])
+    if existing is None:  # deleted between the two calls: let the caller's retry create it
+        raise ApiException(status=409, reason=f"{body['kind']} {meta['name']} is being replaced")
+    return existing, False
+
+
+async def patch(
+    kind: str,
+    namespace: str | None,
+    name: str,
+    body: dict[str, Any],
+    *,
+    subresource: str | None = None,
+) -> dict[str, Any] | None:
+    """Merge-patch the object (or its status); None when it does not exist. A 409 (stale
+    ``metadata.resourceVersion`` in the patch) is raised for the caller to re-read and retry."""
+    try:
+        return await _request("patch", kind, namespace, name, subresource=subresource, body=body, content_type=MERGE_PATCH)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def list_objects(kind: str, namespace: str | None, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+    answer = await _request("list", kind, namespace, query={"labelSelector": label_selector})
+    return list(answer.get("items") or [])
+
+
+async def post_event(
+    involved: dict[str, Any],
+    *,
+    reason: str,
+    message: str,
+    type: str = "Normal",
+) -> None:
+    """Record an Event on ``involved`` (a body with apiVersion, kind and metadata). Best effort: an
+    Event that cannot be written is logged, never a reason to fail a reconcile."""
+    meta = involved.get("metadata", {})
+    namespace = meta.get("namespace") or "default"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name', 'kubetune')}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion"),
+            "kind": involved.get("kind"),
+            "name": meta.get("name"),
+            "namespace": namespace,
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": type,
+        "source": {"component": EVENT_SOURCE},
+        "reportingComponent": EVENT_SOURCE,
+        "reportingInstance": os.environ.get("HOSTNAME", EVENT_SOURCE),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        await _request("create", "Event", namespace, body=event)
+    except Exception as exc:  # noqa: BLE001 — an Event is never worth failing the reconcile for
+        logger.warning("could not post event %s on %s/%s: %s", reason, namespace, meta.get("name"), exc)
+
+
+def is_connected() -> bool:
+    return _client is not None

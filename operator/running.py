@@ -1,0 +1,100 @@
+"""``kubetune operator``: run the operator with deliberate kopf settings.
+
+:func:`operator_main` is the CLI entry (``kubetune/cli.py``): it reads :class:`Settings` from
+``KUBETUNE_*`` variables and flags, starts the metrics endpoint, and runs kopf over
+``kubetune.operator.handlers``. :func:`configure` is what the one ``@kopf.on.startup`` handler
+calls, so the same kopf settings apply however the handlers are loaded (CLI, ``kopf run``, tests):
+
+* finalizer ``kubetune.io/finalizer`` and annotations ``kubetune.io/*`` for kopf's own progress
+  and diff-base records (never in ``status``, which belongs to the user and the trainer);
+* watch timeouts from the settings (the server closes a watch before the client gives up on it);
+* standalone by default — one replica, no KopfPeering objects; a peering name turns peering on;
+* resource scanning off: the resources served are known at startup (the CRD ships with the
+  chart), which saves the cluster-wide list/watch of CRDs and namespaces;
+* kopf's own Events only for warnings and errors (our Events say what happened to the job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from typing import Any
+
+import kopf
+
+from kubetune.api import GROUP
+from kubetune.operator import kubeapi, metrics
+from kubetune.operator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_phases: dict[str, str] = {}
+
+
+def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
+    """Apply our choices to kopf's settings and connect the API gateway; returns the Settings in use."""
+    ours: Settings = memo.get("settings") if hasattr(memo, "get") and memo.get("settings") else Settings.from_env()
+    memo["settings"] = ours
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.watching.server_timeout = ours.watch_server_timeout
+    settings.watching.client_timeout = ours.watch_client_timeout
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = ours.request_timeout
+    settings.peering.standalone = not ours.peering
+    if ours.peering:
+        settings.peering.name = ours.peering
+        settings.peering.mandatory = True
+    settings.scanning.disabled = True
+    settings.posting.level = logging.WARNING
+    settings.batching.error_delays = (1, 2, 5, 10, 30, 60, 120)
+    kubeapi.connect()
+    _phases.clear()
+    logger.info("kubetune operator configured: %s", ours)
+    return ours
+
+
+def track_phase(uid: str | None, phase: str | None) -> None:
+    """Keep the jobs-by-phase gauge current from FineTuneJob events (None: deleted)."""
+    if uid is None:
+        return
+    if phase is None and uid in _phases:
+        del _phases[uid]
+    elif phase is not None or uid not in _phases:
+        _phases[uid] = phase or "Unknown"
+    metrics.set_jobs_by_phase(dict(Counter(_phases.values())))
+
+
+def operator_main(args: argparse.Namespace) -> int:
+    """Run the operator until interrupted."""
+    overrides: dict[str, Any] = {
+        "trainer_image": getattr(args, "trainer_image", None),
+        "log_level": getattr(args, "log_level", None),
+        "health_port": getattr(args, "health_port", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+        "peering": getattr(args, "peering", None),
+    }
+    if getattr(args, "all_namespaces", False):
+        overrides["namespaces"] = ()
+    elif getattr(args, "namespaces", None):
+        overrides["namespaces"] = tuple(args.namespaces)
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as exc:
+        raise SystemExit(f"kubetune operator: {exc}") from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.metrics_port:
+        metrics.start_metrics_server(settings.metrics_port)
+    from kubetune.operator import handlers  # noqa: F401 — registers the handlers
+
+    kopf.run(
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=not settings.peering,
+        peering_name=settings.peering or None,
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        memo=kopf.Memo(settings=settings),
+    )
+    return 0
