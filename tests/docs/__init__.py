@@ -1,0 +1,1 @@
+"""Documentation tests: generated references never drift, every technique, field and value is documented."""
