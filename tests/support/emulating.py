@@ -198,6 +198,29 @@ if kmock_parsing.parse_path.__name__ != _tolerant_parse_path.__name__:
     kmock_parsing.parse_path = _tolerant_parse_path  # our own handler re-parses the URL anyway
 
 
+def prune(value: Any, schema: Any) -> Any:
+    """Drop the fields a structural schema does not declare, as the apiserver does for custom resources."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, list):
+        return [prune(item, schema.get("items")) for item in value]
+    if not isinstance(value, dict):
+        return value
+    properties = schema.get("properties") or {}
+    additional = schema.get("additionalProperties")
+    keep_unknown = bool(schema.get("x-kubernetes-preserve-unknown-fields")) or additional is True
+    embedded = bool(schema.get("x-kubernetes-embedded-resource"))
+    pruned: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in properties:
+            pruned[key] = prune(item, properties[key])
+        elif isinstance(additional, dict):
+            pruned[key] = prune(item, additional)
+        elif keep_unknown or (embedded and key in ("apiVersion", "kind", "metadata")):
+            pruned[key] = item
+    return pruned
+
+
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -271,6 +294,23 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             for key, obj in list(self.objects.items()):
                 if key[0] == resource and not obj.deleted:
                     self._remove(key, copy.deepcopy(obj.raw), "Background")
+
+    def _prune(self, address: Address, obj: dict[str, Any]) -> dict[str, Any]:
+        """Prune a custom resource by its CRD's schema; other objects are returned as they are."""
+        crd = self._crds.get((address.group, address.plural))
+        if crd is None:
+            return obj
+        version = next((v for v in crd["spec"]["versions"] if v["name"] == address.version), {})
+        schema = (version.get("schema") or crd["spec"].get("validation") or {}).get("openAPIV3Schema")
+        if not schema:
+            return obj
+        kept = {k: obj[k] for k in ("apiVersion", "kind", "metadata") if k in obj}
+        body = prune({k: v for k, v in obj.items() if k not in kept}, schema)
+        return {**kept, **body}
+
+    def _get_resources(self) -> list[kmock.resource]:
+        # Discovery serves the registered resources only (kmock adds those of stored objects, even deleted ones).
+        return kmock.KubernetesScaffold._get_resources(self)
 
     def _info(self, address: Address) -> kmock.ResourceInfo:
         if address.resource not in self.resources:
@@ -352,7 +392,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return self._list(self._address(resource, namespace), params)["items"]
 
     def _read(self, address: Address) -> dict[str, Any]:
-        self._info(address)
+        info = self._info(address)
+        if address.subresource is not None and address.subresource not in info.subresources:
+            raise ApiError(404, "NotFound", f"{address.plural} has no subresource {address.subresource!r}")
         if address.subresource not in (None, "status"):
             raise ApiError(404, "NotFound", f"subresource {address.subresource!r} is not emulated")
         obj = self._current(self._key(address))
@@ -407,6 +449,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             meta["generation"] = 1
         if "status" in info.subresources:
             obj.pop("status", None)
+        obj = self._prune(address, obj)
+        meta = _meta(obj)
         if (address.group, address.plural) == ("", "namespaces"):
             obj["status"] = {"phase": "Active"}
         if (address.group, address.plural) == (CRD_GROUP, CRD_PLURAL):
@@ -445,6 +489,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 else:
                     new.pop("status", None)
         new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
+        new = self._prune(address, new)
         meta, old_meta = _meta(new), old["metadata"]
         for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
                       "deletionGracePeriodSeconds", "generation", "resourceVersion"):
