@@ -22,9 +22,47 @@ The hooks, in the order the loop calls them:
 - ``compute_loss(ctx, model, batch, outputs, loss)``: return the loss to back-propagate, given
   the base loss; may run extra forward passes (distillation, adversarial, DPO replaces the loss).
   Also record named loss terms in ``ctx.loss_terms`` (e.g. {"kl": 0.3}) for logging and tests.
+- ``on_train_start(ctx)``: once, after the DeepSpeed engine is built and a checkpoint resumed
+  (``ctx.engine`` and ``ctx.step`` set), before the first step: changes that must come after the
+  optimizer exists (gradual unfreezing freezes here, so ZeRO partitions every parameter it will
+  ever train).
 - ``on_step_end(ctx)``: after each optimizer step (gradual unfreezing, schedules).
 - ``on_evaluate(ctx, metrics)``: after each evaluation; set ``ctx.should_stop`` and
   ``ctx.stop_reason`` to end training early.
+
+Exactly where the loop calls them (``kubetune.trainer.training.Trainer``):
+
+1. ``transform_examples`` once per split, right after the raw examples are read and checked
+   (``kubetune.trainer.encoding``: canonical keys per format plus ``_dataset``, ``_task``,
+   ``_format``, ``_origin``, ``_row``; setting ``_template`` re-templates an instruction). Label
+   names are computed after it, so added examples may bring labels. Special tokens added to
+   ``ctx.tokenizer`` here are honoured (the model's embeddings are resized before PEFT wrapping).
+2. ``prepare_model`` once, after the model is loaded with its head and wrapped by PEFT, before
+   the parameter groups and the DeepSpeed engine exist. Return the model to use.
+3. ``param_groups`` once: the default is one group of every parameter with ``requires_grad``
+   (``{"params", "param_names", "lr", "weight_decay": 0.0, "name": "default"}``); empty groups are
+   dropped afterwards. The LR schedule scales every group's ``lr``.
+4. ``order_batches`` at the start of every epoch (and again for the epoch a resumed run is in),
+   with ``ctx.epoch`` set to the epoch number; the first plugin returning a list wins. It must be
+   deterministic for a given epoch (resume depends on it). The list may be longer or shorter than
+   the dataset (pacing); the run still stops at its total step count.
+5. ``augment`` on every training example as the micro-batch is collated, with a
+   ``random.Random`` seeded by (seed, epoch, example index).
+6. ``compute_loss`` after every forward pass of a training micro-batch, chained in registry
+   order (each gets the previous plugin's loss); ``outputs`` is None when ``training.packing`` is
+   on (the fused loss keeps no logits). ``batch`` holds tensors plus ``_index`` (example indices)
+   and ``_task`` (task names); ``model`` is the module DeepSpeed wraps (a PEFT model or a
+   transformers model). ``ctx.loss_terms`` is cleared before each micro-batch.
+7. ``on_step_end`` after every optimizer step, with ``ctx.step`` already counting it.
+8. ``on_evaluate`` after every evaluation, including the one before training starts (step 0)
+   on a fresh run, with ``ctx.metrics`` and the ``metrics`` argument holding the same dict.
+
+What the context holds besides the spec: ``tokenizer``, ``device``, ``rank``/``world_size``,
+``step``/``total_steps``/``epoch``, ``base_dir``/``output_dir``, ``head`` (``spec.head``),
+``labels`` (class or tag names, or None), ``model`` and ``engine`` (once built), ``encode``
+(example dict → features, as the loop encodes), ``collate`` (features list → batch),
+``examples``/``datasets`` (by split, "train" and "eval"), ``micro_batch_size``, ``metrics``
+(the latest evaluation).
 """
 
 from __future__ import annotations
@@ -49,8 +87,22 @@ class TechniqueContext:
     output_dir: Any = None
     loss_terms: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False
+    # Set by a hook (early stopping, on an improved evaluation) to have the loop checkpoint this
+    # step, so that the best weights exist on disk to be exported; the loop clears it on saving.
+    checkpoint_requested: bool = False
     stop_reason: str | None = None
     state: dict[str, Any] = field(default_factory=dict)  # per-technique scratch space, keyed by name
+    # Set by the loop as the run is built (None until then); see "What the context holds" above.
+    head: str = "causal-lm"
+    labels: list[str] | None = None
+    model: Any = None
+    engine: Any = None
+    encode: Any = None
+    collate: Any = None
+    examples: dict[str, list[dict]] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)
+    micro_batch_size: int = 1
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Technique:
@@ -80,6 +132,9 @@ class Technique:
     def compute_loss(self, ctx: TechniqueContext, model: Any, batch: dict, outputs: Any, loss: Any) -> Any:
         return loss
 
+    def on_train_start(self, ctx: TechniqueContext) -> None:
+        return None
+
     def on_step_end(self, ctx: TechniqueContext) -> None:
         return None
 
@@ -102,6 +157,12 @@ def register(cls: type[Technique]) -> type[Technique]:
     return cls
 
 
+#: Techniques the training loop implements itself, so they need no plugin: ``task`` decides the
+#: head, the per-format encoding and the metrics (``kubetune.trainer.encoding``/``models``/
+#: ``evaluating``). A plugin registered under such a name still has its hooks called.
+BUILT_IN = frozenset({"task"})
+
+
 def enabled_techniques(spec: Any) -> list[Technique]:
     """Instances of the plugins a spec turns on, in the API registry's order."""
     from kubetune.api import TECHNIQUES
@@ -114,6 +175,8 @@ def enabled_techniques(spec: Any) -> list[Technique]:
         if config is None:
             continue
         if name not in REGISTRY:
+            if name in BUILT_IN:
+                continue
             raise NotImplementedError(f"spec.techniques.{name}: no trainer plugin is registered for it")
         out.append(REGISTRY[name](config, spec))
     return out

@@ -1,0 +1,211 @@
+"""Checkpoints on the job's volume: atomic writes, rotation, the best one, and resuming.
+
+Called by the training loop (``kubetune.trainer.training``) every ``checkpointing.everySteps``
+optimizer steps, at the end, and on SIGTERM; and at start-up to find where to resume. Layout under
+the checkpoint directory (``KUBETUNE_CHECKPOINT_DIR``, ``<run>/checkpoints`` locally)::
+
+    step-00000040/            a complete checkpoint
+        state/                DeepSpeed's files: module, optimizer and LR-scheduler state, per rank
+        trainer.json          step, epoch, data position, metrics, total steps, world size
+        rng-<rank>.pt         each rank's RNG states
+    latest                    the name of the newest complete checkpoint (one line)
+    best.json                 {"name", "step", "metric", "value"} of the best by checkpointing.metric
+    .tmp-step-00000040/       a checkpoint being written (removed at the next start)
+
+Atomicity: every rank writes into ``.tmp-step-N``; after a barrier rank 0 renames it to ``step-N``
+(a rename within one filesystem is atomic) and only then replaces ``latest`` (write a temporary
+file, then ``os.replace``). A crash at any point leaves ``latest`` naming a complete checkpoint,
+and :func:`find_latest` also falls back to the newest ``step-*`` folder holding ``trainer.json``.
+Rotation keeps the newest ``keepLast`` plus the best. Multi-node runs need a shared
+(ReadWriteMany) volume, which the API already requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_TAG = "state"
+TRAINER_STATE = "trainer.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def clean_partial(root: Path) -> None:
+    """Remove half-written checkpoints a crash left behind (rank 0, before training)."""
+    if root.exists():
+        for tmp in root.glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    if not root.exists():
+        return None
+    pointer = root / "latest"
+    if pointer.exists():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / TRAINER_STATE).exists():
+            newer = [p for p in _complete(root) if p.name > candidate.name]
+            return newer[-1] if newer else candidate
+    complete = _complete(root)
+    return complete[-1] if complete else None
+
+
+def _complete(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).exists())
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    path = root / "best.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def save(
+    engine: Any,
+    root: Path,
+    state: dict[str, Any],
+    *,
+    rank: int,
+    keep_last: int,
+    keep_best: bool,
+    metric: str,
+    mode: str,
+) -> tuple[Path, bool, list[Path]]:
+    """Write a checkpoint of ``engine`` and ``state`` (every rank calls this).
+
+    Returns its path, whether it is now the best (rank 0 only knows), and the checkpoints rotation
+    deleted (rank 0).
+    """
+    name = checkpoint_name(int(state["step"]))
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    if final.exists():  # the same step saved twice (e.g. the end right after a periodic save)
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final, False, []
+    engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    _barrier()
+    best, deleted = False, []
+    if rank == 0:
+        state = {**state, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", name + "\n")
+        best = _update_best(root, name, state, metric, mode)
+        deleted = rotate(root, keep_last, keep_best)
+    _barrier()
+    return final, best, deleted
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _update_best(root: Path, name: str, state: dict[str, Any], metric: str, mode: str) -> bool:
+    value = (state.get("metrics") or {}).get(metric)
+    if value is None:
+        return False
+    best = read_best(root)
+    better = best is None or (value < best["value"] if mode == "min" else value > best["value"])
+    if better:
+        record = {"name": name, "step": state["step"], "metric": metric, "value": value}
+        _write_atomic(root / "best.json", json.dumps(record, indent=2))
+    return better
+
+
+def rotate(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (and the best); returns what was deleted."""
+    complete = _complete(root)
+    keep = set(complete[-keep_last:])
+    best = read_best(root) if keep_best else None
+    if best is not None:
+        keep.add(root / best["name"])
+    deleted = [p for p in complete if p not in keep]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
+
+
+def load(engine: Any, path: Path, *, rank: int, weights_only: bool = False) -> dict[str, Any]:
+    """Restore ``engine`` (and, unless ``weights_only``, optimizer, scheduler and RNG) from ``path``."""
+    load_path, _ = engine.load_checkpoint(
+        str(path),
+        tag=STATE_TAG,
+        load_optimizer_states=not weights_only,
+        load_lr_scheduler_states=not weights_only,
+    )
+    if load_path is None:
+        raise RuntimeError(f"checkpoint {path}: DeepSpeed found no state to load in {path / STATE_TAG}")
+    rng = path / f"rng-{rank}.pt"
+    if not weights_only and rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return read_state(path)
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

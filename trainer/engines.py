@@ -1,0 +1,166 @@
+"""The DeepSpeed engine of a run: its config derived from the spec, the optimizer, the schedule.
+
+Called by the training loop (``kubetune.trainer.training``) once the model is built and the
+technique hooks have shaped the parameter groups. :func:`deepspeed_config` is pure (a test checks
+it); :func:`build_engine` creates the torch optimizer and the learning-rate schedule and hands both
+to ``deepspeed.initialize`` — a torch optimizer, so DeepSpeed never JIT-compiles its fused Adam.
+
+What the spec decides:
+
+* ``deepspeed.zeroStage`` 0–3, ``offloadOptimizer``/``offloadParams`` (cpu);
+* ``training.precision``: bf16/fp16 sections (auto = bf16 on a GPU that supports it, else fp32);
+* ``training.maxGradNorm`` → ``gradient_clipping``; ``gradientAccumulationSteps`` and
+  ``microBatchSize`` → the batch keys (always derived, even over the escape hatch);
+* ``deepspeed.config`` — the escape hatch — is deep-merged over the result (its keys win, except
+  the batch sizes).
+
+On CPU the process group uses gloo, and the shared-memory all-reduce op that DeepSpeed builds at
+start-up is skipped: it serves only inference all-reduce, and compiling it costs ~40 s on a fresh
+machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+_SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constant-with-warmup": "constant_with_warmup",
+    "inverse-sqrt": "inverse_sqrt",
+}
+
+
+def resolve_precision(spec: Any, on_gpu: bool) -> str:
+    """bf16, fp16 or fp32 for this run."""
+    precision = spec.training.precision
+    if precision == "auto":
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if not on_gpu and precision == "fp16":
+        raise ValueError("spec.training.precision: fp16 mixed precision needs a GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` merged into a copy of ``base``: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(spec: Any, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config for ``spec`` on ``world_size`` processes (see the module doc)."""
+    t, ds = spec.training, spec.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1 and ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        # Gather full weights when the engine saves a 16-bit model; the trainer exports through it.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if ds.offload_params == "cpu":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # the trainer reports progress itself
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.max_grad_norm is not None:
+        config["gradient_clipping"] = t.max_grad_norm
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if ds.config:
+        config = deep_merge(config, ds.config)
+    # Batch sizes always follow training.*, whatever the escape hatch says.
+    config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    config["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    config["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    return config
+
+
+def init_distributed(on_gpu: bool) -> None:
+    """Start the process group from torchrun's environment (a single process gets a local one)."""
+    import importlib
+    import sys
+
+    import deepspeed
+
+    if not on_gpu:
+        # ``import deepspeed.comm.torch as m`` would bind the ``torch`` attribute of deepspeed.comm
+        # (the real torch), so take the submodule from sys.modules.
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # see the module doc
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30), auto_mpi_discovery=False
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_param_groups(model: torch.nn.Module, spec: Any) -> list[dict[str, Any]]:
+    """One group with every trainable parameter at the peak learning rate, no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": params, "param_names": names, "lr": spec.training.learning_rate, "weight_decay": 0.0, "name": "default"}]
+
+
+def make_optimizer(spec: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    t = spec.training
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("spec: no parameter is trainable (check peft, layerSelection and transferLearning)")
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.adam_beta1)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=t.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def make_scheduler(spec: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    t = spec.training
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
+    return get_scheduler(_SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, world_size: int, precision: str) -> Any:
+    """``deepspeed.initialize`` with the derived config, a torch optimizer and the LR schedule."""
+    import deepspeed
+
+    optimizer = make_optimizer(spec, groups)
+    scheduler = make_scheduler(spec, optimizer, total_steps)
+    config = deepspeed_config(spec, world_size, precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine

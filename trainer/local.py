@@ -1,0 +1,92 @@
+"""``kubetune train -f job.yaml``: the same manifest the operator runs, trained on this machine.
+
+Called by ``kubetune.cli.cmd_train``. The manifest is validated (problems printed one per line,
+like ``kubetune validate``), then trained with the very code the pods run
+(``kubetune.trainer.running.run``): in this process for one process, or through torchrun for
+``--nproc N`` (default: one per local GPU, else 1). A run lives in ``./runs/<name>`` (or ``-o``):
+
+    runs/<name>/output/        final model, tokenizer, README.md model card, tensorboard/, trainer_log.jsonl
+    runs/<name>/checkpoints/   checkpoints (running the same command again resumes from them)
+    runs/<name>/status.json    the status a cluster would show (progress, checkpoints)
+    runs/<name>/job.json       the validated manifest handed to the trainer processes
+
+Relative sources resolve against the manifest's folder. ``spec.output.path``, when set, is
+where the final model goes (relative to the manifest's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _load(path: str) -> tuple[object | None, int]:
+    from kubetune.api import SpecError, validate_text
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return None, 2
+    try:
+        jobs, problems = validate_text(text, path)
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(str(problem), file=sys.stderr)
+        return None, 2
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return None, 2
+    if len(jobs) != 1:
+        print(f"{path}: holds {len(jobs)} FineTuneJobs; kubetune train runs one at a time", file=sys.stderr)
+        return None, 2
+    return jobs[0], 0
+
+
+def train_main(args: argparse.Namespace) -> int:
+    from kubetune.trainer.running import RunOptions, RunPaths, run
+
+    job, code = _load(args.file)
+    if job is None:
+        return code
+    manifest_dir = Path(args.file).resolve().parent
+    run_dir = Path(args.output_dir or Path("runs") / job.name).resolve()
+    output = job.spec.output.path
+    output_dir = (manifest_dir / output) if output else run_dir / "output"
+    paths = RunPaths(base_dir=manifest_dir, output_dir=output_dir.resolve(), checkpoint_dir=run_dir / "checkpoints", run_dir=run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "job.json"
+    config.write_text(json.dumps(job.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2), encoding="utf-8")
+    nproc = args.nproc or _default_nproc()
+    print(f"kubetune: training {job.name} in {run_dir} ({nproc} process{'es' if nproc > 1 else ''})", flush=True)
+    if nproc == 1:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")
+        return run(job, paths, RunOptions(local=True, progress=not args.no_progress, max_steps=args.max_steps))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "kubetune.trainer", "--config", str(config), "--local",
+        "--base-dir", str(paths.base_dir), "--output-dir", str(paths.output_dir),
+        "--checkpoint-dir", str(paths.checkpoint_dir), "--run-dir", str(paths.run_dir),
+    ]
+    if args.max_steps:
+        command += ["--max-steps", str(args.max_steps)]
+    if args.no_progress:
+        command.append("--no-progress")
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+    return subprocess.call(command, env=env)
+
+
+def _default_nproc() -> int:
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:  # pragma: no cover
+        return 1

@@ -1,0 +1,195 @@
+"""One trainer process from start to exit: paths, logging, the reporter, the loop, the exit code.
+
+Called by ``python -m kubetune.trainer`` in pods (``kubetune.trainer.__main__``, paths from the
+environment the operator sets) and by ``kubetune train`` (``kubetune.trainer.local``, paths from
+the run directory) — the same :func:`run` either way. Environment read in pods:
+
+==========================  ==========================================================
+KUBETUNE_JOB_NAME           the FineTuneJob's name (the config's metadata wins if set)
+KUBETUNE_NAMESPACE          its namespace
+KUBETUNE_OUTPUT_DIR         final model (default ``spec.output.path``, else /workspace/output)
+KUBETUNE_CHECKPOINT_DIR     checkpoints (default /workspace/checkpoints)
+KUBETUNE_BASE_DIR           relative model/data paths resolve against it (default: cwd)
+KUBETUNE_PVC_ROOT           where pvc:// claims are mounted (default /mnt/pvc)
+RANK, WORLD_SIZE, …         torchrun's
+==========================  ==========================================================
+
+Exit codes: 0 when training finished (completed, max steps, early stop), 143 after a SIGTERM
+checkpoint (the pod will be restarted or the job was suspended), 2 for a bad spec or bad data
+(retrying cannot help), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kubetune.trainer")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_TERMINATED = 143
+
+
+@dataclass
+class RunPaths:
+    """Where a run reads and writes."""
+
+    base_dir: Path  # relative sources resolve against it
+    output_dir: Path  # final model + TensorBoard events + training log
+    checkpoint_dir: Path
+    run_dir: Path  # the reporter's status file lives here (locally)
+
+
+@dataclass
+class RunOptions:
+    local: bool = False
+    progress: bool = True
+    max_steps: int | None = None
+
+
+def pod_paths(job: Any) -> RunPaths:
+    env = os.environ
+    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or job.spec.output.path or "/workspace/output")
+    checkpoints = Path(env.get("KUBETUNE_CHECKPOINT_DIR") or "/workspace/checkpoints")
+    base = Path(env.get("KUBETUNE_BASE_DIR") or os.getcwd())
+    return RunPaths(base, output, checkpoints, output.parent)
+
+
+def configure_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class StandInReporter:
+    """The reporter used until ``kubetune.trainer.reporting`` exists: log lines and a JSON status file.
+
+    Same methods as the real one (``progress``, ``checkpoint``, ``evaluated``, ``finished``); only
+    rank 0 writes. The status file is ``<run_dir>/status.json`` with the FineTuneJob status fields
+    the trainer owns.
+    """
+
+    def __init__(self, job: Any, rank: int, local: bool, run_dir: Path) -> None:
+        self.rank = rank
+        self.local = local
+        self.path = Path(run_dir) / "status.json"
+        self.status: dict[str, Any] = {"progress": {}, "checkpoints": []}
+
+    def _write(self) -> None:
+        if self.rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.status, indent=2, default=float), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        self.status["progress"] = dict(progress, updatedAt=_now())
+        self._write()
+        if self.rank == 0:
+            p = progress
+            line = f"step {p['step']}/{p['total_steps']} ({p['percent']:.0f}%) loss {p['loss']:.4f} lr {p['learning_rate']:.2e}"
+            if p.get("tokens_per_second"):
+                line += f" {p['tokens_per_second']:.0f} tok/s"
+            if p.get("eta_seconds") is not None:
+                line += f" eta {p['eta_seconds']:.0f}s"
+            log.info(line)
+
+    def checkpoint_removed(self, path: str) -> None:
+        self.status["checkpoints"] = [c for c in self.status["checkpoints"] if c["path"] != str(path)]
+        self._write()
+
+    def checkpoint(self, step: int, path: str, metrics: dict[str, float] | None, best: bool = False) -> None:
+        if best:
+            self.status["bestCheckpoint"] = str(path)
+        self.status["checkpoints"] = (self.status["checkpoints"] + [{"step": step, "path": str(path), "metrics": metrics or {}}])[-10:]
+        self.status["latestCheckpoint"] = str(path)
+        self._write()
+
+    def evaluated(self, metrics: dict[str, float]) -> None:
+        self.status.setdefault("progress", {})["metrics"] = metrics
+        self._write()
+
+    def finished(self, output_path: str | None, reason: str) -> None:
+        self.status["outputPath"] = str(output_path) if output_path else None
+        self.status.setdefault("progress", {})["stopReason"] = reason
+        self._write()
+
+
+def make_run_reporter(job: Any, rank: int, local: bool, run_dir: Path) -> Any:
+    """The status reporter: ``kubetune.trainer.reporting.make_reporter`` when present, else the stand-in."""
+    try:
+        from kubetune.trainer.reporting import make_reporter
+    except ImportError:
+        return StandInReporter(job, rank, local, run_dir)
+    return make_reporter(job, rank, local, run_dir)
+
+
+def _share_cores() -> None:
+    """Split this machine's cores among the local processes (torch would give each one all of them)."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
+    """Train ``job``; returns the process exit code (see the module doc)."""
+    from kubetune.api import SpecError
+    from kubetune.trainer.reading import DataError
+    from kubetune.trainer.sources import SourceError
+
+    rank = int(os.environ.get("RANK", "0"))
+    configure_logging(rank)
+    _share_cores()
+    if options.max_steps is not None:
+        training = job.spec.training.model_copy(update={"max_steps": options.max_steps})
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})
+    from kubetune.trainer.models import ModelError
+    from kubetune.trainer.training import Terminated, Trainer
+
+    trainer = None
+    succeeded = False
+    try:
+        trainer = Trainer(job, paths, options)
+        trainer.setup()
+        trainer.train()
+        succeeded = True
+        return EXIT_OK
+    except Terminated:
+        succeeded = True  # every rank saved the checkpoint together
+        log.warning("stopped by SIGTERM after saving a checkpoint")
+        return EXIT_TERMINATED
+    except (SpecError, DataError, SourceError, ModelError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    finally:
+        if trainer is not None:
+            trainer.cleanup(succeeded)

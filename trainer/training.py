@@ -1,0 +1,468 @@
+"""The training loop: one readable recipe from a validated FineTuneJob to a trained model.
+
+Called by :func:`kubetune.trainer.running.run` (pods and ``kubetune train`` alike), one instance per
+process. :class:`Trainer` follows torchtune's recipe shape — ``setup()``, ``train()``,
+``save_checkpoint()``, ``cleanup()`` — and calls the technique plugins' hooks at the points listed
+in ``kubetune.trainer.techniques.base`` (which is the documentation plugins rely on):
+
+setup
+    seed → process group (gloo on CPU) → tokenizer → examples (``transform_examples``) → labels →
+    encode → model with head and PEFT → ``prepare_model`` → ``param_groups`` → DeepSpeed engine →
+    resume from the latest checkpoint, if any.
+train
+    an evaluation before training on a fresh run; then micro-batches in epoch order
+    (``order_batches``, ``augment``), forward, ``compute_loss``, ``engine.backward``/``engine.step``;
+    after each optimizer step ``on_step_end``, progress every ``training.logEverySteps``,
+    evaluation (``on_evaluate``) every ``data.eval.everySteps`` or at epoch ends, a checkpoint
+    every ``checkpointing.everySteps``; a SIGTERM makes every rank checkpoint at the next optimizer
+    step and exit (:class:`Terminated`); at the end a last evaluation, checkpoint, and the export.
+
+Steps are optimizer steps. The total is ``training.maxSteps``, else ``epochs`` × micro-batches per
+epoch ÷ accumulation (rounded up), and a resumed run continues the count until exactly that total.
+Rank 0 writes TensorBoard events to ``<output>/tensorboard`` and one JSON line per log interval to
+``<output>/trainer_log.jsonl`` (appended across restarts, so a resumed run continues the curve).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.trainer import checkpoints
+from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard
+from kubetune.trainer.encoding import Encoder, label_names, load_examples
+from kubetune.trainer.engines import build_engine, default_param_groups, init_distributed, resolve_precision
+from kubetune.trainer.evaluating import evaluate
+from kubetune.trainer.running import RunOptions, RunPaths, make_run_reporter
+from kubetune.trainer.techniques.base import TechniqueContext, enabled_techniques
+
+log = logging.getLogger("kubetune.trainer")
+
+
+class Terminated(Exception):
+    """Raised after the SIGTERM checkpoint; the process exits with 143."""
+
+
+class Trainer:
+    """One process of a training run (see the module doc)."""
+
+    def __init__(self, job: Any, paths: RunPaths, options: RunOptions) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.paths = paths
+        self.options = options
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if self.on_gpu else "cpu")
+        self.reporter: Any = None
+        self.writer: Any = None
+        self.engine: Any = None
+        self.step = 0
+        self.epoch = 0
+        self.offset = 0  # micro-batches of the current epoch already trained
+        self.metrics: dict[str, float] = {}
+        self.metrics_step = -1
+        self.terminate_requested = False
+        self.resumed_from: Path | None = None
+        self.initial_metrics: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        spec = self.spec
+        seed = spec.training.seed
+        random.seed(seed)
+        torch.manual_seed(seed)
+        if self.on_gpu:
+            torch.cuda.set_device(self.local_rank)
+        init_distributed(self.on_gpu)
+        self.precision = resolve_precision(spec, self.on_gpu)
+        self.reporter = make_run_reporter(self.job, self.rank, self.options.local, self.paths.run_dir)
+
+        from kubetune.trainer.models import build_model, load_tokenizer
+
+        self.techniques = enabled_techniques(spec)
+        self.tokenizer, tokenizer_dir = load_tokenizer(spec, self.paths.base_dir)
+        self.ctx = TechniqueContext(
+            spec=spec,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            base_dir=self.paths.base_dir,
+            output_dir=self.paths.output_dir,
+            head=spec.head,
+            micro_batch_size=spec.training.micro_batch_size,
+        )
+        sets = load_examples(spec, self.paths.base_dir)
+        train_examples, eval_examples = sets.train, sets.eval
+        for technique in self.techniques:
+            train_examples = technique.transform_examples(self.ctx, train_examples, "train")
+            if eval_examples:
+                eval_examples = technique.transform_examples(self.ctx, eval_examples, "eval")
+        self.tasks = list(dict.fromkeys(e.get("_task", "") for e in train_examples + eval_examples))
+        self.labels = label_names(spec, train_examples + eval_examples)
+        self.ctx.labels = self.labels
+        self.encoder = Encoder(spec, self.tokenizer, self.labels)
+        self.ctx.encode = self.encoder
+        self.collate = Collator(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.ctx.collate = self.collate
+        augment = self._augment if any(_overrides(t, "augment") for t in self.techniques) else None
+        self.train_set = EncodedDataset([self.encoder(e) for e in train_examples], train_examples, augment, seed)
+        self.eval_set = EncodedDataset([self.encoder(e) for e in eval_examples], eval_examples) if eval_examples else None
+        self.ctx.examples = {"train": train_examples, "eval": eval_examples}
+        self.ctx.datasets = {"train": self.train_set, "eval": self.eval_set}
+
+        self.model = build_model(spec, self.paths.base_dir, self.tokenizer, tokenizer_dir, self.labels)
+        self.tokenizer_dir = tokenizer_dir
+        self.ctx.model = self.model
+        for technique in self.techniques:
+            self.model = technique.prepare_model(self.ctx, self.model)
+            self.ctx.model = self.model
+        groups = default_param_groups(self.model, spec)
+        for technique in self.techniques:
+            groups = technique.param_groups(self.ctx, self.model, groups)
+
+        self.total_steps = self._total_steps()
+        self.ctx.total_steps = self.total_steps
+        self.engine = build_engine(spec, self.model, groups, self.total_steps, self.world_size, self.precision)
+        self.ctx.engine = self.engine
+        self.ctx.model = self.engine.module
+        self._resume()
+        for technique in self.techniques:
+            technique.on_train_start(self.ctx)
+        if self.rank == 0:
+            from kubetune.trainer.models import trainable_parameters
+
+            trainable, total = trainable_parameters(self.engine.module)
+            log.info(
+                "%s: %s head, peft %s, %d train / %d eval examples, %d processes, %s, %d steps; trainable %s of %s parameters",
+                self.job.name, spec.head, spec.peft.method, len(self.train_set), len(self.eval_set or []),
+                self.world_size, self.precision, self.total_steps, f"{trainable:,}", f"{total:,}",
+            )
+            self.paths.output_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.paths.output_dir / "tensorboard"), purge_step=self.step or None)
+
+    def _augment(self, item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        for technique in self.techniques:
+            item = technique.augment(self.ctx, item, rng)
+        return item
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of example indices) for ``epoch``."""
+        self.ctx.epoch = float(epoch)
+        hooked = None
+        for technique in self.techniques:
+            hooked = technique.order_batches(self.ctx, self.train_set)
+            if hooked is not None:
+                break
+        order = epoch_order(len(self.train_set), epoch, self.spec.training.seed, self.spec.data.shuffle, hooked)
+        t = self.spec.training
+        if t.packing:
+            from kubetune.trainer.packing import pack_lengths
+
+            lengths = self.train_set.lengths()
+            packs = pack_lengths(lengths, t.micro_batch_size * t.max_seq_length, order=order)
+            if len(packs) < self.world_size:
+                packs = (packs * self.world_size)[: self.world_size]
+            usable = len(packs) - len(packs) % self.world_size
+            return packs[:usable][self.rank :: self.world_size]
+        return micro_batches(shard(order, self.rank, self.world_size), t.micro_batch_size)
+
+    def _total_steps(self) -> int:
+        t = self.spec.training
+        if t.max_steps:
+            return t.max_steps
+        per_epoch = len(self._epoch_batches(0))
+        self.batches_per_epoch = per_epoch
+        return max(1, math.ceil((t.epochs or 1.0) * per_epoch / t.gradient_accumulation_steps))
+
+    def _resume(self) -> None:
+        root = self.paths.checkpoint_dir
+        if self.rank == 0:
+            checkpoints.clean_partial(root)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if not self.spec.checkpointing.resume:
+            return
+        latest = checkpoints.find_latest(root)
+        if latest is None:
+            return
+        state = checkpoints.load(self.engine, latest, rank=self.rank)
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        offset = int(state["offset"])
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            offset = offset * int(state["world_size"]) // self.world_size
+        self.offset = offset
+        self.metrics = state.get("metrics") or {}
+        self.resumed_from = latest
+        self.ctx.step = self.step
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", latest, self.step, self.epoch, self.offset)
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> str:
+        """Run to the end; returns the stop reason (also given to ``reporter.finished``)."""
+        spec = self.spec
+        t = spec.training
+        engine = self.engine
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            ev = spec.data.eval
+            eval_every = ev.every_steps if ev is not None else None
+            if self.eval_set is not None and self.resumed_from is None:
+                self.initial_metrics = self._evaluate()
+                if self.rank == 0:
+                    log.info("eval before training: %s", _fmt(self.initial_metrics))
+            reason = "max-steps" if t.max_steps else "completed"
+            window_loss, window_n, window_tokens = 0.0, 0, 0
+            window_start = time.monotonic()
+            run_start = time.monotonic()
+            steps_at_start = self.step
+            micro_in_step = 0
+            engine.train()
+            stop = self.step >= self.total_steps
+            while not stop:
+                batches = self._epoch_batches(self.epoch)
+                self.train_set.epoch = self.epoch
+                if not batches:
+                    raise ValueError("spec.data: no micro-batch can be formed from the training data")
+                while self.offset < len(batches) and not stop:
+                    indices = batches[self.offset]
+                    items = [self.train_set[i] for i in indices]
+                    batch = self._collate(items)
+                    self.ctx.loss_terms = {}
+                    loss, tokens = self._forward(batch)
+                    engine.backward(loss)
+                    engine.step()
+                    self.offset += 1
+                    micro_in_step += 1
+                    window_loss += float(loss.detach())
+                    window_n += 1
+                    window_tokens += tokens
+                    if micro_in_step < t.gradient_accumulation_steps:
+                        continue
+                    micro_in_step = 0
+                    self.step += 1
+                    self.ctx.step = self.step
+                    self.ctx.epoch = self.epoch + self.offset / len(batches)
+                    for technique in self.techniques:
+                        technique.on_step_end(self.ctx)
+                    if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
+                        self._log_progress(window_loss, window_n, window_tokens, time.monotonic() - window_start,
+                                           (time.monotonic() - run_start) / max(1, self.step - steps_at_start))
+                        window_loss, window_n, window_tokens = 0.0, 0, 0
+                        window_start = time.monotonic()
+                    if eval_every and self.eval_set is not None and self.step % eval_every == 0:
+                        self._evaluate()
+                    if self.ctx.should_stop:
+                        reason = f"early-stopped: {self.ctx.stop_reason or 'a technique asked to stop'}"
+                        stop = True
+                    if self.step >= self.total_steps:
+                        stop = True
+                    every = spec.checkpointing.every_steps
+                    if (every and self.step % every == 0 or self.ctx.checkpoint_requested) and not stop:
+                        self.save_checkpoint()
+                    if self._terminating():
+                        self.save_checkpoint()
+                        raise Terminated()
+                if self.offset >= len(batches):
+                    self.epoch += 1
+                    self.offset = 0
+                    if not eval_every and self.eval_set is not None and not stop:
+                        self._evaluate()
+                        if self.ctx.should_stop:
+                            reason = f"early-stopped: {self.ctx.stop_reason or 'a technique asked to stop'}"
+                            stop = True
+                        if self.ctx.checkpoint_requested and not stop:
+                            self.save_checkpoint()
+            if self.eval_set is not None and self.metrics_step != self.step:
+                self._evaluate()
+            self.save_checkpoint()
+            output = self._export()
+            if self.rank == 0:
+                if self.initial_metrics is not None:
+                    log.info("eval before training: %s", _fmt(self.initial_metrics))
+                if self.eval_set is not None:
+                    log.info("eval after training:  %s", _fmt(self.metrics))
+                log.info("finished (%s) after %d steps; model written to %s", reason, self.step, output)
+            self.reporter.finished(str(output), reason)
+            return reason
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.spec.training.packing:
+            return self.collate(items)
+        from kubetune.trainer.packing import PackedCollator
+
+        t = self.spec.training
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = PackedCollator(t.micro_batch_size * t.max_seq_length, pad_token_id=pad)(items)
+        batch["_index"] = torch.tensor([it["_index"] for it in items])
+        batch["_task"] = [it.get("_task", "") for it in items]
+        return batch
+
+    def _forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Loss of one training micro-batch (after the compute_loss hooks) and its real token count."""
+        if self.spec.training.packing:
+            from kubetune.trainer.kernels import causal_lm_loss
+            from kubetune.trainer.packing import model_inputs as packed_inputs
+
+            outputs = None
+            loss = causal_lm_loss(self.engine.module, **packed_inputs(batch, self.device))
+            tokens = int(batch["num_tokens"])
+        else:
+            inputs = model_inputs(batch, self.device)
+            outputs = self.engine(**inputs)
+            loss = outputs.loss
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        for technique in self.techniques:
+            loss = technique.compute_loss(self.ctx, self.engine.module, batch, outputs, loss)
+        return loss, tokens
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.terminate_requested = True
+
+    def _terminating(self) -> bool:
+        """Whether any rank got SIGTERM (all ranks agree, so they checkpoint at the same step)."""
+        flag = torch.tensor([1.0 if self.terminate_requested else 0.0])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _log_progress(self, loss_sum: float, n: int, tokens: int, elapsed: float, seconds_per_step: float) -> None:
+        stats = torch.tensor([loss_sum, float(n), float(tokens)], dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(stats)
+        loss = float(stats[0] / max(stats[1], 1))
+        lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
+        progress = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": round(float(self.ctx.epoch), 4),
+            "percent": round(100.0 * self.step / self.total_steps, 2),
+            "loss": loss,
+            "learning_rate": lr,
+            "tokens_per_second": float(stats[2]) / elapsed if elapsed > 0 else None,
+            "eta_seconds": round(seconds_per_step * (self.total_steps - self.step), 1),
+        }
+        if self.metrics:
+            progress["eval_loss"] = self.metrics.get("eval_loss")
+            progress["metrics"] = dict(self.metrics)
+        if self.ctx.loss_terms:
+            progress["loss_terms"] = dict(self.ctx.loss_terms)
+        self.reporter.progress(progress)
+        if self.rank == 0:
+            self.writer.add_scalar("train/loss", loss, self.step)
+            self.writer.add_scalar("train/learning_rate", lr, self.step)
+            if progress["tokens_per_second"]:
+                self.writer.add_scalar("train/tokens_per_second", progress["tokens_per_second"], self.step)
+            for name, value in self.ctx.loss_terms.items():
+                self.writer.add_scalar(f"train/{name}", value, self.step)
+            with (self.paths.output_dir / "trainer_log.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({k: v for k, v in progress.items() if k != "metrics"}) + "\n")
+
+    def _evaluate(self) -> dict[str, float]:
+        assert self.eval_set is not None
+        metrics = evaluate(
+            self.engine, self.eval_set, self.collate, head=self.spec.head,
+            micro_batch_size=self.spec.training.micro_batch_size, rank=self.rank, world_size=self.world_size,
+            device=self.device, num_labels=len(self.labels or []), tasks=self.tasks,
+        )
+        self.metrics = metrics
+        self.metrics_step = self.step
+        self.ctx.metrics = metrics
+        for technique in self.techniques:
+            technique.on_evaluate(self.ctx, metrics)
+        self.reporter.evaluated(dict(metrics))
+        if self.rank == 0 and self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name if "/" in name else f"eval/{name[len('eval_'):] if name.startswith('eval_') else name}", value, self.step)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints and output
+
+    def save_checkpoint(self) -> Path:
+        """A checkpoint of the current step on every rank; reported by rank 0."""
+        c = self.spec.checkpointing
+        metrics = self.metrics if self.metrics_step == self.step else {}
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "world_size": self.world_size,
+            "total_steps": self.total_steps,
+            "metrics": metrics,
+            "job": self.job.name,
+        }
+        self.ctx.checkpoint_requested = False
+        path, best, deleted = checkpoints.save(
+            self.engine, self.paths.checkpoint_dir, state, rank=self.rank, keep_last=c.keep_last,
+            keep_best=c.keep_best, metric=c.metric, mode=c.mode,
+        )
+        self.reporter.checkpoint(self.step, str(path), metrics or None, best=best)
+        for gone in deleted:
+            self.reporter.checkpoint_removed(str(gone))
+        return path
+
+    def _export(self) -> Path:
+        from kubetune.trainer.exporting import export
+
+        spec = self.spec
+        best = checkpoints.read_best(self.paths.checkpoint_dir) if spec.output.export_best and spec.checkpointing.keep_best else None
+        metrics = self.metrics
+        if best is not None and int(best["step"]) != self.step:
+            best_dir = self.paths.checkpoint_dir / best["name"]
+            if best_dir.exists():
+                log.info("exporting the best checkpoint (%s %s = %.4g) rather than the last", best["name"], best["metric"], best["value"])
+                state = checkpoints.load(self.engine, best_dir, rank=self.rank, weights_only=True)
+                metrics = state.get("metrics") or metrics
+        return export(
+            self.engine.module, self.tokenizer, self.paths.output_dir, job=self.job, rank=self.rank,
+            zero_stage=spec.deepspeed.zero_stage, metrics=metrics, rebuild=self._rebuild_on_cpu,
+        )
+
+    def _rebuild_on_cpu(self) -> Any:
+        from kubetune.trainer.models import build_model
+
+        return build_model(self.spec, self.paths.base_dir, self.tokenizer, self.tokenizer_dir, self.labels)
+
+    def cleanup(self, succeeded: bool = True) -> None:
+        """Close writers and the process group (a barrier first only when every rank got here)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        close = getattr(self.reporter, "close", None)
+        if close is not None:
+            close()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            try:
+                if succeeded:
+                    torch.distributed.barrier()
+            finally:
+                torch.distributed.destroy_process_group()
+
+
+def _overrides(technique: Any, hook: str) -> bool:
+    from kubetune.trainer.techniques.base import Technique
+
+    return getattr(type(technique), hook) is not getattr(Technique, hook)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
