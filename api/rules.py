@@ -136,8 +136,12 @@ def _curriculum_settings(spec: FineTuneJobSpec) -> Iterator[Problem]:
         yield Problem("spec.techniques.curriculum.scoreField", "difficulty 'score' needs the column that holds the score")
     if cur.start_fraction > 1.0 or cur.full_at <= 0.0:
         yield Problem("spec.techniques.curriculum.fullAt", "must be > 0 so that all data becomes available")
-    if spec.techniques.multi_task is not None and spec.techniques.multi_task.sampling == "temperature":
-        yield Problem("spec.techniques.curriculum", "curriculum ordering and temperature sampling both decide the order; choose one")
+    if spec.techniques.multi_task is not None:
+        yield Problem(
+            "spec.techniques.curriculum",
+            f"curriculum pacing and multiTask {spec.techniques.multi_task.sampling} sampling both decide the order of "
+            "the examples; choose one (multiTask without curriculum, or one dataset per run with curriculum)",
+        )
 
 
 @rule
@@ -245,3 +249,75 @@ def _storage(spec: FineTuneJobSpec) -> Iterator[Problem]:
         )
     if st.existing_claim and st.delete_with_job:
         yield Problem("spec.checkpointing.storage.deleteWithJob", "kubetune never deletes a claim it did not create (existingClaim is set)")
+
+
+@rule
+def _domain_adaptation_is_causal_lm(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    if spec.techniques.domain_adaptation is None:
+        return
+    if spec.head != "causal-lm":
+        yield Problem("spec.techniques.domainAdaptation", f"continued pre-training trains a causal LM; the {spec.head} head cannot (remove techniques.task or model.head)")
+    for i, ds in enumerate(spec.data.datasets):
+        if ds.format != "text":
+            yield Problem(f"spec.data.datasets[{i}].format", f"domain adaptation reads raw documents: use format 'text', got {ds.format!r}")
+
+
+@rule
+def _augmentation_keeps_labels(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    aug = spec.techniques.augmentation
+    if aug is None:
+        return
+    ops = [aug.token_dropout, aug.token_masking, aug.random_swap, aug.random_delete, aug.synonyms, aug.template_paraphrase]
+    if all(op is None for op in ops):
+        yield Problem("spec.techniques.augmentation", "turn on at least one augmentation (tokenDropout, tokenMasking, randomSwap, randomDelete, synonyms, templateParaphrase)")
+    if spec.head == "question-answering":
+        yield Problem("spec.techniques.augmentation", "edits of the question or context would move the answer span of extractive QA; augmentation cannot be used with the question-answering head")
+    cg = spec.techniques.controlled_generation
+    if cg is not None and cg.dpo is not None:
+        yield Problem("spec.techniques.augmentation", "DPO compares fixed chosen/rejected pairs; augmenting them changes what is preferred. Remove augmentation or dpo")
+
+
+@rule
+def _early_stopping_keeps_its_best(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    es, ck = spec.techniques.early_stopping, spec.checkpointing
+    if es is None or (ck.metric == es.metric and ck.mode == es.mode):
+        return
+    yield Problem(
+        "spec.checkpointing.metric",
+        f"the best checkpoint (the one exported) is ranked by checkpointing.metric {ck.metric!r} ({ck.mode}), but early "
+        f"stopping watches {es.metric!r} ({es.mode}); set checkpointing.metric: {es.metric} and mode: {es.mode}",
+    )
+
+
+@rule
+def _loss_techniques_need_logits(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    if not spec.training.packing:
+        return
+    t = spec.techniques
+    if t.distillation is not None:
+        yield Problem("spec.training.packing", "distillation compares the student's logits with the teacher's, and the fused packed loss keeps none; turn packing off")
+    if t.adversarial is not None and t.adversarial.method != "none":
+        yield Problem("spec.training.packing", f"adversarial method {t.adversarial.method} re-runs the model on perturbed embeddings, which packed batches cannot; turn packing off (NEFTune alone works with packing)")
+    if t.regularization is not None and t.regularization.label_smoothing:
+        yield Problem("spec.training.packing", "label smoothing needs the logits, and the fused packed loss keeps none; turn packing off")
+
+
+@rule
+def _penalties_read_full_weights(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    if spec.deepspeed.zero_stage != 3:
+        return
+    reg = spec.techniques.regularization
+    if reg is not None and reg.l1:
+        yield Problem("spec.techniques.regularization.l1", "L1 reads every trainable weight, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")
+    if reg is not None and reg.l2_sp:
+        yield Problem("spec.techniques.regularization.l2Sp", "L2-SP compares every trainable weight with its start, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")
+    cl = spec.techniques.continual_learning
+    if cl is not None and cl.ewc is not None:
+        yield Problem("spec.techniques.continualLearning.ewc", "EWC compares every trainable weight with its start, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")
+
+
+@rule
+def _adversarial_does_something(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    adv = spec.techniques.adversarial
+    if adv is not None and adv.method == "none" and adv.neftune_alpha is None:
+        yield Problem("spec.techniques.adversarial.method", "method none with no neftuneAlpha changes nothing; choose fgm, pgd or freelb, or set neftuneAlpha")
