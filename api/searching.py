@@ -182,3 +182,52 @@ def trial_count(search: HyperparameterSearchSpec) -> int:
     if search.sampler == "grid":
         return min(search.trials, len(grid_points(search.parameters)))
     return search.trials
+
+
+# --- trials -----------------------------------------------------------------------------------
+
+#: Labels that tie a trial to its search (the parent FineTuneJob).
+SEARCH_LABEL = "kubetune.io/search"
+TRIAL_INDEX_LABEL = "kubetune.io/trial-index"
+
+
+def trial_name(parent: str, index: int) -> str:
+    """``<parent>-trial-003``, shortened with a hash when the parent's name is long."""
+    import hashlib
+
+    suffix = f"-trial-{index:03d}"
+    if len(parent) + len(suffix) <= 63:
+        return parent + suffix
+    digest = hashlib.sha256(parent.encode()).hexdigest()[:8]
+    return f"{parent[: 63 - len(suffix) - 9].rstrip('-.')}-{digest}{suffix}"
+
+
+def trial_manifest(parent: dict[str, Any], index: int, values: dict[str, Any]) -> dict[str, Any]:
+    """The FineTuneJob manifest of one trial: the parent's spec with the trial's values, without the
+    search block, capped at ``maxStepsPerTrial``. The caller validates it (values may break a rule)."""
+    spec = copy.deepcopy(parent["spec"])
+    search = spec.get("techniques", {}).pop("hyperparameterSearch")
+    if not spec["techniques"]:
+        spec.pop("techniques")
+    spec = apply_trial(spec, values)
+    if search.get("maxStepsPerTrial"):
+        spec.setdefault("training", {})["maxSteps"] = search["maxStepsPerTrial"]
+    meta = parent.get("metadata", {})
+    labels = {**(meta.get("labels") or {}), SEARCH_LABEL: meta["name"][:63], TRIAL_INDEX_LABEL: str(index)}
+    metadata: dict[str, Any] = {"name": trial_name(meta["name"], index), "labels": labels}
+    if meta.get("namespace"):
+        metadata["namespace"] = meta["namespace"]
+    return {"apiVersion": parent["apiVersion"], "kind": parent["kind"], "metadata": metadata, "spec": spec}
+
+
+def trial_metric(status: dict[str, Any], metric: str) -> float | None:
+    """The search metric from a trial's status (``progress.metrics`` or ``progress.evalLoss``)."""
+    progress = status.get("progress") or {}
+    metrics = progress.get("metrics") or {}
+    if metric in metrics:
+        return float(metrics[metric])
+    if metric in {"eval_loss", "evalLoss"} and progress.get("evalLoss") is not None:
+        return float(progress["evalLoss"])
+    if metric in {"loss", "train_loss"} and progress.get("loss") is not None:
+        return float(progress["loss"])
+    return None

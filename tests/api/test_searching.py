@@ -88,3 +88,27 @@ def test_search_paths_are_checked() -> None:
     assert "did you mean 'learningRate'" in (resolve_search_path("training.learningrate") or "")
     assert "is a block" in (resolve_search_path("training") or "x.is a block") or resolve_search_path("training")
     assert "not a training hyperparameter" in (resolve_search_path("resources.nodes") or "")
+
+
+def test_trial_manifest_applies_values_and_drops_the_search() -> None:
+    from kubetune.api import parse_job
+    from kubetune.api.searching import SEARCH_LABEL, TRIAL_INDEX_LABEL, trial_manifest, trial_name
+
+    parent = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "sweep", "namespace": "ml", "labels": {"team": "a"}},
+        "spec": {
+            "model": {"source": "hf://o/m"},
+            "data": {"datasets": [{"source": "d.jsonl", "format": "text"}], "eval": {"holdoutFraction": 0.1}},
+            "peft": {"method": "lora"},
+            "techniques": {"hyperparameterSearch": {"trials": 4, "maxStepsPerTrial": 7, "parameters": [
+                {"path": "peft.r", "type": "int", "low": 2, "high": 8}]}},
+        },
+    }
+    child = parse_job(trial_manifest(parent, 2, {"peft.r": 4}))
+    assert child.name == "sweep-trial-002" and child.namespace == "ml"
+    assert child.metadata.labels == {"team": "a", SEARCH_LABEL: "sweep", TRIAL_INDEX_LABEL: "2"}
+    assert child.spec.peft.r == 4 and child.spec.training.max_steps == 7
+    assert child.spec.techniques.hyperparameter_search is None
+    long = trial_name("x" * 80, 12)
+    assert len(long) <= 63 and long.endswith("-trial-012") and long != trial_name("x" * 79 + "y", 12)
