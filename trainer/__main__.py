@@ -2,7 +2,7 @@
 
 The operator mounts the validated FineTuneJob (its ConfigMap) as JSON and launches this module once
 per process (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT). ``kubetune train``
-launches it the same way for multi-process local runs, with ``--local`` and explicit paths. The
+launches it the same way for multi-process local runs, with ``--local-mode`` and explicit paths. The
 config may be a whole FineTuneJob or only its ``spec`` (then the name comes from
 ``KUBETUNE_JOB_NAME``). Paths and exit codes: see ``kubetune.trainer.running``.
 """
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m kubetune.trainer", description="Train from a FineTuneJob config.")
     parser.add_argument("--config", default="/etc/kubetune/job.json", help="FineTuneJob (or spec) as JSON")
-    parser.add_argument("--local", action="store_true", help="local run: status file and terminal progress, no Kubernetes")
+    parser.add_argument("--local-mode", action="store_true", help="local run: status file and terminal progress, no Kubernetes")
     parser.add_argument("--base-dir", default=None, help="folder relative sources resolve against")
     parser.add_argument("--output-dir", default=None, help="final model folder")
     parser.add_argument("--checkpoint-dir", default=None, help="checkpoint folder")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else paths.checkpoint_dir,
         run_dir=Path(args.run_dir) if args.run_dir else paths.run_dir,
     )
-    return run(job, paths, RunOptions(local=args.local, progress=not args.no_progress, max_steps=args.max_steps))
+    return run(job, paths, RunOptions(local=args.local_mode, progress=not args.no_progress, max_steps=args.max_steps))
 
 
 if __name__ == "__main__":

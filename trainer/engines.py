@@ -43,7 +43,9 @@ def resolve_precision(spec: Any, on_gpu: bool) -> str:
     if precision == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if not on_gpu and precision == "fp16":
-        raise ValueError("spec.training.precision: fp16 mixed precision needs a GPU; use bf16 or fp32 on CPU")
+        from kubetune.trainer.models import ModelError
+
+        raise ModelError("spec.training.precision: fp16 mixed precision needs a GPU and this machine has none; use bf16 or fp32 on CPU")
     return precision
 
 
@@ -135,7 +137,9 @@ def make_optimizer(spec: Any, groups: list[dict[str, Any]]) -> torch.optim.Optim
     t = spec.training
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
     if not groups:
-        raise ValueError("spec: no parameter is trainable (check peft, layerSelection and transferLearning)")
+        from kubetune.trainer.models import ModelError
+
+        raise ModelError("spec: no parameter is trainable after the techniques' hooks (check peft, techniques.layerSelection and techniques.transferLearning)")
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optimizer == "adam":

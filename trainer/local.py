@@ -70,7 +70,7 @@ def train_main(args: argparse.Namespace) -> int:
         return run(job, paths, RunOptions(local=True, progress=not args.no_progress, max_steps=args.max_steps))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "kubetune.trainer", "--config", str(config), "--local",
+        "-m", "kubetune.trainer", "--config", str(config), "--local-mode",
         "--base-dir", str(paths.base_dir), "--output-dir", str(paths.output_dir),
         "--checkpoint-dir", str(paths.checkpoint_dir), "--run-dir", str(paths.run_dir),
     ]

@@ -181,7 +181,6 @@ def peft_config(spec: Any, tokenizer_dir: Path) -> Any:
             task_type=task_type,
             target_modules=p.target_modules,
             feedforward_modules=[] if p.target_modules else None,
-            layers_to_transform=p.layers,
         )
     if p.method == "prefix":
         return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens)
@@ -203,12 +202,36 @@ def peft_config(spec: Any, tokenizer_dir: Path) -> Any:
 
 
 def wrap_peft(spec: Any, model: Any, tokenizer_dir: Path) -> Any:
+    import inspect
+
     import peft
 
+    if spec.peft.method == "prefix" and "past_key_values" not in inspect.signature(model.forward).parameters:
+        raise ModelError(
+            f"spec.peft.method: prefix tuning feeds learned key/values through past_key_values, which "
+            f"{type(model).__name__} does not accept; use prompt, p-tuning or lora for this model"
+        )
     try:
-        return peft.get_peft_model(model, peft_config(spec, tokenizer_dir))
+        wrapped = peft.get_peft_model(model, peft_config(spec, tokenizer_dir))
     except ValueError as exc:
         raise ModelError(f"spec.peft: {spec.peft.method} cannot be applied to {type(model).__name__} ({exc})") from exc
+    if spec.peft.method == "ia3" and spec.peft.layers:
+        # IA3Config has no layers_to_transform: vectors outside the chosen blocks stay frozen at
+        # their initial value (ones), which leaves those blocks unchanged.
+        _freeze_ia3_outside(wrapped, set(spec.peft.layers))
+    return wrapped
+
+
+def _freeze_ia3_outside(model: Any, layers: set[int]) -> None:
+    import re
+
+    index = re.compile(r"\.(\d+)\.")
+    for name, param in model.named_parameters():
+        if "ia3_l" not in name:
+            continue
+        found = index.search(name)
+        if found is None or int(found.group(1)) not in layers:
+            param.requires_grad_(False)
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -187,7 +187,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         succeeded = True  # every rank saved the checkpoint together
         log.warning("stopped by SIGTERM after saving a checkpoint")
         return EXIT_TERMINATED
-    except (SpecError, DataError, SourceError, ModelError, ValueError) as exc:
+    except (SpecError, DataError, SourceError, ModelError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     finally:

@@ -240,7 +240,9 @@ class Trainer:
                 batches = self._epoch_batches(self.epoch)
                 self.train_set.epoch = self.epoch
                 if not batches:
-                    raise ValueError("spec.data: no micro-batch can be formed from the training data")
+                    from kubetune.trainer.reading import DataError
+
+                    raise DataError("spec.data: no micro-batch can be formed from the training data")
                 while self.offset < len(batches) and not stop:
                     indices = batches[self.offset]
                     items = [self.train_set[i] for i in indices]
@@ -450,7 +452,9 @@ class Trainer:
         close = getattr(self.reporter, "close", None)
         if close is not None:
             close()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # A single local process keeps its (one-member) process group: DeepSpeed caches groups
+        # module-wide, and a later run in the same process (tests, notebooks) reuses it.
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
             try:
                 if succeeded:
                     torch.distributed.barrier()
