@@ -206,7 +206,9 @@ def wrap_peft(spec: Any, model: Any, tokenizer_dir: Path) -> Any:
 
     import peft
 
-    if spec.peft.method == "prefix" and "past_key_values" not in inspect.signature(model.forward).parameters:
+    params = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # transformers 5 passes the cache through **kwargs
+    if spec.peft.method == "prefix" and "past_key_values" not in params and not takes_kwargs:
         raise ModelError(
             f"spec.peft.method: prefix tuning feeds learned key/values through past_key_values, which "
             f"{type(model).__name__} does not accept; use prompt, p-tuning or lora for this model"
