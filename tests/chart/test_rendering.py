@@ -116,7 +116,7 @@ def test_operator_runs_alone_non_root_with_probes(render: Render, values: dict[s
     assert ports["health"] == health_port
     assert f"--health-port={health_port}" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert container["command"] == ["kubetune"] and container["args"][0] == "operator"
 
