@@ -377,7 +377,7 @@ class Trainer:
             for name, value in self.ctx.loss_terms.items():
                 self.writer.add_scalar(f"train/{name}", value, self.step)
             with (self.paths.output_dir / "trainer_log.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({k: v for k, v in progress.items() if k != "metrics"}) + "\n")
+                handle.write(json.dumps(progress) + "\n")
 
     def _evaluate(self) -> dict[str, float]:
         assert self.eval_set is not None
