@@ -65,6 +65,11 @@ async def ensure_children(body: dict[str, Any], settings: Settings) -> dict[str,
     job = await parse_or_reject(body, fail=True)
     if statusing.is_finished(body):
         return {"children": "kept: the job has finished"}
+    # kopf may hand us a body that is already gone (a retry racing a delete): children made now
+    # would belong to a dead owner, so look again first.
+    live = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+    if live is None or live["metadata"].get("deletionTimestamp") or live["metadata"].get("uid") != job.metadata.uid:
+        return {"children": "none: the FineTuneJob is gone"}
     options = building.BuildOptions.from_settings(settings)
     made: list[str] = []
     for wanted in building.plan(job, options):

@@ -8,6 +8,8 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
 * batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
   owning FineTuneJob's status (``statusing``). No timers, no polling loops.
 
+Handlers return nothing: kopf would store a returned value in ``status``, which belongs to the
+user's view (phase, conditions) and the trainer (progress); the CRD's schema would prune it anyway.
 Nothing here holds a finalizer: children are owned through ownerReferences, so deleting a
 FineTuneJob — with the operator running or not — leaves their removal to the garbage collector
 (the workspace claim is kept unless ``deleteWithJob``).
@@ -62,21 +64,21 @@ def api_probe(**_: Any) -> str:
 
 
 @kopf.on.create(*FINETUNEJOBS)
-async def create_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+async def create_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
-        return await creating.ensure_children(dict(body), memo.settings)
+        await creating.ensure_children(dict(body), memo.settings)
 
 
 @kopf.on.resume(*FINETUNEJOBS)
-async def resume_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+async def resume_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
-        return await creating.ensure_children(dict(body), memo.settings)
+        await creating.ensure_children(dict(body), memo.settings)
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec")
-async def change_spec(body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def change_spec(body: kopf.Body, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
-        return await updating.apply_spec_change(dict(body))
+        await updating.apply_spec_change(dict(body))
 
 
 @kopf.on.event(*FINETUNEJOBS)

@@ -44,6 +44,14 @@ REQUIRED_PERMISSIONS: list[tuple[str, str, tuple[str, ...]]] = [
     ("", "events", ("create",)),
 ]
 
+#: Held only so that the operator may grant it in each job's Role (RBAC refuses to grant what the
+#: granter lacks): the trainer reads its FineTuneJob and patches its status. The operator itself
+#: never makes these calls.
+GRANTED_TO_TRAINERS: list[tuple[str, str, tuple[str, ...]]] = [
+    (GROUP, PLURAL, ("get",)),
+    (GROUP, f"{PLURAL}/status", ("get", "patch")),
+]
+
 #: kind -> (group, version, plural) of every kind the operator reads or writes.
 RESOURCES: dict[str, tuple[str, str, str]] = {
     "FineTuneJob": (GROUP, VERSION, PLURAL),
@@ -59,6 +67,8 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
 }
 
 MERGE_PATCH = "application/merge-patch+json"
+#: How the operator's own requests show up in API server audit logs.
+USER_AGENT = "kubetune-operator"
 EVENT_SOURCE = "kubetune-operator"
 
 _client: ApiClient | None = None
@@ -78,6 +88,7 @@ def connect(config_file: str | None = None) -> None:
         _client = ApiClient(configuration)
     else:
         _client = kubernetes.config.new_client_from_config(config_file=config_file)
+    _client.user_agent = USER_AGENT
 
 
 def close() -> None:

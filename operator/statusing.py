@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -23,7 +24,16 @@ from kubetune.operator import kubeapi, naming, phases
 logger = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
-_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+# One lock per FineTuneJob serialises its status writers (Job events, pod events, handlers); per
+# event loop, because a lock belongs to the loop it was first used in (tests run several operators).
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    return _locks.setdefault(loop, defaultdict(asyncio.Lock))[(namespace, name)]
 
 
 def _owned_by(obj: dict[str, Any] | None, uid: str | None) -> bool:
@@ -59,7 +69,7 @@ async def read_job_and_pods(namespace: str, ftj: dict[str, Any]) -> tuple[dict[s
 
 async def refresh(namespace: str, name: str) -> str | None:
     """Bring the status of one FineTuneJob in line with its Job; returns the phase written (or kept)."""
-    async with _locks[(namespace, name)]:
+    async with _lock(namespace, name):
         for _ in range(_ATTEMPTS):
             ftj = await kubeapi.get("FineTuneJob", namespace, name)
             if ftj is None or ftj["metadata"].get("deletionTimestamp"):
@@ -97,7 +107,7 @@ async def write_status(ftj: dict[str, Any], patch: dict[str, Any]) -> None:
 async def update_conditions(namespace: str, name: str, changes: list[tuple[str, str, str, str]],
                             extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Set conditions ``(type, status, reason, message)`` and other operator fields, retrying on conflicts."""
-    async with _locks[(namespace, name)]:
+    async with _lock(namespace, name):
         for _ in range(_ATTEMPTS):
             ftj = await kubeapi.get("FineTuneJob", namespace, name)
             if ftj is None:

@@ -1,0 +1,166 @@
+"""Running the real operator in tests, and playing the Kubernetes controllers the emulator lacks.
+
+:func:`run_operator` starts kopf over ``operator/handlers.py`` with ``kopf.testing.KopfRunner`` and
+a fresh ``kopf.OperatorRegistry`` (the handlers file is loaded into it anew each time, so two runs
+in one test are two independent operators, as after a restart), watching one namespace.
+:class:`JobController` writes the Job status the real Job controller would; on a real cluster it
+does nothing and the real controller answers instead. Both the ``tests/operator`` and the
+``tests/e2e`` conftests expose these as fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import kopf
+import kopf.testing
+import pytest
+import yaml
+
+import kubetune.operator
+from tests.support.clusters import Cluster, fresh_namespace_name
+from tests.support.emulating import EmulatorThread
+
+HANDLERS = str(pathlib.Path(kubetune.operator.__file__).with_name("handlers.py"))
+REPO = pathlib.Path(__file__).resolve().parents[2]
+FTJ = ("kubetune.io/v1alpha1", "FineTuneJob")
+OPERATOR_ENV = {
+    "KUBETUNE_TRAINER_IMAGE": "example.test/kubetune-trainer:test",
+    "KUBETUNE_WATCH_SERVER_TIMEOUT": "30",
+    "KUBETUNE_WATCH_CLIENT_TIMEOUT": "45",
+    "KUBETUNE_HEALTH_PORT": "0",
+}
+
+
+@contextlib.contextmanager
+def run_operator(namespace: str) -> Iterator[kopf.testing.KopfRunner]:
+    args = ["run", "--standalone", "--namespace", namespace, HANDLERS]
+    with kopf.testing.KopfRunner(args, registry=kopf.OperatorRegistry(), timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+    assert "Traceback" not in runner.output, runner.output
+
+
+def install_crd(cluster: Cluster) -> None:
+    """The CRD from crds/ (already served by the emulator; applied on a real cluster)."""
+    if not cluster.is_emulated:
+        crd = yaml.safe_load((REPO / "crds" / "finetunejobs.kubetune.io.yaml").read_text())
+        cluster.ensure(crd)
+
+
+def manifest(name: str, **spec: Any) -> dict[str, Any]:
+    """A small valid FineTuneJob; ``spec`` blocks replace the defaults."""
+    body: dict[str, Any] = {
+        "model": {"source": "hf://sshleifer/tiny-gpt2"},
+        "data": {"datasets": [{"source": "data/tiny.jsonl", "format": "text"}]},
+        "training": {"maxSteps": 5},
+    }
+    body.update(spec)
+    return {"apiVersion": FTJ[0], "kind": FTJ[1], "metadata": {"name": name}, "spec": body}
+
+
+def status(cluster: Cluster, name: str) -> dict[str, Any]:
+    return cluster.get(*FTJ, name).get("status") or {}
+
+
+def condition(cluster: Cluster, name: str, kind: str) -> dict[str, Any] | None:
+    return next((c for c in status(cluster, name).get("conditions") or [] if c["type"] == kind), None)
+
+
+def wait_phase(cluster: Cluster, name: str, phase: str, timeout: float = 15.0) -> dict[str, Any]:
+    return cluster.wait_for(lambda: (s := status(cluster, name)).get("phase") == phase and s,
+                            timeout=timeout, what=f"{name} in phase {phase} (status: {status(cluster, name)})")
+
+
+def events(cluster: Cluster, name: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events on the FineTuneJob ``name``, oldest first."""
+    found = [e for e in cluster.list("v1", "Event") if e.get("involvedObject", {}).get("name") == name
+             and e.get("involvedObject", {}).get("kind") == "FineTuneJob"]
+    found.sort(key=lambda e: (e.get("lastTimestamp") or "", int(e["metadata"].get("resourceVersion") or 0)))
+    return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in found]
+
+
+class JobController:
+    """Plays the Job controller on the emulator (which has none); a no-op on a real cluster."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    @property
+    def active(self) -> bool:
+        return self.cluster.is_emulated
+
+    def set_status(self, job: str, status: dict[str, Any]) -> None:
+        if self.active:
+            self.cluster.patch("batch/v1", "Job", job, {"status": status}, subresource="status")
+
+    def add_pod(self, job: str, index: int, pod_status: dict[str, Any]) -> None:
+        """A trainer pod as the controller would make it (labels from the template, owned by the Job)."""
+        if not self.active:
+            return
+        live = self.cluster.get("batch/v1", "Job", job)
+        template = live["spec"]["template"]
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": f"{job}-{index}-abcde",
+                "labels": {**template["metadata"]["labels"], "batch.kubernetes.io/job-completion-index": str(index)},
+                "annotations": {**template["metadata"]["annotations"], "batch.kubernetes.io/job-completion-index": str(index)},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job,
+                                     "uid": live["metadata"]["uid"], "controller": True}],
+            },
+            "spec": template["spec"],
+        }
+        created = self.cluster.create(pod)
+        self.cluster.patch("v1", "Pod", created["metadata"]["name"], {"status": pod_status}, subresource="status")
+
+    def suspend(self, job: str) -> None:
+        self.set_status(job, {"active": 0, "ready": 0, "conditions": [
+            {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended"}]})
+
+    def resume(self, job: str) -> None:
+        self.set_status(job, {"active": 1, "ready": 1, "conditions": [
+            {"type": "Suspended", "status": "False", "reason": "JobResumed", "message": "Job resumed"}]})
+
+
+# ------------------------------------------------------------------------------------ fixtures
+# Imported by tests/operator/conftest.py and tests/e2e/conftest.py.
+
+
+@pytest.fixture()
+def operator_process(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Any]:
+    """``with operator_process(namespace):`` runs the operator; call it again to 'restart' it."""
+    for key, value in OPERATOR_ENV.items():
+        monkeypatch.setenv(key, value)
+    return run_operator
+
+
+@pytest.fixture()
+def ftj_cluster(cluster: Cluster) -> Cluster:
+    """``cluster`` (emulator, and a real one with --kubeconfig) with the FineTuneJob CRD installed."""
+    install_crd(cluster)
+    return cluster
+
+
+@pytest.fixture()
+def emulated_cluster(k8s_emulator: EmulatorThread, kubeconfig_file: pathlib.Path) -> Iterator[Cluster]:
+    """A Cluster on the emulator only, in a fresh namespace: for flows that need to play controllers
+    in detail (pods, OOM kills) or to inspect the requests the operator made."""
+    namespace = fresh_namespace_name()
+    cluster = Cluster(kubeconfig_file, namespace=namespace, emulator=k8s_emulator)
+    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture()
+def job_controller(request: pytest.FixtureRequest) -> JobController:
+    """A JobController for whichever of ``cluster`` / ``emulated_cluster`` the test uses."""
+    name = "emulated_cluster" if "emulated_cluster" in request.fixturenames else "cluster"
+    return JobController(request.getfixturevalue(name))

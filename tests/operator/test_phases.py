@@ -1,0 +1,112 @@
+"""How a Job and its pods become a FineTuneJob's phase, conditions and message (pure, no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.api import ConditionType, Reason
+from kubetune.operator import phases
+
+
+def job(suspend: bool = False, completions: int = 1, **status: Any) -> dict[str, Any]:
+    return {"spec": {"suspend": suspend, "completions": completions}, "status": status}
+
+
+def pod(name: str, phase: str = "Pending", **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": phase, **status}}
+
+
+def cond(kind: str, reason: str = "", message: str = "", status: str = "True") -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": "2026-01-01T01:00:00Z"}
+
+
+def observe(j: dict[str, Any] | None, pods: list[dict[str, Any]] = (), *, suspended: bool = False, queue: str | None = None) -> phases.Observation | None:  # type: ignore[assignment]
+    return phases.observe(j, list(pods), user_suspended=suspended, queue=queue)
+
+
+class TestObserve:
+    def test_no_job_says_nothing(self) -> None:
+        assert observe(None) is None
+
+    def test_new_job_is_initializing(self) -> None:
+        obs = observe(job())
+        assert obs is not None and (obs.phase, obs.reason) == ("Initializing", Reason.JOB_CREATED)
+
+    def test_pending_pod_explains_why(self) -> None:
+        waiting = pod("p-0", containerStatuses=[{"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}])
+        obs = observe(job(active=1), [waiting])
+        assert obs is not None and obs.phase == "Initializing" and "ImagePullBackOff: not found" in obs.message
+        unschedulable = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                "message": "0/3 nodes have nvidia.com/gpu"}])
+        obs = observe(job(active=1), [unschedulable])
+        assert obs is not None and "Unschedulable: 0/3 nodes have nvidia.com/gpu" in obs.message
+
+    def test_ready_pods_are_running(self) -> None:
+        obs = observe(job(completions=2, active=2, ready=2, startTime="2026-01-01T00:00:05Z"))
+        assert obs is not None and (obs.phase, obs.reason, obs.start_time) == ("Running", Reason.PODS_RUNNING, "2026-01-01T00:00:05Z")
+        assert obs.message == "2/2 trainer pods running"
+
+    def test_complete_is_succeeded(self) -> None:
+        obs = observe(job(succeeded=1, completionTime="2026-01-01T02:00:00Z", conditions=[cond("Complete")]))
+        assert obs is not None and (obs.phase, obs.completion_time) == ("Succeeded", "2026-01-01T02:00:00Z")
+
+    def test_oom_killed_pod_is_the_failure_reason(self) -> None:
+        oom = pod("p-0", "Failed", containerStatuses=[{"name": "trainer", "restartCount": 0,
+                                                       "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}])
+        obs = observe(job(failed=4, conditions=[cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]), [oom])
+        assert obs is not None and (obs.phase, obs.reason) == ("Failed", Reason.OOM_KILLED)
+        assert "OOMKilled" in obs.message and "spec.resources.memory" in obs.message
+        assert obs.restarts == 4
+
+    def test_termination_message_is_carried(self) -> None:
+        crashed = pod("p-0", "Failed", containerStatuses=[{"name": "trainer", "state": {"terminated": {
+            "exitCode": 1, "reason": "Error", "message": "spec.peft.targetModules: no module matches 'q_proj'"}}}])
+        obs = observe(job(conditions=[cond("Failed", "BackoffLimitExceeded", "backoff limit")]), [crashed])
+        assert obs is not None and obs.reason == Reason.BACKOFF_LIMIT_EXCEEDED
+        assert "exited with code 1: spec.peft.targetModules: no module matches 'q_proj'" in obs.message
+
+    def test_deadline(self) -> None:
+        obs = observe(job(conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]))
+        assert obs is not None and (obs.phase, obs.reason) == ("Failed", Reason.DEADLINE_EXCEEDED)
+
+    def test_suspended_by_the_user_or_queued_by_kueue(self) -> None:
+        obs = observe(job(suspend=True), suspended=True)
+        assert obs is not None and (obs.phase, obs.reason) == ("Suspended", Reason.SUSPENDED)
+        obs = observe(job(suspend=True), queue="team-a")
+        assert obs is not None and (obs.phase, obs.reason) == ("Pending", Reason.QUEUED) and "team-a" in obs.message
+
+
+class TestStatusPatch:
+    def test_conditions_follow_the_lifecycle(self) -> None:
+        status: dict[str, Any] = {"phase": "Pending", "conditions": [cond(ConditionType.CREATED, Reason.RESOURCES_CREATED)]}
+        for j, expected in [(job(active=1), "Initializing"), (job(active=1, ready=1), "Running"),
+                            (job(conditions=[cond("Complete")]), "Succeeded")]:
+            patch = phases.status_patch(status, observe(j), generation=1, timestamp="2026-01-01T03:00:00Z")
+            status = {**status, **patch}
+            assert status["phase"] == expected
+        by_type = {c["type"]: c for c in status["conditions"]}
+        assert by_type["Created"]["status"] == "True"
+        assert by_type["Initializing"]["status"] == "False" and by_type["Running"]["status"] == "False"
+        assert by_type["Succeeded"]["status"] == "True" and by_type["Succeeded"]["observedGeneration"] == 1
+        assert "Failed" not in by_type
+
+    def test_unchanged_status_gives_an_empty_patch_and_keeps_transition_times(self) -> None:
+        first = phases.status_patch({}, observe(job(active=1, ready=1)), generation=1, timestamp="2026-01-01T03:00:00Z")
+        again = phases.status_patch(first, observe(job(active=1, ready=1)), generation=1, timestamp="2026-01-01T04:00:00Z")
+        assert again == {}
+
+    def test_trainer_fields_are_never_in_the_patch(self) -> None:
+        status = {"progress": {"step": 10}, "checkpoints": [{"step": 5, "path": "/x"}], "latestCheckpoint": "/x",
+                  "conditions": [cond(ConditionType.EARLY_STOPPED, Reason.METRIC_PLATEAU)]}
+        patch = phases.status_patch(status, observe(job(conditions=[cond("Complete")])), generation=1)
+        assert not {"progress", "checkpoints", "latestCheckpoint", "bestCheckpoint", "trials"} & set(patch)
+        assert any(c["type"] == ConditionType.EARLY_STOPPED for c in patch["conditions"])  # kept, not dropped
+
+    def test_a_finished_job_stays_finished(self) -> None:
+        assert phases.status_patch({"phase": "Succeeded"}, observe(job(active=1)), generation=1) == {}
+
+    def test_resume_marks_suspended_false(self) -> None:
+        status = phases.status_patch({}, observe(job(suspend=True), suspended=True), generation=1)
+        status = {**status, **phases.status_patch(status, observe(job(active=1, ready=1)), generation=2)}
+        suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
+        assert (suspended["status"], suspended["reason"]) == ("False", Reason.RESUMED)
