@@ -206,9 +206,7 @@ def wrap_peft(spec: Any, model: Any, tokenizer_dir: Path) -> Any:
 
     import peft
 
-    params = inspect.signature(model.forward).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # transformers 5 passes the cache through **kwargs
-    if spec.peft.method == "prefix" and "past_key_values" not in params and not takes_kwargs:
+    if spec.peft.method == "prefix" and not _accepts_prefix(model, spec.head):
         raise ModelError(
             f"spec.peft.method: prefix tuning feeds learned key/values through past_key_values, which "
             f"{type(model).__name__} does not accept; use prompt, p-tuning or lora for this model"
@@ -222,6 +220,22 @@ def wrap_peft(spec: Any, model: Any, tokenizer_dir: Path) -> Any:
         # their initial value (ones), which leaves those blocks unchanged.
         _freeze_ia3_outside(wrapped, set(spec.peft.layers))
     return wrapped
+
+
+def _accepts_prefix(model: Any, head: str) -> bool:
+    """Whether PEFT's prefix tuning can feed this model its learned key/values.
+
+    For causal-lm and seq2seq PEFT passes ``past_key_values`` as a keyword (transformers 5 models
+    take it through ``**kwargs``). For the classification, token-classification and QA heads it
+    looks for a ``past_key_values`` parameter by name on the model's or its backbone's forward,
+    and fails at the first forward pass without one (BERT-style encoders).
+    """
+    import inspect
+
+    if head in {"causal-lm", "seq2seq"}:
+        return True
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
 def _freeze_ia3_outside(model: Any, layers: set[int]) -> None:
