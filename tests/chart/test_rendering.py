@@ -33,7 +33,7 @@ MATRIX: dict[str, dict[str, Any]] = {
             "apiServerCIDRs": ["10.0.0.1/32"],
             "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
         },
-        "tensorboard": {"enabled": True, "claimName": "shared-runs", "logDir": "/team-a"},
+        "tensorboard": {"enabled": True, "claimName": "reviews-workspace", "logDir": "/output/tensorboard", "namespace": "team-a"},
         "trainer": {"imagePullSecrets": ["regcred", "other"]},
         "operator": {
             "imagePullSecrets": ["regcred"],
@@ -190,13 +190,15 @@ def test_tensorboard_reads_the_shared_claim_read_only(render: Render) -> None:
     pod = board["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["tensorboard"]
-    assert "--logdir=/runs/team-a" in container["args"]
+    assert "--logdir=/runs/output/tensorboard" in container["args"]
+    assert board["metadata"]["namespace"] == "team-a"
     assert container["image"] == f"ghcr.io/kubetune/trainer:{kubetune.__version__}"
     claim = next(v for v in pod["volumes"] if v["name"] == "runs")["persistentVolumeClaim"]
-    assert claim == {"claimName": "shared-runs", "readOnly": True}
+    assert claim == {"claimName": "reviews-workspace", "readOnly": True}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["automountServiceAccountToken"] is False
     service = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-tensorboard"))
+    assert service["metadata"]["namespace"] == "team-a"
     assert service["spec"]["selector"].items() <= board["spec"]["template"]["metadata"]["labels"].items()
 
 

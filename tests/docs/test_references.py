@@ -140,3 +140,22 @@ def test_values_schema_accepts_the_defaults_and_knows_every_value() -> None:
 
     for leaf in _leaves(values):
         assert knows(schema, leaf.split(".")), f"values.schema.json does not describe {leaf}"
+
+
+DOC_PAGES = sorted((ROOT / "docs").glob("*.md")) + [CHART / "README.md"]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    prose = re.sub(r"`[^`\n]*`", "", page.read_text())  # code spans hold regexes, not links
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
+        if "://" in target:
+            continue
+        assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_docs_index_lists_every_page() -> None:
+    index = (ROOT / "docs" / "README.md").read_text()
+    for page in (ROOT / "docs").glob("*.md"):
+        if page.name != "README.md":
+            assert f"]({page.name})" in index, page.name
