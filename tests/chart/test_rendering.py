@@ -239,3 +239,14 @@ def test_release_namespace_is_used(render: Render) -> None:
     docs = render(namespace="ml-ops")
     assert {d["metadata"].get("namespace") for d in docs} - {None} == {"ml-ops"}
     assert NAMESPACE != "ml-ops"
+
+
+def test_every_kubetune_variable_the_chart_sets_is_an_operator_setting(render: Render) -> None:
+    """A variable the operator does not read would be a value that silently does nothing
+    (trainer.imagePullSecrets reaches the operator as KUBETUNE_TRAINER_IMAGE_PULL_SECRETS)."""
+    from kubetune.operator.settings import Settings
+
+    known = set(Settings.documentation())
+    names = {e["name"] for e in _operator(render(MATRIX["everything-on"]))["env"]} - {"HTTPS_PROXY"}
+    unread = sorted(n for n in names if n.startswith("KUBETUNE_") and n not in known)
+    assert unread == [], f"the chart sets {unread}, which kubetune.operator.settings.Settings does not read"
