@@ -94,8 +94,8 @@ async def ensure_children(body: dict[str, Any], settings: Settings) -> dict[str,
         extra={
             "techniques": building.techniques_summary(job),
             "observedGeneration": job.metadata.generation,
-            **({} if (body.get("status") or {}).get("phase") else {"phase": "Pending", "message": "resources created"}),
         },
+        defaults={"phase": "Pending", "message": "resources created"},
     )
     if made:
         await kubeapi.post_event(statusing.involved(body), reason=Reason.RESOURCES_CREATED,

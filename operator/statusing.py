@@ -105,8 +105,10 @@ async def write_status(ftj: dict[str, Any], patch: dict[str, Any]) -> None:
 
 
 async def update_conditions(namespace: str, name: str, changes: list[tuple[str, str, str, str]],
-                            extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Set conditions ``(type, status, reason, message)`` and other operator fields, retrying on conflicts."""
+                            extra: dict[str, Any] | None = None,
+                            defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Set conditions ``(type, status, reason, message)`` and other operator fields (``extra``
+    always, ``defaults`` only where the status has no phase yet), retrying on conflicts."""
     async with _lock(namespace, name):
         for _ in range(_ATTEMPTS):
             ftj = await kubeapi.get("FineTuneJob", namespace, name)
@@ -119,6 +121,8 @@ async def update_conditions(namespace: str, name: str, changes: list[tuple[str, 
             for kind, value, reason, message in changes:
                 conditions = phases.set_condition(conditions, kind, value, reason, message, generation, timestamp)
             patch: dict[str, Any] = dict(extra or {})
+            if defaults and not status.get("phase"):
+                patch.update(defaults)
             if conditions != (status.get("conditions") or []):
                 patch["conditions"] = conditions
             patch = {k: v for k, v in patch.items() if status.get(k) != v}

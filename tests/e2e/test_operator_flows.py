@@ -154,8 +154,9 @@ def test_kueue_label_creates_the_job_suspended_and_the_operator_leaves_suspend_t
         cluster.create(body)
         job = cluster.wait_for(lambda: cluster.find("batch/v1", "Job", "queued"))
         assert job["spec"]["suspend"] is True and job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
-        pending = wait_phase(cluster, "queued", "Pending", timeout=60)
-        assert "Kueue" in pending["message"]
+        cluster.wait_for(lambda: "waiting for Kueue" in (status(cluster, "queued").get("message") or ""), timeout=60)
+        assert status(cluster, "queued")["phase"] == "Pending"
+        assert condition(cluster, "queued", ConditionType.SUSPENDED)["reason"] == Reason.QUEUED  # type: ignore[index]
         if job_controller.active:  # Kueue admits it: unsuspends the Job; the operator must not undo that
             cluster.patch("batch/v1", "Job", "queued", {"spec": {"suspend": False}})
             job_controller.set_status("queued", {"active": 1, "ready": 1})

@@ -1,0 +1,53 @@
+"""Operator settings from KUBETUNE_* variables and flags, and the kopf settings they turn into."""
+
+from __future__ import annotations
+
+import kopf
+import pytest
+
+from kubetune.operator import kubeapi, running
+from kubetune.operator.settings import Settings
+
+
+def test_environment_is_read_and_flags_win() -> None:
+    env = {"KUBETUNE_NAMESPACES": "ml, research", "KUBETUNE_TRAINER_IMAGE": "a/b:1",
+           "KUBETUNE_TERMINATION_GRACE_SECONDS": "900", "KUBETUNE_PEERING": ""}
+    settings = Settings.from_env(env, trainer_image="c/d:2", health_port=None)
+    assert settings.namespaces == ("ml", "research")
+    assert settings.trainer_image == "c/d:2"
+    assert settings.termination_grace_seconds == 900
+    assert settings.health_port == 8080 and settings.peering == ""
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"KUBETUNE_HEALTH_PORT": "eighty"}, "KUBETUNE_HEALTH_PORT: must be an integer (got 'eighty')"),
+    ({"KUBETUNE_LOG_LEVEL": "LOUD"}, "KUBETUNE_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR"),
+    ({"KUBETUNE_WATCH_SERVER_TIMEOUT": "600", "KUBETUNE_WATCH_CLIENT_TIMEOUT": "60"},
+     "KUBETUNE_WATCH_CLIENT_TIMEOUT: must be greater than KUBETUNE_WATCH_SERVER_TIMEOUT"),
+])
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_every_setting_is_documented() -> None:
+    docs = Settings.documentation()
+    assert all(text for text in docs.values()) and "KUBETUNE_TRAINER_IMAGE" in docs
+
+
+def test_kopf_settings_are_chosen_on_purpose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubeapi, "connect", lambda: None)
+    settings = kopf.OperatorSettings()
+    memo = kopf.Memo(settings=Settings(watch_server_timeout=100, watch_client_timeout=130))
+    running.configure(settings, memo)
+    assert settings.persistence.finalizer == "kubetune.io/finalizer"
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert settings.persistence.progress_storage.prefix == "kubetune.io"
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert settings.peering.standalone is True
+    assert (settings.watching.server_timeout, settings.watching.client_timeout) == (100, 130)
+    assert settings.scanning.disabled is True
+
+    peered = kopf.OperatorSettings()
+    running.configure(peered, kopf.Memo(settings=Settings(peering="kubetune")))
+    assert peered.peering.standalone is False and peered.peering.name == "kubetune"
