@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     p.add_argument("--health-port", type=int, default=None, help="port of /healthz and /readyz")
     p.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics endpoint")
+    p.add_argument("--peering", default=None, help="kopf peering name for several replicas (default: standalone)")
     p.set_defaults(func=cmd_operator)
     return parser
 
