@@ -61,7 +61,9 @@ class Run:
 def trainer_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", KUBETUNE_REPORT_FLUSH_TIMEOUT="1", PYTHONUNBUFFERED="1")
-    env.pop("KUBECONFIG", None)
+    # In-process runs of this session leave torchrun-style variables (and a port in use) behind.
+    for key in ("KUBECONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     env.update(extra)
     return env
 

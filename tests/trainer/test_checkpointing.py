@@ -1,0 +1,136 @@
+"""Checkpoints: rotation and the best one, atomic writes, exact resume, kill -9 and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kubetune.trainer import checkpoints
+from tests.support.tiny_models import manifest, write_dataset
+from tests.trainer.conftest import trainer_env
+
+
+def _text_job(tiny_model_dir, tmp_path, **overrides):
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=48)
+    return manifest(tiny_model_dir("llama"), data, "text", overrides=overrides)
+
+
+def test_keeps_last_k_and_the_best(tiny_model_dir, train_job, tmp_path):
+    # A learning rate this high makes eval loss go up after a few steps, so best != last.
+    job = _text_job(tiny_model_dir, tmp_path, **{
+        "training.maxSteps": 8, "training.learningRate": 0.05, "checkpointing.everySteps": 1,
+        "checkpointing.keepLast": 2, "data.eval.everySteps": 1,
+    })
+    run = train_job(job, tmp_path / "run")
+    assert run.rc == 0
+    best = json.loads((run.checkpoint_dir / "best.json").read_text())
+    losses = {s: run.checkpoint_state(s)["metrics"]["eval_loss"] for s in run.steps()}
+    assert best["metric"] == "eval_loss" and best["value"] == min(losses.values())
+    assert run.steps() == sorted({best["step"], 7, 8})
+    assert (run.checkpoint_dir / "latest").read_text().strip() == "step-00000008"
+
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path):
+    root = tmp_path / "ckpt"
+    good = root / "step-00000004"
+    good.mkdir(parents=True)
+    (good / "trainer.json").write_text(json.dumps({"step": 4}))
+    (root / "latest").write_text("step-00000004\n")
+    (root / ".tmp-step-00000006" / "state").mkdir(parents=True)  # crash during the save of step 6
+    (root / "step-00000005").mkdir()  # a folder without trainer.json is not a checkpoint
+    assert checkpoints.find_latest(root) == good
+    checkpoints.clean_partial(root)
+    assert not (root / ".tmp-step-00000006").exists()
+    (root / "latest").write_text("step-00000009\n")  # pointing at something gone
+    assert checkpoints.find_latest(root) == good
+
+
+def test_resume_continues_steps_and_loss_curve_exactly(tiny_model_dir, train_job, tmp_path):
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 8, "checkpointing.everySteps": 4})
+    straight = train_job(job, tmp_path / "straight")
+    first = train_job(job, tmp_path / "resumed", max_steps=4)
+    second = train_job(job, tmp_path / "resumed", max_steps=8)
+    assert straight.rc == first.rc == second.rc == 0
+    resumed_log = second.log()
+    assert [e["step"] for e in resumed_log] == list(range(1, 9))
+    # Same data position, optimizer and scheduler state: the curve is the uninterrupted one.
+    assert [e["loss"] for e in resumed_log] == pytest.approx([e["loss"] for e in straight.log()], rel=1e-4)
+    assert second.checkpoint_state(8)["step"] == 8
+
+
+def _start(run_dir, job):
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir), "--no-progress"],
+        cwd=run_dir, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _wait_for_step(proc, run_dir, step, timeout=120):
+    log = run_dir / "output" / "trainer_log.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists():
+            lines = log.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return json.loads(lines[-1])["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.mark.slow
+def test_kill_9_then_restart_ends_with_exactly_the_requested_steps(tiny_model_dir, train_job, tmp_path):
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 120, "checkpointing.everySteps": 10, "data.eval": None})
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, job)
+    killed_at = _wait_for_step(proc, run_dir, 25)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    latest = checkpoints.find_latest(run_dir / "checkpoints")
+    assert latest is not None and checkpoints.read_state(latest)["step"] % 10 == 0
+    resumed_from = checkpoints.read_state(latest)["step"]
+    assert resumed_from <= killed_at + 1
+
+    again = train_job(job, run_dir, subprocess_=True)
+    assert again.rc == 0, again.output[-3000:]
+    assert f"resumed from {latest} at step {resumed_from}" in again.output
+    assert again.checkpoint_state(120)["step"] == 120
+    assert max(again.steps()) == 120
+    steps = [e["step"] for e in again.log()]
+    assert steps[-1] == 120
+    restart = len(steps) - 1 - steps[::-1].index(resumed_from + 1)  # the restarted process's first step
+    assert steps[:restart] == list(range(1, restart + 1))  # before the kill
+    assert steps[restart:] == list(range(resumed_from + 1, 121))  # after: from the checkpoint to the end
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_model_dir, train_job, tmp_path):
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 200, "checkpointing.everySteps": 1000, "data.eval": None})
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, job)
+    signalled_at = _wait_for_step(proc, run_dir, 15)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    rc = proc.wait(timeout=30)
+    output = proc.stdout.read().decode()
+    assert rc == 143, output[-3000:]
+    assert time.monotonic() - started < 10  # well inside Kubernetes' default 30 s grace period
+    latest = checkpoints.find_latest(run_dir / "checkpoints")
+    assert latest is not None, output[-3000:]
+    step = checkpoints.read_state(latest)["step"]
+    assert signalled_at <= step < 200  # saved where it stopped, not at a periodic step
+
+    again = train_job(job, run_dir, subprocess_=True)
+    assert again.rc == 0, again.output[-3000:]
+    assert again.checkpoint_state(200)["step"] == 200
