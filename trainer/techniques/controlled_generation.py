@@ -112,7 +112,7 @@ class ControlledGeneration(Technique):
             specials = [control_code(codes, v) for v in codes.values]
             missing = [s for s in specials if s not in ctx.tokenizer.get_vocab()]
             if missing:
-                ctx.tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+                ctx.tokenizer.add_tokens(missing, special_tokens=True)
         out, coded = [], 0
         for e in examples:
             value = e.get(self.attribute_column(e))
