@@ -69,6 +69,7 @@ class BuildOptions:
     termination_grace_seconds: int = 300
     rendezvous_port: int = 29500
     run_as_user: int = 1000
+    image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BuildOptions:
@@ -77,6 +78,7 @@ class BuildOptions:
             termination_grace_seconds=settings.termination_grace_seconds,
             rendezvous_port=settings.rendezvous_port,
             run_as_user=settings.run_as_user,
+            image_pull_secrets=settings.trainer_image_pull_secrets,
         )
 
 
@@ -393,6 +395,8 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
         "containers": [container],
         "volumes": volumes,
     }
+    if options.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in options.image_pull_secrets]
     if resources.node_selector:
         pod_spec["nodeSelector"] = dict(resources.node_selector)
     if resources.tolerations:

@@ -83,7 +83,7 @@ async def change_spec(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.event(*FINETUNEJOBS)
 def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    running.track_phase(body.metadata.uid, None if event["type"] == "DELETED" else body.get("status", {}).get("phase"))
+    running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=event["type"] == "DELETED")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)

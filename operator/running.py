@@ -56,13 +56,13 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
     return ours
 
 
-def track_phase(uid: str | None, phase: str | None) -> None:
-    """Keep the jobs-by-phase gauge current from FineTuneJob events (None: deleted)."""
+def track_phase(uid: str | None, phase: str | None, *, deleted: bool = False) -> None:
+    """Keep the jobs-by-phase gauge current from FineTuneJob events; no phase yet counts as Unknown."""
     if uid is None:
         return
-    if phase is None and uid in _phases:
-        del _phases[uid]
-    elif phase is not None or uid not in _phases:
+    if deleted:
+        _phases.pop(uid, None)
+    else:
         _phases[uid] = phase or "Unknown"
     metrics.set_jobs_by_phase(dict(Counter(_phases.values())))
 

@@ -32,6 +32,9 @@ class Settings:
         default=(), metadata=_doc("Namespaces to watch, comma-separated; empty watches the whole cluster.")
     )
     trainer_image: str = field(default=DEFAULT_TRAINER_IMAGE, metadata=_doc("Default trainer image."))
+    trainer_image_pull_secrets: tuple[str, ...] = field(
+        default=(), metadata=_doc("Secrets (comma-separated names) the trainer pods pull their image with.")
+    )
     log_level: str = field(default="INFO", metadata=_doc("DEBUG, INFO, WARNING or ERROR."))
     health_port: int = field(
         default=8080, metadata=_doc("Port of the liveness/readiness endpoint (/healthz); 0 turns it off.")
@@ -106,6 +109,6 @@ def _convert(f: dataclasses.Field[object], raw: str) -> object:
         if lowered in {"0", "false", "no", "off"}:
             return False
         raise ValueError(f"{name}: must be true or false (got {raw!r})")
-    if f.name == "namespaces":
+    if f.name in ("namespaces", "trainer_image_pull_secrets"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

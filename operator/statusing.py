@@ -16,8 +16,6 @@ import weakref
 from collections import defaultdict
 from typing import Any
 
-from kubernetes.client import ApiException
-
 from kubetune.api import API_VERSION, KIND, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason
 from kubetune.operator import kubeapi, naming, phases
 
@@ -84,7 +82,7 @@ async def refresh(namespace: str, name: str) -> str | None:
             assert obs is not None
             try:
                 await write_status(ftj, patch)
-            except ApiException as exc:
+            except kubeapi.ApiException as exc:
                 if exc.status == 409:
                     continue  # the trainer (or kopf) wrote in between: read again
                 raise
@@ -131,7 +129,7 @@ async def update_conditions(namespace: str, name: str, changes: list[tuple[str, 
             try:
                 await write_status(ftj, patch)
                 return ftj
-            except ApiException as exc:
+            except kubeapi.ApiException as exc:
                 if exc.status != 409:
                     raise
         raise kubeapi.ApiException(status=409, reason=f"status of {namespace}/{name} kept changing; will retry")

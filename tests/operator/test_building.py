@@ -206,9 +206,12 @@ class TestJob:
         assert pod["containers"][0]["image"] == "registry.example/trainer:1"
         assert pod["containers"][0]["imagePullPolicy"] == "Always"
 
-    def test_default_image_comes_from_the_operator(self) -> None:
-        built = building.build_job(job_of(), BuildOptions(trainer_image="mirror.local/trainer:2"))
+    def test_default_image_and_pull_secrets_come_from_the_operator(self) -> None:
+        built = building.build_job(job_of(), BuildOptions(trainer_image="mirror.local/trainer:2",
+                                                          image_pull_secrets=("regcred",)))
+        validate(built)
         assert built["spec"]["template"]["spec"]["containers"][0]["image"] == "mirror.local/trainer:2"
+        assert built["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
 
     def test_run_policy_maps_onto_the_job(self) -> None:
         built = building.build_job(job_of(runPolicy={"suspend": True, "backoffLimit": 7,

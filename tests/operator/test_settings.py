@@ -11,12 +11,15 @@ from kubetune.operator.settings import Settings
 
 def test_environment_is_read_and_flags_win() -> None:
     env = {"KUBETUNE_NAMESPACES": "ml, research", "KUBETUNE_TRAINER_IMAGE": "a/b:1",
-           "KUBETUNE_TERMINATION_GRACE_SECONDS": "900", "KUBETUNE_PEERING": ""}
+           "KUBETUNE_TERMINATION_GRACE_SECONDS": "900", "KUBETUNE_PEERING": "",
+           "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS": "regcred,mirror"}
     settings = Settings.from_env(env, trainer_image="c/d:2", health_port=None)
     assert settings.namespaces == ("ml", "research")
     assert settings.trainer_image == "c/d:2"
     assert settings.termination_grace_seconds == 900
     assert settings.health_port == 8080 and settings.peering == ""
+    assert settings.trainer_image_pull_secrets == ("regcred", "mirror")
+    assert Settings.from_env({"KUBETUNE_TRAINER_IMAGE_PULL_SECRETS": ""}).trainer_image_pull_secrets == ()
 
 
 @pytest.mark.parametrize(("env", "message"), [
@@ -51,3 +54,16 @@ def test_kopf_settings_are_chosen_on_purpose(monkeypatch: pytest.MonkeyPatch) ->
     peered = kopf.OperatorSettings()
     running.configure(peered, kopf.Memo(settings=Settings(peering="kubetune")))
     assert peered.peering.standalone is False and peered.peering.name == "kubetune"
+
+
+def test_jobs_by_phase_counts_jobs_without_a_phase_until_they_are_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, int]] = []
+    monkeypatch.setattr(running.metrics, "set_jobs_by_phase", lambda counts: seen.append(dict(counts)))
+    monkeypatch.setattr(running, "_phases", {})
+    running.track_phase("a", None)
+    running.track_phase("b", "Running")
+    running.track_phase("a", None)  # a later event, still no phase: still counted
+    assert seen[-1] == {"Unknown": 1, "Running": 1}
+    running.track_phase("a", "Pending")
+    running.track_phase("b", "Running", deleted=True)
+    assert seen[-1] == {"Pending": 1}
