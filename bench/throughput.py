@@ -44,14 +44,20 @@ def _worker(args: argparse.Namespace) -> None:
 
         result = kubetune_loop.run(args.workload, args.method, compile=not args.no_compile,
                                    loss_backend=args.loss_backend, profile_dir=args.profile_dir, **common)
-    Path(args.result_file).write_text(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.result_file).write_text(json.dumps(result))
 
 
-def _spawn(args: argparse.Namespace, side: str, workload: str, method: str, result_file: Path) -> dict[str, Any]:
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "bench.throughput", "--worker", side, "--workload", workload,
+def _spawn(args: argparse.Namespace, side: str, workload: str, method: str, result_file: Path,
+           nproc: int = 1) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if nproc == 1:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "bench.throughput", "--worker", side, "--workload", workload,
            "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--result-file", str(result_file), "--loss-backend", args.loss_backend]
     for flag in ("tiny", "no_deepspeed", "no_compile"):
@@ -59,7 +65,7 @@ def _spawn(args: argparse.Namespace, side: str, workload: str, method: str, resu
             cmd.append("--" + flag.replace("_", "-"))
     if args.profile_dir and side == "kubetune":
         cmd += ["--profile-dir", args.profile_dir]
-    print(f"== {side} {workload} {method}", flush=True)
+    print(f"== {side} {workload} {method} x{nproc}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0 or not result_file.exists():
         return {"side": side, "workload": workload, "method": method, "error": f"exit {proc.returncode}"}
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-dir", default=None, help="write a torch.profiler table of the kubetune runs here")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--scaling", default="", help="e.g. 1,2: kubetune fixed full on that many GPUs each, "
+                   "written as <date>-scaling.{json,md} instead of the baseline comparison")
     p.add_argument("--worker", choices=["baseline", "kubetune"], help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     name = stamp + (f"-{args.tag}" if args.tag else "")
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    if args.scaling:
+        return _scaling(args, out, stamp, gpu, torch.__version__)
     rows = []
     sides = args.sides.split(",")
     for workload in args.workloads.split(","):
@@ -145,6 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     for f in out.glob(f".{name}-*.json"):
         f.unlink()
     print(table)
+    return 0
+
+
+def _scaling(args: argparse.Namespace, out: Path, stamp: str, gpu: str, torch_version: str) -> int:
+    runs = []
+    for n in (int(x) for x in args.scaling.split(",")):
+        runs.append(_spawn(args, "kubetune", "fixed", "full", out / f".{stamp}-scaling-{n}.json", nproc=n))
+    one = runs[0].get("tokens_per_s")
+    lines = [f"ZeRO-2 scaling, kubetune fixed-length full fine-tuning, {gpu}, {stamp} (torch {torch_version}).", "",
+             "| GPUs | tokens/s | speed-up vs 1 GPU | MFU per GPU | peak GiB (rank 0) |", "|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        tps = r.get("tokens_per_s")
+        lines.append(f"| {r.get('gpus', '?')} | {_fmt(tps, ',.0f')} | {_fmt(tps / one if tps and one else None, '.2f')}x"
+                     f" | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_mem_gib'), '.1f')} |")
+    (out / f"{stamp}-scaling.json").write_text(json.dumps({"date": stamp, "gpu": gpu, "runs": runs}, indent=2))
+    (out / f"{stamp}-scaling.md").write_text("\n".join(lines) + "\n")
+    for f in out.glob(f".{stamp}-scaling-*.json"):
+        f.unlink()
+    print("\n".join(lines))
     return 0
 
 
