@@ -6,7 +6,9 @@ Every training example gets a difficulty (``curriculum.difficulty``):
 * ``score`` — the number in column ``scoreField`` of its row (a missing or non-numeric value is an
   error naming the row);
 * ``loss`` — the loss of the *initial* model on it (one forward pass per example, before the first
-  step; the model is the one ``prepare_model`` saw).
+  step; the model is the one ``prepare_model`` saw). With a freshly initialised task head this
+  ranks by the head's random guess (the "easy" start is then mostly one class), so prefer
+  ``length`` or ``score`` for new classification heads; ``loss`` suits pretrained heads (causal LM).
 
 Examples are ranked by difficulty (ties in a seeded random order; ``reverse`` ranks hard first).
 A pacing function gives the fraction of the ranking available at training progress ``t`` (0 at the
