@@ -2,12 +2,14 @@
 
 ``techniques.adversarial`` (:class:`kubetune.api.techniques.AdversarialSpec`). ``prepare_model``
 puts a forward hook on the model's input embedding layer; during training forwards (train mode,
-gradients on) it can capture the embeddings the loss was computed from, add NEFTune noise, or add
-a perturbation δ. Evaluation forwards are never touched. Only the first call of the embedding
+gradients on) it adds NEFTune noise, captures the embeddings of the plugin's own clean forward, or
+adds a perturbation δ. Evaluation forwards are never touched. Only the first call of the embedding
 layer per forward counts (an encoder-decoder embeds the decoder input with the same layer).
 
-``compute_loss`` then finds δ with ``torch.autograd.grad`` on those embeddings — which computes
-the gradient for the embeddings only, leaving every parameter's ``.grad`` alone — and returns
+``compute_loss`` runs one more forward through the module (not the engine: DeepSpeed hooks the
+engine's outputs and would take any backward through them for the step's backward), finds δ with
+``torch.autograd.grad`` on that forward's embeddings — the gradient of the embeddings only, every
+parameter's ``.grad`` left alone — and returns
 
     loss + weight · L_adv
 
@@ -16,9 +18,9 @@ touches padding (the attention mask zeroes it), and it is bounded per example by
 the chosen ``norm`` (``l2`` over the whole sequence, or ``linf`` per coordinate):
 
 * ``fgm`` (Miyato et al.): δ = ε · g/‖g‖ (``linf``: ε · sign g), g the gradient of the loss
-  with respect to the embeddings; L_adv is the loss at embeddings + δ. Two forwards per step.
+  with respect to the embeddings; L_adv is the loss at embeddings + δ. Three forwards per step.
 * ``pgd`` (Madry et al.): ``steps`` ascent steps of size ``stepSize`` from δ = 0, each projected
-  back into the ε-ball; L_adv is the loss at the last δ. ``steps`` + 1 forwards.
+  back into the ε-ball; L_adv is the loss at the last δ. ``steps`` + 2 forwards.
 * ``freelb`` (Zhu et al.): δ₀ random in a ``stepSize`` ball; ``steps`` ascent steps, and L_adv is
   the mean of the losses at δ₀ … δ_{K−1}, all back-propagated ("free" large batch).
 * ``neftuneAlpha`` (Jain et al.): uniform noise of scale α/√(L·d) on the embeddings of every
@@ -65,6 +67,7 @@ class Adversarial(Technique):
     def __init__(self, config: Any, spec: Any) -> None:
         super().__init__(config, spec)
         self.captured: torch.Tensor | None = None
+        self.capturing = False
         self.delta: torch.Tensor | None = None
         self.calls = 0
         self.handle: Any = None
@@ -87,6 +90,8 @@ class Adversarial(Technique):
             output = output + torch.empty_like(output).uniform_(-magnitude, magnitude)
         if self.delta is not None:
             return output + self.delta.to(output.dtype)
+        if not self.capturing:
+            return output
         if not output.requires_grad:
             # A frozen embedding layer (LoRA, probing, layer selection): make its output a leaf
             # of the graph so the loss can still be differentiated with respect to it.
@@ -105,15 +110,26 @@ class Adversarial(Technique):
     def compute_loss(self, ctx: TechniqueContext, model: Any, batch: dict, outputs: Any, loss: Any) -> Any:
         from kubetune.trainer.batching import model_inputs
 
-        embeds, self.captured, self.calls = self.captured, None, 0
+        self.calls = 0
         c = self.config
-        if c.method == "none" or embeds is None or not loss.requires_grad:
+        if c.method == "none" or not loss.requires_grad:
             return loss
         inputs = model_inputs(batch, ctx.device)
+        # The gradient with respect to the embeddings comes from a forward of our own through the
+        # module: DeepSpeed hooks the engine's outputs and treats any backward through them as
+        # the step's one backward.
+        self.capturing, self.calls = True, 0
+        try:
+            clean = model(**inputs).loss
+        finally:
+            self.capturing, self.calls = False, 0
+        embeds, self.captured = self.captured, None
+        if embeds is None:
+            return loss
         mask = inputs["attention_mask"].unsqueeze(-1).to(embeds.dtype) if "attention_mask" in inputs else torch.ones_like(embeds[..., :1])
         if embeds.shape[:2] != mask.shape[:2]:  # prompt/prefix methods prepend virtual tokens elsewhere
             mask = torch.ones_like(embeds[..., :1])
-        grad = torch.autograd.grad(loss, embeds, retain_graph=True)[0].float() * mask
+        grad = torch.autograd.grad(clean, embeds)[0].float() * mask
         if c.method == "fgm":
             delta = (c.epsilon * ascent_direction(grad, c.norm) * mask).detach()
             adversarial = self._loss_at(model, inputs, delta)
