@@ -63,11 +63,22 @@ def train_main(args: argparse.Namespace) -> int:
     config = run_dir / "job.json"
     config.write_text(json.dumps(job.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2), encoding="utf-8")
     nproc = args.nproc or _default_nproc()
+    search = job.spec.techniques.hyperparameter_search is not None
+    if search and nproc > 1:
+        # Trials run one after another in this process (kubetune.trainer.searching); a cluster
+        # runs them in parallel as child FineTuneJobs, each with its own pods and GPUs.
+        print(f"kubetune: a search runs its trials in this process, one process each (--nproc {nproc} not used)", file=sys.stderr)
+        nproc = 1
     print(f"kubetune: training {job.name} in {run_dir} ({nproc} process{'es' if nproc > 1 else ''})", flush=True)
     if nproc == 1:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")
-        return run(job, paths, RunOptions(local=True, progress=not args.no_progress, max_steps=args.max_steps))
+        options = RunOptions(local=True, progress=not args.no_progress, max_steps=args.max_steps)
+        if search:
+            from kubetune.trainer.searching import run_search
+
+            return run_search(job, paths, options)
+        return run(job, paths, options)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "kubetune.trainer", "--config", str(config), "--local-mode",

@@ -168,6 +168,15 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
+    if job.spec.techniques.hyperparameter_search is not None:
+        # One process trains one trial: the operator makes a child FineTuneJob per trial (without
+        # the search block) and `kubetune train` runs the trials itself (kubetune.trainer.searching).
+        log.error(
+            "spec.techniques.hyperparameterSearch: the trainer runs one trial, not a search; apply the job "
+            "to a cluster (the operator runs each trial as a child FineTuneJob) or run it with "
+            "`kubetune train -f`, which runs the trials one after another"
+        )
+        return EXIT_BAD_INPUT
     _share_cores()
     if options.max_steps is not None:
         training = job.spec.training.model_copy(update={"max_steps": options.max_steps})

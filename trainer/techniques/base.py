@@ -162,6 +162,11 @@ def register(cls: type[Technique]) -> type[Technique]:
 #: ``evaluating``). A plugin registered under such a name still has its hooks called.
 BUILT_IN = frozenset({"task"})
 
+#: Techniques that arrange runs rather than change one: ``hyperparameterSearch`` runs trials as
+#: separate jobs (``kubetune.operator.searching``, ``kubetune.trainer.searching``); the loop of a
+#: trial never sees the search block, so no plugin is asked for.
+ORCHESTRATION = frozenset({"hyperparameterSearch"})
+
 
 def enabled_techniques(spec: Any) -> list[Technique]:
     """Instances of the plugins a spec turns on, in the API registry's order."""
@@ -172,7 +177,7 @@ def enabled_techniques(spec: Any) -> list[Technique]:
     out = []
     for name, info in TECHNIQUES.items():
         config = getattr(spec.techniques, info.attribute)
-        if config is None:
+        if config is None or name in ORCHESTRATION:
             continue
         if name not in REGISTRY:
             if name in BUILT_IN:

@@ -1,0 +1,97 @@
+"""Technique 8, hyperparameter tuning, under ``kubetune train``: trials run, the best one is kept.
+
+A grid over the learning rate of a tiny random-init causal LM, {1e-6, 3e-3}: a few steps at 1e-6
+leave the model where it started, 3e-3 lowers the held-out loss clearly. The search must pick
+3e-3 from the trials' own eval losses, copy that trial's model to the output folder, list both
+trials in ``status.json``, and not train again when the command is run a second time. The
+cluster side (trials as child FineTuneJobs) is tested in ``tests/operator/test_searching.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.cli import main as kubetune
+from tests.support.tiny_models import manifest, tiny_model, write_dataset
+
+RATES = [1e-6, 3e-3]
+
+
+@pytest.fixture(scope="module")
+def search_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    model = tiny_model(root / "model", "llama")
+    data = write_dataset(root / "text.jsonl", "text", n=48)
+    body = manifest(model, data, "text", name="lr-search", overrides={
+        "training.maxSteps": 30,
+        "training.microBatchSize": 8,
+        "training.logEverySteps": 10,
+        "checkpointing.everySteps": 1000,
+        "techniques": {"hyperparameterSearch": {
+            "sampler": "grid", "metric": "eval_loss", "mode": "min", "maxStepsPerTrial": 12,
+            "parameters": [{"path": "training.learningRate", "type": "float", "values": RATES}],
+        }},
+    })
+    path = root / "lr-search.yaml"
+    path.write_text(yaml.safe_dump(body), encoding="utf-8")
+    return path
+
+
+def _train(path: Path, run_dir: Path) -> int:
+    return kubetune(["train", "-f", str(path), "-o", str(run_dir), "--no-progress"])
+
+
+def _status(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_grid_search_keeps_the_trial_with_the_lowest_eval_loss(search_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert _train(search_file, run_dir) == 0
+
+    status = _status(run_dir)
+    assert status["phase"] == "Succeeded"
+    trials = {t["index"]: t for t in status["trials"]}
+    assert sorted(trials) == [0, 1]
+    assert [float(trials[i]["parameters"]["training.learningRate"]) for i in (0, 1)] == RATES
+    assert all(t["state"] == "Succeeded" and t["metric"] is not None for t in trials.values())
+    slow, fast = trials[0]["metric"], trials[1]["metric"]
+    assert fast < slow - 0.5, (slow, fast)  # 3e-3 clearly learns, 1e-6 does not move
+    assert status["bestTrial"]["index"] == 1 and status["bestTrial"]["metric"] == fast
+
+    # Each trial is its own run, capped at maxStepsPerTrial, and the output is the best trial's model.
+    trial_dirs = sorted((run_dir / "trials").iterdir())
+    assert [d.name for d in trial_dirs] == ["lr-search-trial-000", "lr-search-trial-001"]
+    for d in trial_dirs:
+        assert json.loads((d / "status.json").read_text())["progress"]["step"] == 12
+    output = Path(status["outputPath"])
+    assert output == run_dir / "output"
+    best_weights = (trial_dirs[1] / "output" / "model.safetensors").read_bytes()
+    assert (output / "model.safetensors").read_bytes() == best_weights
+    assert best_weights != (trial_dirs[0] / "output" / "model.safetensors").read_bytes()
+
+    # Running the command again finds both trials finished: nothing is trained again.
+    stamps = {d.name: (d / "output" / "model.safetensors").stat().st_mtime_ns for d in trial_dirs}
+    assert _train(search_file, run_dir) == 0
+    assert {d.name: (d / "output" / "model.safetensors").stat().st_mtime_ns for d in trial_dirs} == stamps
+    again = _status(run_dir)
+    assert again["trials"] == status["trials"] and again["bestTrial"] == status["bestTrial"]
+
+
+def test_the_trainer_entry_point_refuses_a_search(search_file: Path, tmp_path: Path) -> None:
+    """Pods train one trial each; a spec that still holds the search block is a clear error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune.trainer", "--config", str(search_file), "--local-mode",
+         "--output-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "spec.techniques.hyperparameterSearch" in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
