@@ -1,7 +1,7 @@
 """Fixtures of the technique tests: a tiny tokenizer, tiny random-init models, and one-call training.
 
-Everything is built locally, once per session: a WordPiece tokenizer trained with ``tokenizers``
-on :data:`WORDS` (every word a single token; anything else falls back to characters), and
+Everything is built locally, once per session: a WordPiece tokenizer built with ``tokenizers``
+over :data:`WORDS` (every word a single token; anything else falls back to characters), and
 2-layer, hidden-64 models saved next to it — ``causal`` (Llama), ``encoder`` (BERT, for the
 classification, NER and QA heads) and ``seq2seq`` (T5). :func:`train` runs the real training loop
 (``kubetune.trainer.training.Trainer``, DeepSpeed on CPU, one process) on a manifest given as a dict.
@@ -36,17 +36,18 @@ WORDS = (
 
 
 def _train_tokenizer(folder: Path) -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    # The vocabulary is written out rather than trained: trainers break frequency ties in hash order,
+    # which differs between processes, and the tests' numbers should not.
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()[]{}<>-_/#=+*&%$@")
+    words = list(dict.fromkeys(WORDS + [w.capitalize() for w in WORDS]))
+    tokens = list(dict.fromkeys(SPECIALS + chars + [f"##{c}" for c in chars] + words))
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    chars = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()[]{}<>-_/#=+*&%$@"]
-    corpus = [" ".join(WORDS)] * 50 + [" ".join(chars)] * 5 + [w.capitalize() for w in WORDS]
-    trainer = trainers.WordPieceTrainer(vocab_size=1200, special_tokens=SPECIALS, initial_alphabet=chars, min_frequency=1)
-    tok.train_from_iterator(corpus, trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

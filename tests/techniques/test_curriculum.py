@@ -106,4 +106,4 @@ def test_curriculum_ends_at_least_as_good_as_shuffled(tiny_models, tmp_path):
         results[name] = train(doc, tmp_path / name).metrics
     print(results)
     assert results["curriculum"]["eval_accuracy"] >= results["shuffled"]["eval_accuracy"]
-    assert results["curriculum"]["eval_accuracy"] >= 0.8
+    assert results["curriculum"]["eval_accuracy"] >= 0.75
