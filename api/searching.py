@@ -191,6 +191,12 @@ SEARCH_LABEL = "kubetune.io/search"
 TRIAL_INDEX_LABEL = "kubetune.io/trial-index"
 
 
+def search_label_value(parent: str) -> str:
+    """The value of ``kubetune.io/search`` on the trials of ``parent`` (a label value: 63
+    characters at most, alphanumeric at both ends). Long names may share it: owners tell apart."""
+    return parent[:63].rstrip("-.")
+
+
 def trial_name(parent: str, index: int) -> str:
     """``<parent>-trial-003``, shortened with a hash when the parent's name is long."""
     import hashlib
@@ -213,7 +219,7 @@ def trial_manifest(parent: dict[str, Any], index: int, values: dict[str, Any]) -
     if search.get("maxStepsPerTrial"):
         spec.setdefault("training", {})["maxSteps"] = search["maxStepsPerTrial"]
     meta = parent.get("metadata", {})
-    labels = {**(meta.get("labels") or {}), SEARCH_LABEL: meta["name"][:63], TRIAL_INDEX_LABEL: str(index)}
+    labels = {**(meta.get("labels") or {}), SEARCH_LABEL: search_label_value(meta["name"]), TRIAL_INDEX_LABEL: str(index)}
     metadata: dict[str, Any] = {"name": trial_name(meta["name"], index), "labels": labels}
     if meta.get("namespace"):
         metadata["namespace"] = meta["namespace"]
@@ -231,3 +237,21 @@ def trial_metric(status: dict[str, Any], metric: str) -> float | None:
     if metric in {"loss", "train_loss"} and progress.get("loss") is not None:
         return float(progress["loss"])
     return None
+
+
+def kept_trials(trials: list[Any], mode: str, limit: int) -> list[Any]:
+    """At most ``limit`` trial records (objects with ``index``, ``metric``, ``state``) for status, in
+    index order: the unfinished ones first, then the best by metric, then the newest of the rest."""
+    if len(trials) <= limit:
+        return list(trials)
+    sign = -1.0 if mode == "max" else 1.0
+
+    def priority(t: Any) -> tuple[int, float, int]:
+        if t.state in ("Pending", "Running"):
+            return (0, 0.0, -t.index)
+        if t.state == "Succeeded" and t.metric is not None:
+            return (1, sign * t.metric, t.index)
+        return (2, 0.0, -t.index)
+
+    keep = {t.index for t in sorted(trials, key=priority)[:limit]}
+    return [t for t in trials if t.index in keep]

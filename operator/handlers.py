@@ -3,8 +3,11 @@
 ``kubetune operator`` (``kubetune.operator.running``) imports this module; tests load it into a
 fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watched:
 
-* FineTuneJobs: create and resume make the children (``creating``), a spec change is checked and
-  its runPolicy applied (``updating``), every event updates the jobs-by-phase metric;
+* FineTuneJobs: create and resume make the children (``creating``), or the trials of a
+  hyperparameter search (``searching``), a spec change is checked and its runPolicy applied
+  (``updating``), every event updates the jobs-by-phase metric;
+* trials (FineTuneJobs labelled ``kubetune.io/search``): every event moves their search on
+  (``searching``: the next trials, the parent's trials/bestTrial/phase);
 * batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
   owning FineTuneJob's status (``statusing``). No timers, no polling loops.
 
@@ -25,7 +28,8 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.operator import creating, kubeapi, metrics, naming, running, statusing, updating
+from kubetune.api.searching import SEARCH_LABEL
+from kubetune.operator import creating, kubeapi, metrics, naming, running, searching, statusing, updating
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
@@ -66,13 +70,19 @@ def api_probe(**_: Any) -> str:
 @kopf.on.create(*FINETUNEJOBS)
 async def create_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
-        await creating.ensure_children(dict(body), memo.settings)
+        if searching.is_search(body):
+            await searching.ensure_trials(dict(body), memo.settings)
+        else:
+            await creating.ensure_children(dict(body), memo.settings)
 
 
 @kopf.on.resume(*FINETUNEJOBS)
 async def resume_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
-        await creating.ensure_children(dict(body), memo.settings)
+        if searching.is_search(body):
+            await searching.ensure_trials(dict(body), memo.settings)
+        else:
+            await creating.ensure_children(dict(body), memo.settings)
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec")
@@ -84,6 +94,14 @@ async def change_spec(body: kopf.Body, **_: Any) -> None:
 @kopf.on.event(*FINETUNEJOBS)
 def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=event["type"] == "DELETED")
+
+
+@kopf.on.event(*FINETUNEJOBS, labels={SEARCH_LABEL: kopf.PRESENT})
+async def follow_trial(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    parent = searching.parent_name(dict(body))
+    if parent:
+        with _reconcile("Trial"):
+            await searching.reconcile(namespace, parent, memo.settings)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: (API group, resource, verbs) the operator uses. "" is the core group.
 REQUIRED_PERMISSIONS: list[tuple[str, str, tuple[str, ...]]] = [
-    (GROUP, PLURAL, ("get", "list", "watch", "patch")),  # kopf watches and annotates; we read
+    (GROUP, PLURAL, ("get", "list", "watch", "create", "patch")),  # kopf watches and annotates; we read; trials of a search
     (GROUP, f"{PLURAL}/status", ("get", "patch")),  # phase/conditions; also granted on to trainers
     ("batch", "jobs", ("get", "list", "watch", "create", "patch")),
     ("", "pods", ("list", "watch")),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import FineTuneJob, SpecError, parse_job
-from kubetune.api.searching import propose_trial, trial_count, trial_manifest, trial_metric
+from kubetune.api.searching import kept_trials, propose_trial, trial_count, trial_manifest, trial_metric
 from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, FineTuneJobStatus, TrialRecord
 from kubetune.trainer.running import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_TERMINATED, RunOptions, RunPaths, configure_logging, run
 
@@ -38,16 +38,6 @@ def _write_status(run_dir: Path, status: FineTuneJobStatus) -> None:
     tmp = run_dir / "status.json.tmp"
     tmp.write_text(json.dumps(status.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2), encoding="utf-8")
     tmp.replace(run_dir / "status.json")
-
-
-def _kept_trials(trials: list[TrialRecord], mode: str) -> list[TrialRecord]:
-    """Status keeps the best trials when there are more than it may list."""
-    if len(trials) <= MAX_TRIALS_IN_STATUS:
-        return trials
-    scored = [t for t in trials if t.metric is not None]
-    scored.sort(key=lambda t: t.metric, reverse=mode == "max")  # type: ignore[arg-type, return-value]
-    keep = {t.index for t in scored[:MAX_TRIALS_IN_STATUS]}
-    return [t for t in trials if t.index in keep]
 
 
 def run_search(job: FineTuneJob, paths: RunPaths, options: RunOptions) -> int:
@@ -125,7 +115,7 @@ def _search_status(
         {
             "phase": "Failed" if failed else "Succeeded" if finished else "Running",
             "message": f"{done}/{total} trials done" + (f"; best trial {best[1]}" if best else ""),
-            "trials": [r.model_dump(mode="json", by_alias=True) for r in _kept_trials(records, mode)],
+            "trials": [r.model_dump(mode="json", by_alias=True) for r in kept_trials(records, mode, MAX_TRIALS_IN_STATUS)],
             "bestTrial": best_record.model_dump(mode="json", by_alias=True) if best_record else None,
             "outputPath": output,
             "progress": {"step": done, "totalSteps": total, "percent": round(100.0 * done / max(total, 1), 1)},

@@ -160,6 +160,10 @@ def test_required_permissions_are_exactly_what_the_operator_uses(
     with operator_process(cluster.namespace):
         cluster.create(manifest("perm"))
         cluster.wait_for(lambda: condition(cluster, "perm", ConditionType.CREATED))
+        from tests.operator.test_searching import search_job  # a search creates its trials (FineTuneJobs)
+
+        cluster.create(search_job("perm-search", [1e-4]))
+        cluster.wait_for(lambda: cluster.find(*FTJ, "perm-search-trial-000"))
     with operator_process(cluster.namespace):  # a restart re-reads what exists (409, then get)
         job_controller.add_pod("perm", 0, {"phase": "Running"})
         job_controller.set_status("perm", {"active": 1, "ready": 1})

@@ -87,7 +87,7 @@ holds itself, which is why those verbs are here rather than `bind`/`escalate`.
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]

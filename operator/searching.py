@@ -1,0 +1,323 @@
+"""Hyperparameter search in the cluster: trials as child FineTuneJobs, the best one kept.
+
+Called by the kopf handlers (``kubetune.operator.handlers``): when a FineTuneJob with
+``spec.techniques.hyperparameterSearch`` is created or the operator starts (:func:`ensure_trials`),
+and on every event of a trial — a FineTuneJob labelled ``kubetune.io/search`` — for its parent
+(:func:`reconcile`). A search parent gets no trainer pods of its own. Each trial is an ordinary
+FineTuneJob (``kubetune.api.searching.trial_manifest``: the parent's spec with the trial's values,
+no search block, ``maxStepsPerTrial`` applied) owned by the parent, so the usual machinery trains
+it and deleting the parent removes its trials. At most ``parallelism`` trials run at once; when one
+finishes, the sampler proposes the next from the finished trials' values (kept on each trial in
+the ``kubetune.io/trial-parameters`` annotation) and metrics (``trial_metric`` of their status).
+
+Idempotent by construction: trial ``i`` is always named ``<parent>-trial-00i``, the trials that
+exist are listed from the API server before anything is proposed, and creating one that exists is
+"already there" — a restarted operator, or two events racing, never makes a trial twice. A trial
+whose values make an invalid spec is not created: it counts as Failed, with the reason in a Warning
+Event and in an annotation on the parent (``kubetune.io/rejected-trial-<i>``), which keeps it from
+being proposed again. The parent's status: ``trials`` (bounded, the best kept), ``bestTrial``,
+phase Running while trials run, Succeeded when all are done (``outputPath`` = the best trial's),
+Failed when none succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections import defaultdict
+from typing import Any
+
+import kopf
+
+from kubetune.api import GROUP, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason, SpecError, parse_job
+from kubetune.api.searching import (
+    SEARCH_LABEL,
+    TRIAL_INDEX_LABEL,
+    kept_trials,
+    propose_trial,
+    search_label_value,
+    trial_count,
+    trial_manifest,
+    trial_metric,
+)
+from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, TrialRecord
+from kubetune.api.techniques import HyperparameterSearchSpec
+from kubetune.operator import building, creating, kubeapi, phases, statusing
+from kubetune.operator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: The trial's values (JSON, by spec path) on each trial FineTuneJob: the sampler's history.
+PARAMETERS_ANNOTATION = f"{GROUP}/trial-parameters"
+#: ``<prefix><index>`` on the parent: a trial whose values made an invalid spec (JSON parameters + message).
+REJECTED_ANNOTATION_PREFIX = f"{GROUP}/rejected-trial-"
+
+TRIALS_RUNNING = "TrialsRunning"
+SEARCH_SUCCEEDED = "SearchSucceeded"
+ALL_TRIALS_FAILED = "AllTrialsFailed"
+TRIAL_CREATED = "TrialCreated"
+TRIAL_REJECTED = "TrialRejected"
+
+_ATTEMPTS = 5
+# One lock per search (per event loop, as in statusing): trial events and handlers take turns.
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    return _locks.setdefault(asyncio.get_running_loop(), defaultdict(asyncio.Lock))[(namespace, name)]
+
+
+def is_search(body: dict[str, Any]) -> bool:
+    """Whether a FineTuneJob body asks for a search (read raw: the spec may still be invalid)."""
+    techniques = (body.get("spec") or {}).get("techniques") or {}
+    return isinstance(techniques, dict) and techniques.get("hyperparameterSearch") is not None
+
+
+def parent_name(trial: dict[str, Any]) -> str | None:
+    """The search a trial belongs to: its FineTuneJob owner."""
+    for ref in trial.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "FineTuneJob" and ref.get("controller"):
+            return str(ref["name"])
+    return None
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def _shown(values: dict[str, Any]) -> dict[str, str]:
+    return {path: json.dumps(v) if isinstance(v, bool) or v is None else str(v) for path, v in values.items()}
+
+
+def trial_values(trial: dict[str, Any]) -> dict[str, Any]:
+    """The values a trial FineTuneJob was made with (empty if its annotation is unreadable)."""
+    try:
+        values = json.loads((trial["metadata"].get("annotations") or {})[PARAMETERS_ANNOTATION])
+    except (KeyError, ValueError, TypeError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def trial_record(index: int, trial: dict[str, Any], metric_name: str) -> TrialRecord:
+    """A trial's line in the parent's status, from the trial FineTuneJob."""
+    status = trial.get("status") or {}
+    phase = status.get("phase")
+    metric = trial_metric(status, metric_name)
+    if phase == "Succeeded":
+        state = "Succeeded" if metric is not None else "Failed"  # finished without the metric: no use
+    elif phase == "Failed":
+        state = "Failed"
+    elif phase in ("Running", "Initializing"):
+        state = "Running"
+    else:
+        state = "Pending"
+    return TrialRecord(index=index, parameters=_shown(trial_values(trial)),
+                       metric=metric if state == "Succeeded" else None, state=state)
+
+
+def best_of(records: list[TrialRecord], mode: str) -> TrialRecord | None:
+    """The succeeded trial with the best metric (the lower index on a tie)."""
+    scored = [r for r in records if r.state == "Succeeded" and r.metric is not None]
+    if not scored:
+        return None
+    sign = -1.0 if mode == "max" else 1.0
+    return min(scored, key=lambda r: (sign * r.metric, r.index))  # type: ignore[operator]
+
+
+def search_observation(records: list[TrialRecord], total: int, search: HyperparameterSearchSpec) -> phases.Observation:
+    """The parent's phase, reason and message from its trials."""
+    finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
+    running = sum(1 for r in records if r.state in ("Pending", "Running"))
+    best = best_of(records, search.mode)
+    shown = f"; best trial {best.index} ({search.metric} {best.metric:.4g})" if best else ""
+    if finished >= total:
+        if best is None:
+            return phases.Observation("Failed", ALL_TRIALS_FAILED, f"all {total} trials failed", completion_time=phases.now())
+        return phases.Observation("Succeeded", SEARCH_SUCCEEDED, f"{total}/{total} trials finished{shown}",
+                                  completion_time=phases.now())
+    return phases.Observation("Running", TRIALS_RUNNING, f"{finished}/{total} trials finished, {running} running{shown}")
+
+
+def search_status_patch(status: dict[str, Any], records: list[TrialRecord], total: int, search: HyperparameterSearchSpec,
+                        *, best_output: str | None, generation: int | None, techniques: str) -> tuple[dict[str, Any], phases.Observation]:
+    """The parent's status fields to write (empty when nothing changes), and the observation."""
+    obs = search_observation(records, total, search)
+    best = best_of(records, search.mode)
+    timestamp = phases.now()
+    conditions = status.get("conditions") or []
+    if not any(c.get("type") == ConditionType.CREATED for c in conditions):
+        conditions = phases.set_condition(conditions, ConditionType.CREATED, "True", Reason.RESOURCES_CREATED,
+                                          f"runs {total} trials as child FineTuneJobs, {search.parallelism} at a time",
+                                          generation, timestamp)
+    conditions = phases.conditions_for(conditions, obs, generation, timestamp)
+    finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
+    wanted: dict[str, Any] = {
+        "phase": obs.phase,
+        "message": obs.message,
+        "techniques": techniques,
+        "observedGeneration": generation,
+        "trials": [r.model_dump(mode="json", by_alias=True) for r in kept_trials(records, search.mode, MAX_TRIALS_IN_STATUS)],
+        "bestTrial": best.model_dump(mode="json", by_alias=True) if best else None,
+        "progress": {"step": finished, "totalSteps": total, "percent": round(100.0 * finished / max(total, 1), 1)},
+        "startTime": status.get("startTime") or timestamp,
+    }
+    if obs.phase in TERMINAL_PHASES:
+        wanted["completionTime"] = status.get("completionTime") or timestamp
+        if obs.phase == "Succeeded":
+            wanted["outputPath"] = best_output
+    patch = {k: v for k, v in wanted.items() if v is not None and status.get(k) != v}
+    if conditions != (status.get("conditions") or []):
+        patch["conditions"] = conditions
+    return patch, obs
+
+
+def output_location(trial: dict[str, Any]) -> str | None:
+    """Where a trial's model is, for the parent's ``outputPath``. Every trial writes to
+    ``/workspace/…`` on its own claim, so a path there becomes ``pvc://<claim>/…`` (a source a
+    next FineTuneJob can start from); any other path is kept as the trainer reported it."""
+    path = (trial.get("status") or {}).get("outputPath")
+    if not path or not str(path).startswith(building.WORKSPACE_DIR + "/"):
+        return path
+    try:
+        claim = building.workspace_claim(creating.parse_body(trial))
+    except SpecError:
+        return str(path)
+    return f"pvc://{claim}/{str(path)[len(building.WORKSPACE_DIR) + 1:]}"
+
+
+# ------------------------------------------------------------------------------ applying
+
+
+async def ensure_trials(body: dict[str, Any], settings: Settings) -> None:
+    """Create and resume handlers: validate the parent (a bad spec is rejected as for any job),
+    then start or continue its trials."""
+    job = await creating.parse_or_reject(body, fail=True)
+    if statusing.is_finished(body):
+        return
+    await reconcile(job.namespace, job.name, settings)
+
+
+def _rejected(parent: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for key, value in (parent["metadata"].get("annotations") or {}).items():
+        if key.startswith(REJECTED_ANNOTATION_PREFIX) and key[len(REJECTED_ANNOTATION_PREFIX):].isdigit():
+            try:
+                out[int(key[len(REJECTED_ANNOTATION_PREFIX):])] = json.loads(value)
+            except ValueError:
+                out[int(key[len(REJECTED_ANNOTATION_PREFIX):])] = {}
+    return out
+
+
+async def _trials(job: FineTuneJob) -> dict[int, dict[str, Any]]:
+    """The trial FineTuneJobs of this search (this parent's, by owner uid), by index."""
+    found = await kubeapi.list_objects("FineTuneJob", job.namespace, label_selector=f"{SEARCH_LABEL}={search_label_value(job.name)}")
+    out: dict[int, dict[str, Any]] = {}
+    for trial in found:
+        meta = trial.get("metadata") or {}
+        index = (meta.get("labels") or {}).get(TRIAL_INDEX_LABEL, "")
+        owned = any(ref.get("uid") == job.metadata.uid for ref in meta.get("ownerReferences") or [])
+        if owned and index.isdigit():
+            out[int(index)] = trial
+    return out
+
+
+async def reconcile(namespace: str, name: str, settings: Settings | None = None) -> str | None:
+    """Bring one search in line: create the trials that may start, then write the parent's status.
+    Returns the parent's phase (None when it is gone, invalid or not a search)."""
+    async with _lock(namespace, name):
+        parent = await kubeapi.get("FineTuneJob", namespace, name)
+        if parent is None or parent["metadata"].get("deletionTimestamp") or not is_search(parent):
+            return None
+        if statusing.is_finished(parent):
+            return str(parent["status"]["phase"])
+        try:
+            job = creating.parse_body(parent)
+        except SpecError:
+            return None  # the create handler rejects it
+        search = job.spec.techniques.hyperparameter_search
+        assert search is not None
+        total = trial_count(search)
+        trials = await _trials(job)
+        rejected = _rejected(parent)
+        await _start_trials(job, parent, search, total, trials, rejected, settings)
+        return await _write_search_status(job, search, total, trials, rejected)
+
+
+async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: HyperparameterSearchSpec, total: int,
+                        trials: dict[int, dict[str, Any]], rejected: dict[int, dict[str, Any]],
+                        settings: Settings | None) -> None:
+    running = sum(1 for t in trials.values() if (t.get("status") or {}).get("phase") not in TERMINAL_PHASES)
+    source = {"apiVersion": parent["apiVersion"], "kind": parent["kind"],
+              "metadata": {k: parent["metadata"][k] for k in ("name", "namespace", "labels") if parent["metadata"].get(k)},
+              "spec": parent["spec"]}
+    for index in range(total):
+        if running >= search.parallelism:
+            return
+        if index in trials or index in rejected:
+            continue
+        # The history is every finished trial so far, in index order: the same trials in the
+        # same order give the same proposal, whichever event got here first.
+        history = []
+        for i in sorted(trials):
+            record = trial_record(i, trials[i], search.metric)
+            if record.state == "Succeeded" and record.metric is not None:
+                history.append((trial_values(trials[i]), record.metric))
+        values = propose_trial(search, index, history, seed=job.spec.training.seed)
+        manifest = trial_manifest(source, index, values)
+        try:
+            parse_job(manifest)
+        except SpecError as exc:
+            message = "; ".join(str(p) for p in exc.problems)
+            rejected[index] = {"parameters": _shown(values), "message": message[:1024]}
+            await kubeapi.patch("FineTuneJob", job.namespace, job.name, {"metadata": {"annotations": {
+                f"{REJECTED_ANNOTATION_PREFIX}{index}": json.dumps(rejected[index])}}})
+            await kubeapi.post_event(statusing.involved(parent), reason=TRIAL_REJECTED, type="Warning",
+                                     message=f"trial {index} {_shown(values)} makes an invalid spec and counts as failed: {message}")
+            continue
+        manifest["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: json.dumps(values)}
+        manifest["metadata"]["ownerReferences"] = [building.owner_reference(job)]
+        trial, created = await kubeapi.create(manifest)
+        if not created and not any(ref.get("uid") == job.metadata.uid for ref in trial["metadata"].get("ownerReferences") or []):
+            raise kopf.TemporaryError(
+                f"FineTuneJob {trial['metadata']['name']} still belongs to an earlier search of this name; "
+                "waiting for the garbage collector to remove it", delay=settings.retry_delay if settings else 10)
+        trials[index] = trial
+        if (trial.get("status") or {}).get("phase") not in TERMINAL_PHASES:
+            running += 1
+        if created:
+            logger.info("search %s/%s: created trial %d %s", job.namespace, job.name, index, values)
+            await kubeapi.post_event(statusing.involved(parent), reason=TRIAL_CREATED,
+                                     message=f"trial {index}: {trial['metadata']['name']} with {_shown(values)}")
+
+
+async def _write_search_status(job: FineTuneJob, search: HyperparameterSearchSpec, total: int,
+                               trials: dict[int, dict[str, Any]], rejected: dict[int, dict[str, Any]]) -> str | None:
+    records = [trial_record(i, t, search.metric) for i, t in trials.items()]
+    records += [TrialRecord(index=i, parameters=r.get("parameters") or {}, state="Failed") for i, r in rejected.items()]
+    records.sort(key=lambda r: r.index)
+    best = best_of(records, search.mode)
+    best_output = output_location(trials[best.index]) if best else None
+    for _ in range(_ATTEMPTS):
+        parent = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+        if parent is None:
+            return None
+        status = parent.get("status") or {}
+        patch, obs = search_status_patch(status, records, total, search, best_output=best_output,
+                                         generation=parent["metadata"].get("generation"),
+                                         techniques=building.techniques_summary(job))
+        if not patch:
+            return status.get("phase")
+        try:
+            await statusing.write_status(parent, patch)
+        except kubeapi.ApiException as exc:
+            if exc.status == 409:
+                continue  # written in between: read again
+            raise
+        if phases.transitioned(status, obs):
+            await kubeapi.post_event(statusing.involved(parent), reason=obs.reason, message=obs.message,
+                                     type="Warning" if obs.phase == "Failed" else "Normal")
+        return obs.phase
+    raise kubeapi.ApiException(status=409, reason=f"status of {job.namespace}/{job.name} kept changing; will retry")

@@ -1,0 +1,132 @@
+"""Technique 8 in the cluster: a search runs its trials as child FineTuneJobs and keeps the best.
+
+The real operator against the emulator. The test plays the trainer of each trial (it patches the
+trial's status with its eval loss and output, as rank 0 would) and the Job controller (it marks
+the trial's Job Complete); the operator does the rest: at most ``parallelism`` trials at once,
+the next trial proposed when one finishes, the parent's trials/bestTrial/phase, no duplicates
+after a restart, and a trial whose values break the spec counted as Failed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from kubetune.api import ConditionType
+from kubetune.api.searching import SEARCH_LABEL, TRIAL_INDEX_LABEL
+from kubetune.operator import searching
+from tests.operator.operating import FTJ, JobController, condition, events, manifest, status, wait_phase
+from tests.support.clusters import Cluster
+
+Operator = Callable[..., Any]
+RATES = [1e-4, 3e-4, 1e-3]
+LOSSES = {0: 2.0, 1: 1.5, 2: 1.8}  # what each trial's trainer reports: trial 1 is the best
+
+
+def search_job(name: str, values: list[float], parallelism: int = 2) -> dict[str, Any]:
+    return manifest(
+        name,
+        data={"datasets": [{"source": "data/tiny.jsonl", "format": "text"}], "eval": {"holdoutFraction": 0.2}},
+        techniques={"hyperparameterSearch": {
+            "sampler": "grid", "parallelism": parallelism, "metric": "eval_loss", "mode": "min", "maxStepsPerTrial": 3,
+            "parameters": [{"path": "training.learningRate", "type": "float", "values": values}],
+        }},
+    )
+
+
+def trials(cluster: Cluster, parent: str) -> dict[int, dict[str, Any]]:
+    found = cluster.list(*FTJ, label_selector=f"{SEARCH_LABEL}={parent}")
+    return {int(t["metadata"]["labels"][TRIAL_INDEX_LABEL]): t for t in found}
+
+
+def finish_trial(cluster: Cluster, jobs: JobController, trial: str, eval_loss: float) -> None:
+    """The trainer reports its last evaluation and output, then the Job controller marks the Job Complete."""
+    cluster.wait_for(lambda: cluster.find("batch/v1", "Job", trial), what=f"the trainer Job of {trial}")
+    cluster.patch(*FTJ, trial, {"status": {
+        "progress": {"step": 3, "totalSteps": 3, "percent": 100.0, "evalLoss": eval_loss, "metrics": {"eval_perplexity": 7.0}},
+        "outputPath": "/workspace/output"}}, subresource="status")
+    jobs.set_status(trial, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+
+
+def test_grid_search_runs_trials_as_children_and_keeps_the_best(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        parent = cluster.create(search_job("hps", RATES))
+        cluster.wait_for(lambda: "0/3 trials finished, 2 running" in (status(cluster, "hps").get("message") or ""),
+                         what="two trials started")
+        first = trials(cluster, "hps")
+        assert sorted(first) == [0, 1]  # parallelism 2: the third waits
+        for index, trial in first.items():
+            assert trial["metadata"]["name"] == f"hps-trial-00{index}"
+            assert trial["spec"]["training"]["learningRate"] == RATES[index]
+            assert trial["spec"]["training"]["maxSteps"] == 3
+            assert "hyperparameterSearch" not in (trial["spec"].get("techniques") or {})
+            assert json.loads(trial["metadata"]["annotations"][searching.PARAMETERS_ANNOTATION]) == {
+                "training.learningRate": RATES[index]}
+            owner, = trial["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+                "FineTuneJob", "hps", parent["metadata"]["uid"], True)
+            cluster.wait_for(lambda: cluster.find("batch/v1", "Job", trial["metadata"]["name"]),
+                             what="each trial trained as an ordinary FineTuneJob")
+        assert cluster.find("batch/v1", "Job", "hps") is None  # the search itself runs no trainer
+        running = status(cluster, "hps")
+        assert running["phase"] == "Running"
+        assert [t["index"] for t in running["trials"]] == [0, 1]
+        assert {t["state"] for t in running["trials"]} <= {"Pending", "Running"} and "bestTrial" not in running
+
+    # Trial 0 finishes while the operator is down; the restarted one proposes exactly one more.
+    finish_trial(cluster, job_controller, "hps-trial-000", LOSSES[0])
+    with operator_process(cluster.namespace):
+        cluster.wait_for(lambda: 2 in trials(cluster, "hps"), what="the third trial after a restart")
+        third = trials(cluster, "hps")
+        assert sorted(third) == [0, 1, 2]
+        assert third[2]["spec"]["training"]["learningRate"] == RATES[2]
+        assert third[0]["status"]["phase"] == "Succeeded"
+        finish_trial(cluster, job_controller, "hps-trial-001", LOSSES[1])
+        finish_trial(cluster, job_controller, "hps-trial-002", LOSSES[2])
+        done = wait_phase(cluster, "hps", "Succeeded")
+
+    assert sorted(trials(cluster, "hps")) == [0, 1, 2]
+    assert [(t["index"], t["state"], t["metric"]) for t in done["trials"]] == [
+        (i, "Succeeded", LOSSES[i]) for i in range(3)]
+    assert [float(t["parameters"]["training.learningRate"]) for t in done["trials"]] == RATES
+    assert done["bestTrial"]["index"] == 1 and done["bestTrial"]["metric"] == min(LOSSES.values())
+    assert done["outputPath"] == "pvc://hps-trial-001-workspace/output"
+    assert done["progress"]["step"] == 3 and done["progress"]["totalSteps"] == 3
+    assert done["completionTime"] and done["startTime"]
+    assert condition(cluster, "hps", ConditionType.SUCCEEDED)["status"] == "True"  # type: ignore[index]
+    reasons = [reason for _, reason, _ in events(cluster, "hps")]
+    assert reasons.count(searching.TRIAL_CREATED) == 3
+
+
+def test_a_trial_with_invalid_values_counts_as_failed_and_the_search_goes_on(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        cluster.create(search_job("bad-values", [50.0, 1e-3], parallelism=1))  # learningRate must be <= 10
+        cluster.wait_for(lambda: 1 in trials(cluster, "bad-values"), what="trial 1 started after trial 0 was refused")
+        assert sorted(trials(cluster, "bad-values")) == [1]
+        warning = next(m for t, r, m in events(cluster, "bad-values") if r == searching.TRIAL_REJECTED)
+        assert "spec.training.learningRate" in warning and "must be <= 10" in warning
+        finish_trial(cluster, job_controller, "bad-values-trial-001", 0.9)
+        done = wait_phase(cluster, "bad-values", "Succeeded")
+    assert [(t["index"], t["state"]) for t in done["trials"]] == [(0, "Failed"), (1, "Succeeded")]
+    assert done["bestTrial"]["index"] == 1
+
+
+def test_when_every_trial_fails_the_search_fails(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        cluster.create(search_job("doomed", [1e-4, 1e-3]))
+        cluster.wait_for(lambda: sorted(trials(cluster, "doomed")) == [0, 1])
+        for name in ("doomed-trial-000", "doomed-trial-001"):
+            cluster.wait_for(lambda: cluster.find("batch/v1", "Job", name))
+            job_controller.set_status(name, {"failed": 1, "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "backoff"}]})
+        failed = wait_phase(cluster, "doomed", "Failed")
+    assert [t["state"] for t in failed["trials"]] == ["Failed", "Failed"]
+    assert "bestTrial" not in failed and "outputPath" not in failed
+    assert condition(cluster, "doomed", ConditionType.FAILED)["reason"] == searching.ALL_TRIALS_FAILED  # type: ignore[index]
