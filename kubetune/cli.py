@@ -31,6 +31,27 @@ def _files(args: argparse.Namespace) -> list[str]:
     return files
 
 
+def preview_lines(job: object, base_dir: Path, limit: int) -> list[str]:
+    """The first examples as the model will read them (templates, prefixes, control codes applied).
+
+    Needs the trainer's data code (``kubetune[train]``) and the data files; a missing piece is
+    reported as a line, never a traceback, so validation itself still stands.
+    """
+    try:
+        from kubetune.trainer.techniques.prompt_engineering import preview
+    except ImportError as exc:  # the operator image has no trainer stack
+        return [f"(no preview: {exc.name} is not installed; install kubetune[train])"]
+    try:
+        texts = preview(job.spec, base_dir, limit)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - a preview must not turn a valid manifest into a crash
+        return [f"(no preview: {exc})"]
+    lines = []
+    for i, text in enumerate(texts):
+        lines.append(f"example {i + 1}:")
+        lines.extend(f"  | {line}" for line in str(text).splitlines() or [""])
+    return lines
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from kubetune.api import SpecError, validate_text
 
@@ -56,6 +77,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for job in jobs:
                 techniques = ", ".join(job.spec.techniques.enabled()) or "none"
                 print(f"{name}: {job.name}: valid (peft {job.spec.peft.method}; techniques: {techniques})")
+                if args.preview:
+                    base = Path(name).resolve().parent if name != "<stdin>" else Path.cwd()
+                    for line in preview_lines(job, base, args.preview):
+                        print(f"  {line}")
     return 1 if failed else 0
 
 
@@ -99,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", action="append", help="manifest file, or - for stdin (repeatable)")
     p.add_argument("paths", nargs="*", help="more manifest files")
     p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    p.add_argument("--preview", type=int, default=0, metavar="N", help="also show the first N training examples as the model will read them")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
@@ -110,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="more manifest files")
     p.add_argument("-n", "--namespace", default=None, help="namespace to render into (default: the manifest's, else default)")
     p.add_argument("--image", default=None, help="trainer image (default: the operator's default)")
+    p.add_argument("--preview", type=int, default=0, metavar="N", help="prefix the output with the first N training examples, as YAML comments")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("train", help="train locally from a FineTuneJob manifest")
@@ -125,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-namespaces", action="store_true", help="watch all namespaces (the default)")
     p.add_argument("--trainer-image", default=None, help="default trainer image")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
-    p.add_argument("--health-port", type=int, default=None, help="port of /healthz and /readyz")
+    p.add_argument("--health-port", type=int, default=None, help="port of the /healthz liveness and readiness endpoint")
     p.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics endpoint")
     p.add_argument("--peering", default=None, help="kopf peering name for several replicas (default: standalone)")
     p.set_defaults(func=cmd_operator)

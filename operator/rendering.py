@@ -76,7 +76,15 @@ def render_main(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{name}: {problem}", file=sys.stderr)
         failed = failed or bool(problems)
-        rendered.extend(render_job(_with_namespace(job, getattr(args, "namespace", None)), options) for job in jobs)
+        for job in jobs:
+            text = render_job(_with_namespace(job, getattr(args, "namespace", None)), options)
+            if getattr(args, "preview", 0):
+                from kubetune.cli import preview_lines
+
+                base = Path(name).resolve().parent if name != "<stdin>" else Path.cwd()
+                comments = [f"# {line}" for line in [f"preview of {job.name}:", *preview_lines(job, base, args.preview)]]
+                text = "\n".join(comments) + "\n" + text
+            rendered.append(text)
     if failed:
         return 1
     sys.stdout.write("---\n".join(rendered))

@@ -80,3 +80,16 @@ def test_wrong_kind_is_reported() -> None:
     result = _run("-f", "-", stdin="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     assert result.returncode == 1
     assert "apiVersion" in result.stdout and "kind" in result.stdout
+
+
+def test_preview_shows_examples_as_the_model_reads_them() -> None:
+    """The prompt template is applied in the preview (validate and render)."""
+    result = _run("--preview", "1", "examples/prompt-engineering.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "example 1:" in result.stdout and "Sentiment:" in result.stdout and "Review: " in result.stdout
+    rendered = subprocess.run(
+        [sys.executable, "-m", "kubetune", "render", "--preview", "1", "-f", "examples/prompt-engineering.yaml"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout.startswith("# preview of prompt-engineering:") and "#   | text: Review: " in rendered.stdout
