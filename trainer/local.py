@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,18 @@ def train_main(args: argparse.Namespace) -> int:
         command.append("--no-progress")
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
-    return subprocess.call(command, env=env)
+    proc = subprocess.Popen(command, env=env)
+    # SIGTERM to this process (a supervisor stopping the run) goes on to torchrun, which passes it
+    # to the workers: they checkpoint and exit. Ctrl-C reaches the whole process group by itself.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # the workers got it too; wait for them to finish their checkpoint
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _default_nproc() -> int:

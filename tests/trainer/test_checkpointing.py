@@ -22,18 +22,29 @@ def _text_job(tiny_model_dir, tmp_path, **overrides):
 
 
 def test_keeps_last_k_and_the_best(tiny_model_dir, train_job, tmp_path):
-    # A learning rate this high makes eval loss go up after a few steps, so best != last.
+    # Ranking by the *highest* eval loss makes the first checkpoint the best, so best != last.
     job = _text_job(tiny_model_dir, tmp_path, **{
-        "training.maxSteps": 8, "training.learningRate": 0.05, "checkpointing.everySteps": 1,
-        "checkpointing.keepLast": 2, "data.eval.everySteps": 1,
+        "training.maxSteps": 8, "checkpointing.everySteps": 1, "checkpointing.keepLast": 2,
+        "checkpointing.mode": "max", "data.eval.everySteps": 1,
     })
     run = train_job(job, tmp_path / "run")
     assert run.rc == 0
     best = json.loads((run.checkpoint_dir / "best.json").read_text())
     losses = {s: run.checkpoint_state(s)["metrics"]["eval_loss"] for s in run.steps()}
-    assert best["metric"] == "eval_loss" and best["value"] == min(losses.values())
-    assert run.steps() == sorted({best["step"], 7, 8})
+    assert best["metric"] == "eval_loss" and best["step"] == 1
+    assert run.steps() == [1, 7, 8]
+    assert best["value"] == losses[1] > losses[8]
     assert (run.checkpoint_dir / "latest").read_text().strip() == "step-00000008"
+    # output.exportBest (default on): the final model holds the best checkpoint's weights.
+    import torch
+    from safetensors.torch import load_file
+
+    exported = load_file(str(run.output_dir / "model.safetensors"))
+    best_states = torch.load(run.checkpoint_dir / best["name"] / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    last_states = torch.load(run.checkpoint_dir / "step-00000008" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(exported[name], best_states[name])
+    assert not torch.equal(exported[name], last_states[name])
 
 
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
@@ -64,13 +75,13 @@ def test_resume_continues_steps_and_loss_curve_exactly(tiny_model_dir, train_job
     assert second.checkpoint_state(8)["step"] == 8
 
 
-def _start(run_dir, job):
+def _start(run_dir, job, nproc=1):
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
     return subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir), "--no-progress"],
+        [sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir), "--no-progress", "--nproc", str(nproc)],
         cwd=run_dir, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
 

@@ -37,3 +37,32 @@ def test_two_processes_train_and_resume(stage, tiny_model_dir, train_job, tmp_pa
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(second.output_dir))
     assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_every_rank_at_the_same_step(tiny_model_dir, train_job, tmp_path):
+    import signal
+    import time
+
+    from kubetune.trainer import checkpoints
+    from tests.trainer.test_checkpointing import _start, _wait_for_step
+
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=64)
+    job = manifest(tiny_model_dir("llama"), data, "text", overrides={
+        "deepspeed.zeroStage": 2, "training.maxSteps": 400, "checkpointing.everySteps": 1000, "data.eval": None,
+    })
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, job, nproc=2)
+    signalled_at = _wait_for_step(proc, run_dir, 10)
+    proc.send_signal(signal.SIGTERM)  # to `kubetune train`, which passes it on to torchrun and the ranks
+    started = time.monotonic()
+    proc.wait(timeout=60)
+    assert time.monotonic() - started < 30
+    latest = checkpoints.find_latest(run_dir / "checkpoints")
+    assert latest is not None, proc.stdout.read().decode()[-4000:]
+    assert signalled_at <= checkpoints.read_state(latest)["step"] < 400
+    assert len(list((latest / "state").glob("*optim_states.pt"))) == 2  # both ranks saved
+
+    again = train_job(job, run_dir, nproc=2, max_steps=checkpoints.read_state(latest)["step"] + 2)
+    assert again.rc == 0, again.output[-4000:]
+    assert f"resumed from {latest}" in again.output
