@@ -125,5 +125,6 @@ def test_under_embedding_noise_the_adversarially_trained_model_degrades_less(tin
             techniques=techniques, training={"maxSteps": 30, "learningRate": 5e-3},
         )
         runs[name] = train(doc, folder)
-    plain, fgm = (_noisy_loss_increase(runs[n], sigma=0.05) for n in ("plain", "fgm"))
-    assert fgm < 0.7 * plain, (fgm, plain)
+    plain, fgm = (_noisy_loss_increase(runs[n], sigma=0.2) for n in ("plain", "fgm"))
+    assert plain > 0.05, plain  # the noise matters to the plain model
+    assert fgm < 0.5 * plain, (fgm, plain)
