@@ -154,9 +154,9 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     seconds = end - start
     flops = wl.flops_for_documents(shape, method, docs)
     if world > 1:  # every rank's real tokens and FLOPs count; time is rank 0's
-        totals = torch.tensor([float(tokens), flops], dtype=torch.float64, device=device)
+        totals = torch.tensor([float(tokens), flops, float(padded)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals)
-        tokens, flops = int(totals[0].item()), totals[1].item()
+        tokens, flops, padded = int(totals[0].item()), totals[1].item(), int(totals[2].item())
         flops /= world  # MFU is per GPU
     return {
         "side": "kubetune", "workload": workload, "method": method, "steps": steps, "gpus": world,
