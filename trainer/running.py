@@ -21,11 +21,9 @@ checkpoint (the pod will be restarted or the job was suspended), 2 for a bad spe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,68 +80,11 @@ def configure_logging(rank: int) -> None:
         pass
 
 
-class StandInReporter:
-    """The reporter used until ``kubetune.trainer.reporting`` exists: log lines and a JSON status file.
+def make_run_reporter(job: Any, rank: int, local: bool, run_dir: Path, progress_bar: bool = True) -> Any:
+    """The status reporter of ``kubetune.trainer.reporting`` (a no-op off rank 0)."""
+    from kubetune.trainer.reporting import make_reporter
 
-    Same methods as the real one (``progress``, ``checkpoint``, ``evaluated``, ``finished``); only
-    rank 0 writes. The status file is ``<run_dir>/status.json`` with the FineTuneJob status fields
-    the trainer owns.
-    """
-
-    def __init__(self, job: Any, rank: int, local: bool, run_dir: Path) -> None:
-        self.rank = rank
-        self.local = local
-        self.path = Path(run_dir) / "status.json"
-        self.status: dict[str, Any] = {"progress": {}, "checkpoints": []}
-
-    def _write(self) -> None:
-        if self.rank != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.status, indent=2, default=float), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def progress(self, progress: dict[str, Any]) -> None:
-        self.status["progress"] = dict(progress, updatedAt=_now())
-        self._write()
-        if self.rank == 0:
-            p = progress
-            line = f"step {p['step']}/{p['total_steps']} ({p['percent']:.0f}%) loss {p['loss']:.4f} lr {p['learning_rate']:.2e}"
-            if p.get("tokens_per_second"):
-                line += f" {p['tokens_per_second']:.0f} tok/s"
-            if p.get("eta_seconds") is not None:
-                line += f" eta {p['eta_seconds']:.0f}s"
-            log.info(line)
-
-    def checkpoint_removed(self, path: str) -> None:
-        self.status["checkpoints"] = [c for c in self.status["checkpoints"] if c["path"] != str(path)]
-        self._write()
-
-    def checkpoint(self, step: int, path: str, metrics: dict[str, float] | None, best: bool = False) -> None:
-        if best:
-            self.status["bestCheckpoint"] = str(path)
-        self.status["checkpoints"] = (self.status["checkpoints"] + [{"step": step, "path": str(path), "metrics": metrics or {}}])[-10:]
-        self.status["latestCheckpoint"] = str(path)
-        self._write()
-
-    def evaluated(self, metrics: dict[str, float]) -> None:
-        self.status.setdefault("progress", {})["metrics"] = metrics
-        self._write()
-
-    def finished(self, output_path: str | None, reason: str) -> None:
-        self.status["outputPath"] = str(output_path) if output_path else None
-        self.status.setdefault("progress", {})["stopReason"] = reason
-        self._write()
-
-
-def make_run_reporter(job: Any, rank: int, local: bool, run_dir: Path) -> Any:
-    """The status reporter: ``kubetune.trainer.reporting.make_reporter`` when present, else the stand-in."""
-    try:
-        from kubetune.trainer.reporting import make_reporter
-    except ImportError:
-        return StandInReporter(job, rank, local, run_dir)
-    return make_reporter(job, rank, local, run_dir)
+    return make_reporter(job, rank, local, run_dir, progress_bar=progress_bar)
 
 
 def _share_cores() -> None:
@@ -154,10 +95,6 @@ def _share_cores() -> None:
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def run(job: Any, paths: RunPaths, options: RunOptions) -> int:

@@ -76,6 +76,7 @@ class Trainer:
         self.terminate_requested = False
         self.resumed_from: Path | None = None
         self.initial_metrics: dict[str, float] | None = None
+        self._first_epoch: tuple[int, list[list[int]]] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -88,7 +89,7 @@ class Trainer:
             torch.cuda.set_device(self.local_rank)
         init_distributed(self.on_gpu)
         self.precision = resolve_precision(spec, self.on_gpu)
-        self.reporter = make_run_reporter(self.job, self.rank, self.options.local, self.paths.run_dir)
+        self.reporter = make_run_reporter(self.job, self.rank, self.options.local, self.paths.run_dir, self.options.progress)
 
         from kubetune.trainer.models import build_model, load_tokenizer
 
@@ -162,7 +163,15 @@ class Trainer:
         return item
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches (lists of example indices) for ``epoch``."""
+        """This rank's micro-batches (lists of example indices) for ``epoch``.
+
+        Epoch 0 is also needed to size the run before training; it is computed once, so
+        ``order_batches`` runs exactly once per epoch.
+        """
+        cached = self._first_epoch
+        if cached is not None and cached[0] == epoch:
+            self._first_epoch = None
+            return cached[1]
         self.ctx.epoch = float(epoch)
         hooked = None
         for technique in self.techniques:
@@ -186,8 +195,9 @@ class Trainer:
         t = self.spec.training
         if t.max_steps:
             return t.max_steps
-        per_epoch = len(self._epoch_batches(0))
-        self.batches_per_epoch = per_epoch
+        batches = self._epoch_batches(0)
+        self._first_epoch = (0, batches)
+        per_epoch = len(batches)
         return max(1, math.ceil((t.epochs or 1.0) * per_epoch / t.gradient_accumulation_steps))
 
     def _resume(self) -> None:

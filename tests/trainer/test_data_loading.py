@@ -120,6 +120,13 @@ def test_pkg_source_finds_files_inside_an_installed_package():
         resolve_model_dir("pkg://no_such_pkg/model", None, "spec.model.source")
 
 
+def test_hub_source_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SourceError, match=r"spec.model.source: cannot fetch 'hf://kubetune-test/none@v1' from the Hugging Face Hub"):
+        resolve_model_dir("hf://kubetune-test/none@v1", None, "spec.model.source")
+
+
 def test_s3_source_says_it_is_not_supported():
     with pytest.raises(SourceError, match=r"spec.model.source: s3:// sources are not read"):
         resolve_model_dir("s3://bucket/model", None, "spec.model.source")

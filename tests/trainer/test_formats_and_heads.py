@@ -22,6 +22,8 @@ CASES = [
     ("t5", "seq2seq", {}, "AutoModelForSeq2SeqLM"),
     ("t5", "instruction", {"model.head": "seq2seq"}, "AutoModelForSeq2SeqLM"),
     ("bert", "question-answering", {}, "AutoModelForQuestionAnswering"),
+    ("llama", "text", {"training.packing": True}, "AutoModelForCausalLM"),
+    ("llama", "instruction", {"training.packing": True}, "AutoModelForCausalLM"),
 ]
 
 EMBEDDING_NAMES = ("word_embeddings.weight", "embed_tokens.weight", "wte.weight", "shared.weight")
@@ -43,7 +45,7 @@ EXPECTED_METRICS = {
 }
 
 
-@pytest.mark.parametrize(("arch", "fmt", "overrides", "loader"), CASES, ids=[f"{a}-{f}" for a, f, _, _ in CASES])
+@pytest.mark.parametrize(("arch", "fmt", "overrides", "loader"), CASES, ids=[f"{a}-{f}" + ("-packed" if o.get("training.packing") else "") for a, f, o, _ in CASES])
 def test_trains_saves_and_reloads(arch, fmt, overrides, loader, tiny_model_dir, train_job, tmp_path):
     model_dir = tiny_model_dir(arch)
     data = write_dataset(tmp_path / "data.jsonl", fmt, n=32)
@@ -106,3 +108,17 @@ def test_classification_learns_the_pattern(tiny_model_dir, train_job, tmp_path):
     before = run.log()[0]["metrics"]["eval_accuracy"]  # the evaluation before training
     after = run.checkpoint_state(40)["metrics"]["eval_accuracy"]
     assert before <= 0.6 and after >= 0.9
+
+
+def test_several_tasks_get_their_own_metrics(tiny_model_dir, train_job, tmp_path):
+    first = write_dataset(tmp_path / "a.jsonl", "classification", n=16, seed=1)
+    second = write_dataset(tmp_path / "b.jsonl", "classification", n=16, seed=2)
+    job = manifest(tiny_model_dir("bert"), first, "classification")
+    job["spec"]["data"]["datasets"] = [
+        {"name": "reviews", "source": str(first), "format": "classification"},
+        {"name": "tweets", "source": str(second), "format": "classification", "task": "tweets"},
+    ]
+    run = train_job(job, tmp_path / "run")
+    assert run.rc == 0
+    metrics = run.checkpoint_state(4)["metrics"]
+    assert {"eval_accuracy", "reviews/eval_accuracy", "tweets/eval_accuracy", "tweets/eval_loss"} <= set(metrics)
