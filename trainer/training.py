@@ -153,9 +153,12 @@ class Trainer:
                 self.world_size, self.precision, self.total_steps, f"{trainable:,}", f"{total:,}",
             )
             self.paths.output_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.paths.output_dir / "tensorboard"), purge_step=self.step or None)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # an image without the train extra's tensorboard: train anyway
+                log.warning("tensorboard is not installed; no TensorBoard events will be written (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(str(self.paths.output_dir / "tensorboard"), purge_step=self.step or None)
 
     def _augment(self, item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         for technique in self.techniques:
@@ -379,13 +382,14 @@ class Trainer:
         if self.ctx.loss_terms:
             progress["loss_terms"] = dict(self.ctx.loss_terms)
         self.reporter.progress(progress)
-        if self.rank == 0:
+        if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, self.step)
             self.writer.add_scalar("train/learning_rate", lr, self.step)
             if progress["tokens_per_second"]:
                 self.writer.add_scalar("train/tokens_per_second", progress["tokens_per_second"], self.step)
             for name, value in self.ctx.loss_terms.items():
                 self.writer.add_scalar(f"train/{name}", value, self.step)
+        if self.rank == 0:
             with (self.paths.output_dir / "trainer_log.jsonl").open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(progress) + "\n")
 
@@ -402,7 +406,7 @@ class Trainer:
         for technique in self.techniques:
             technique.on_evaluate(self.ctx, metrics)
         self.reporter.evaluated(dict(metrics))
-        if self.rank == 0 and self.writer is not None:
+        if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(name if "/" in name else f"eval/{name[len('eval_'):] if name.startswith('eval_') else name}", value, self.step)
         return metrics

@@ -1,0 +1,54 @@
+"""The trainer on CUDA: bf16 mixed precision, NCCL, packed attention, QLoRA (``-m gpu``, never in CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.tiny_models import manifest, write_dataset
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _job(tiny_model_dir, tmp_path, fmt="text", **overrides):
+    data = write_dataset(tmp_path / "data.jsonl", fmt, n=64)
+    base = {"resources.gpusPerNode": 1, "training.precision": None, "training.maxSteps": 8, "training.learningRate": 0.002}
+    return manifest(tiny_model_dir("llama"), data, fmt, overrides={**base, **overrides})
+
+
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_bf16_zero2_on_one_gpu(peft, tiny_model_dir, train_job, tmp_path):
+    run = train_job(_job(tiny_model_dir, tmp_path, **{"peft.method": peft, "deepspeed.zeroStage": 2}), tmp_path / "run", subprocess_=True)
+    assert run.rc == 0, run.output[-4000:]
+    assert ", bf16," in run.output  # precision auto → bf16 on a GPU that supports it
+    log = run.log()
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_packed_instruction_training_on_gpu(tiny_model_dir, train_job, tmp_path):
+    run = train_job(_job(tiny_model_dir, tmp_path, "instruction", **{"training.packing": True}), tmp_path / "run", subprocess_=True)
+    assert run.rc == 0, run.output[-4000:]
+    log = run.log()
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_qlora_trains_or_names_the_missing_package(tiny_model_dir, train_job, tmp_path):
+    run = train_job(_job(tiny_model_dir, tmp_path, **{"peft.method": "qlora"}), tmp_path / "run", subprocess_=True)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        assert run.rc == 2 and "qlora needs the bitsandbytes package" in run.output
+    else:
+        assert run.rc == 0, run.output[-4000:]
+        assert (run.output_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_gpus_nccl(stage, tiny_model_dir, train_job, tmp_path):
+    job = _job(tiny_model_dir, tmp_path, **{"deepspeed.zeroStage": stage, "peft.method": "lora", "checkpointing.everySteps": 4})
+    run = train_job(job, tmp_path / "run", nproc=2)
+    assert run.rc == 0, run.output[-4000:]
+    assert "2 processes" in run.output
+    again = train_job(job, tmp_path / "run", nproc=2, max_steps=10)
+    assert again.rc == 0 and "at step 8" in again.output
