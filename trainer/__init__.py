@@ -1,1 +1,24 @@
-"""The trainer."""
+"""The trainer: one FineTuneJob manifest in, a trained model out — in a pod or on a laptop.
+
+Entry points: ``python -m kubetune.trainer --config job.json`` (``__main__``, what the operator's
+pods run) and ``kubetune train -f job.yaml`` (``local``); both end in ``running.run``, which builds
+one ``training.Trainer`` per process. The modules, in the order a run meets them:
+
+==============  ==================================================================================
+sources         model/data source strings (hf://, pvc://, pkg://, paths) → local folders
+reading         dataset files, saved datasets and hub datasets → raw rows (errors name file + row)
+encoding        rows → examples (per format) → token features (per head); prompt templates
+batching        epoch order, sharding across ranks, padding collator
+packing         padding-free packed micro-batches (training.packing)
+models          tokenizer, pretrained model under the task head, PEFT wrapping, QLoRA check
+attention       document-isolated attention for packed batches
+kernels         fused/chunked causal-LM cross-entropy (packed batches)
+engines         the DeepSpeed config derived from the spec, optimizer, LR schedule, process group
+training        the loop and the technique hook call points
+evaluating      eval loss/perplexity/accuracy/F1/exact match, all ranks
+checkpoints     atomic checkpoints, rotation, best, resume
+exporting       final model/adapter (safetensors), merge, tokenizer, model card
+reporting       progress/checkpoints/end → FineTuneJob status (cluster) or status.json + terminal
+techniques      the technique plugins and their interface (``techniques.base``)
+==============  ==================================================================================
+"""
