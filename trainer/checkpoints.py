@@ -172,6 +172,14 @@ def rotate(root: Path, keep_last: int, keep_best: bool) -> list[Path]:
     return deleted
 
 
+def remove_all(root: Path) -> None:
+    """Delete every checkpoint and pointer under ``root`` (a run told not to resume)."""
+    for path in root.glob("step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for name in ("latest", "best.json"):
+        (root / name).unlink(missing_ok=True)
+
+
 def load(engine: Any, path: Path, *, rank: int, weights_only: bool = False) -> dict[str, Any]:
     """Restore ``engine`` (and, unless ``weights_only``, optimizer, scheduler and RNG) from ``path``."""
     load_path, _ = engine.load_checkpoint(

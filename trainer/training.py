@@ -138,6 +138,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.ctx.total_steps = self.total_steps
         self.engine = build_engine(spec, self.model, groups, self.total_steps, self.world_size, self.precision)
+        if spec.training.compile and self.on_gpu:
+            self.engine.compile()
         self.ctx.engine = self.engine
         self.ctx.model = self.engine.module
         self._resume()
@@ -159,6 +161,13 @@ class Trainer:
                 log.warning("tensorboard is not installed; no TensorBoard events will be written (pip install tensorboard)")
             else:
                 self.writer = SummaryWriter(str(self.paths.output_dir / "tensorboard"), purge_step=self.step or None)
+
+    def _start_fresh_log(self) -> None:
+        """A run that does not resume starts its training log anew (a resumed one appends)."""
+        if self.rank == 0:
+            (self.paths.output_dir / "trainer_log.jsonl").unlink(missing_ok=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def _augment(self, item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         for technique in self.techniques:
@@ -210,9 +219,14 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         if not self.spec.checkpointing.resume:
+            if self.rank == 0 and checkpoints.find_latest(root) is not None:
+                log.warning("checkpointing.resume is off: removing the checkpoints of an earlier attempt in %s", root)
+                checkpoints.remove_all(root)
+            self._start_fresh_log()
             return
         latest = checkpoints.find_latest(root)
         if latest is None:
+            self._start_fresh_log()
             return
         state = checkpoints.load(self.engine, latest, rank=self.rank)
         self.step = int(state["step"])

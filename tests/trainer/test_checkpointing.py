@@ -145,3 +145,12 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_model_dir, train_job, tmp_pat
     again = train_job(job, run_dir, subprocess_=True)
     assert again.rc == 0, again.output[-3000:]
     assert again.checkpoint_state(200)["step"] == 200
+
+
+def test_resume_off_starts_over(tiny_model_dir, train_job, tmp_path):
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 4, "checkpointing.resume": False})
+    assert train_job(job, tmp_path / "run").rc == 0
+    again = train_job(job, tmp_path / "run", max_steps=2)
+    assert again.rc == 0
+    assert [e["step"] for e in again.log()] == [1, 2]  # trained from scratch, log started anew
+    assert again.steps() == [2]  # the earlier attempt's checkpoints are gone

@@ -24,6 +24,7 @@ CASES = [
     ("bert", "question-answering", {}, "AutoModelForQuestionAnswering"),
     ("llama", "text", {"training.packing": True}, "AutoModelForCausalLM"),
     ("llama", "instruction", {"training.packing": True}, "AutoModelForCausalLM"),
+    ("gpt2", "text", {"training.gradientCheckpointing": True, "peft.method": "lora"}, None),
 ]
 
 EMBEDDING_NAMES = ("word_embeddings.weight", "embed_tokens.weight", "wte.weight", "shared.weight")
@@ -45,7 +46,7 @@ EXPECTED_METRICS = {
 }
 
 
-@pytest.mark.parametrize(("arch", "fmt", "overrides", "loader"), CASES, ids=[f"{a}-{f}" + ("-packed" if o.get("training.packing") else "") for a, f, o, _ in CASES])
+@pytest.mark.parametrize(("arch", "fmt", "overrides", "loader"), CASES, ids=[f"{a}-{f}" + "".join(f"-{k.split('.')[-1]}" for k in o if k != "model.head") for a, f, o, _ in CASES])
 def test_trains_saves_and_reloads(arch, fmt, overrides, loader, tiny_model_dir, train_job, tmp_path):
     model_dir = tiny_model_dir(arch)
     data = write_dataset(tmp_path / "data.jsonl", fmt, n=32)
@@ -58,6 +59,11 @@ def test_trains_saves_and_reloads(arch, fmt, overrides, loader, tiny_model_dir, 
     final = run.checkpoint_state(4)
     assert EXPECTED_METRICS[fmt] <= set(final["metrics"])
 
+    if loader is None:  # an adapter: reloads through PEFT
+        import peft
+
+        assert peft.AutoPeftModelForCausalLM.from_pretrained(str(run.output_dir)) is not None
+        return
     # The output reloads with the head's class and holds trained (changed) weights.
     reloaded = getattr(transformers, loader).from_pretrained(str(run.output_dir))
     initial = load_file(str(model_dir / "model.safetensors"))

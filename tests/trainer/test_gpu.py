@@ -25,6 +25,13 @@ def test_bf16_zero2_on_one_gpu(peft, tiny_model_dir, train_job, tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
+def test_compiled_model_trains(tiny_model_dir, train_job, tmp_path):
+    run = train_job(_job(tiny_model_dir, tmp_path, **{"training.compile": True, "deepspeed.zeroStage": 0}), tmp_path / "run", subprocess_=True)
+    assert run.rc == 0, run.output[-4000:]
+    log = run.log()
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
 def test_packed_instruction_training_on_gpu(tiny_model_dir, train_job, tmp_path):
     run = train_job(_job(tiny_model_dir, tmp_path, "instruction", **{"training.packing": True}), tmp_path / "run", subprocess_=True)
     assert run.rc == 0, run.output[-4000:]
