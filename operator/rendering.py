@@ -38,7 +38,16 @@ def render_job(job: FineTuneJob, options: BuildOptions) -> str:
         f"# kubetune render: objects for FineTuneJob {job.namespace}/{job.name}\n"
         "# ownerReferences to the FineTuneJob are added when the operator creates them.\n"
     )
-    docs = [yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True) for obj in plan(job, options)]
+    if job.spec.techniques.hyperparameter_search is None:
+        objects = plan(job, options)
+    else:
+        from kubetune.operator.searching import first_trials
+
+        # A search runs no trainer itself: it starts trials (child FineTuneJobs), the next ones
+        # proposed as trials finish, so only the first ones can be shown.
+        header += "# a hyperparameter search: the first trials it starts; later ones follow from their results.\n"
+        objects = first_trials(job)
+    docs = [yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True) for obj in objects]
     return header + "---\n".join(docs)
 
 

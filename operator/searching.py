@@ -174,6 +174,34 @@ def search_status_patch(status: dict[str, Any], records: list[TrialRecord], tota
     return patch, obs
 
 
+def trial_body(job: FineTuneJob, index: int, values: dict[str, Any]) -> dict[str, Any]:
+    """Trial ``index`` of ``job``'s search as the FineTuneJob the operator creates: the manifest
+    ``kubetune train`` runs for that trial too, plus its values and owner. SpecError when the
+    values make an invalid spec."""
+    manifest = trial_manifest(job.model_dump(mode="json", by_alias=True, exclude_none=True), index, values)
+    parse_job(manifest)
+    manifest["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: json.dumps(values)}
+    if job.metadata.uid:
+        manifest["metadata"]["ownerReferences"] = [building.owner_reference(job)]
+    return manifest
+
+
+def first_trials(job: FineTuneJob) -> list[dict[str, Any]]:
+    """The trials a new search starts with (``parallelism`` of them, proposed from no history),
+    for ``kubetune render``; values that make an invalid spec are skipped, as the operator does."""
+    search = job.spec.techniques.hyperparameter_search
+    assert search is not None
+    out: list[dict[str, Any]] = []
+    for index in range(trial_count(search)):
+        if len(out) >= search.parallelism:
+            break
+        try:
+            out.append(trial_body(job, index, propose_trial(search, index, [], seed=job.spec.training.seed)))
+        except SpecError:
+            continue
+    return out
+
+
 def output_location(trial: dict[str, Any]) -> str | None:
     """Where a trial's model is, for the parent's ``outputPath``. Every trial writes to
     ``/workspace/…`` on its own claim, so a path there becomes ``pvc://<claim>/…`` (a source a
@@ -250,9 +278,6 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
                         trials: dict[int, dict[str, Any]], rejected: dict[int, dict[str, Any]],
                         settings: Settings | None) -> None:
     running = sum(1 for t in trials.values() if (t.get("status") or {}).get("phase") not in TERMINAL_PHASES)
-    source = {"apiVersion": parent["apiVersion"], "kind": parent["kind"],
-              "metadata": {k: parent["metadata"][k] for k in ("name", "namespace", "labels") if parent["metadata"].get(k)},
-              "spec": parent["spec"]}
     for index in range(total):
         if running >= search.parallelism:
             return
@@ -266,9 +291,8 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
             if record.state == "Succeeded" and record.metric is not None:
                 history.append((trial_values(trials[i]), record.metric))
         values = propose_trial(search, index, history, seed=job.spec.training.seed)
-        manifest = trial_manifest(source, index, values)
         try:
-            parse_job(manifest)
+            manifest = trial_body(job, index, values)
         except SpecError as exc:
             message = "; ".join(str(p) for p in exc.problems)
             rejected[index] = {"parameters": _shown(values), "message": message[:1024]}
@@ -277,8 +301,6 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
             await kubeapi.post_event(statusing.involved(parent), reason=TRIAL_REJECTED, type="Warning",
                                      message=f"trial {index} {_shown(values)} makes an invalid spec and counts as failed: {message}")
             continue
-        manifest["metadata"]["annotations"] = {PARAMETERS_ANNOTATION: json.dumps(values)}
-        manifest["metadata"]["ownerReferences"] = [building.owner_reference(job)]
         trial, created = await kubeapi.create(manifest)
         if not created and not any(ref.get("uid") == job.metadata.uid for ref in trial["metadata"].get("ownerReferences") or []):
             raise kopf.TemporaryError(

@@ -130,3 +130,21 @@ def test_when_every_trial_fails_the_search_fails(
     assert [t["state"] for t in failed["trials"]] == ["Failed", "Failed"]
     assert "bestTrial" not in failed and "outputPath" not in failed
     assert condition(cluster, "doomed", ConditionType.FAILED)["reason"] == searching.ALL_TRIALS_FAILED  # type: ignore[index]
+
+
+def test_render_shows_the_trials_a_search_starts_with() -> None:
+    """``kubetune render`` of the example: the first ``parallelism`` trials, no trainer objects."""
+    from kubetune.api import load_documents, parse_job
+    from kubetune.operator.building import BuildOptions
+    from kubetune.operator.rendering import render_job
+    from tests.operator.operating import REPO
+
+    path = REPO / "examples" / "hyperparameter-search.yaml"
+    job = parse_job(load_documents(path.read_text(), str(path))[0].body)
+    docs = [d.body for d in load_documents(render_job(job, BuildOptions()), "rendered")]
+    assert [d["kind"] for d in docs] == ["FineTuneJob", "FineTuneJob"]
+    assert [d["metadata"]["name"] for d in docs] == ["lr-search-trial-000", "lr-search-trial-001"]
+    assert [d["spec"]["training"]["learningRate"] for d in docs] == [1e-6, 1e-4]
+    for doc in docs:
+        trial = parse_job(doc)  # each trial is a valid job of its own, without the search
+        assert trial.spec.techniques.hyperparameter_search is None and trial.spec.training.max_steps == 15
