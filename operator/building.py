@@ -38,6 +38,8 @@ CONTAINER_NAME = "trainer"
 RENDEZVOUS_PORT_NAME = "rendezvous"
 TRAINER_MODULE = "kubetune.trainer"
 JOB_COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+#: The trainer's exit code for a bad spec or bad data (``kubetune.trainer.running.EXIT_BAD_INPUT``).
+TRAINER_EXIT_BAD_INPUT = 2
 
 #: What each variable tells the trainer; the keys are exactly the variables set on the container.
 TRAINER_ENV_DOC: dict[str, str] = {
@@ -436,6 +438,9 @@ def build_job(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[
         "parallelism": nodes,
         "backoffLimit": policy.backoff_limit,
         "suspend": job_suspended(job),
+        # Bad input fails the Job at once: a retry would read the same spec and data again.
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER_NAME, "operator": "In", "values": [TRAINER_EXIT_BAD_INPUT]}}]},
         "template": build_pod_template(job, options),
     }
     if policy.active_deadline_seconds is not None:
