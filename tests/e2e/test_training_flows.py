@@ -1,0 +1,358 @@
+"""From ``kubectl apply`` of a FineTuneJob to a trained model: the real operator and the real trainer.
+
+The operator runs as ``kubetune operator`` (a process) against the API server emulator; the test's
+:class:`~tests.support.kubelet.LocalNode` plays the Job controller and the kubelet, so the trainer
+Job the operator makes is run from its own pod template (command, env with the downward API, the
+ConfigMap's job.json as a mounted file, the workspace claim as a folder) as a local process that
+reports to the emulator as a pod would. The model is a tiny random-init Llama and the data a tiny
+jsonl, both shipped in the "image" at ``/opt/kubetune/examples`` and named in the manifest by
+paths relative to it (``KUBETUNE_BASE_DIR``), as in the examples.
+
+Shown: the happy path (progress, checkpoints, output, phase, conditions; the operator never writes
+the trainer's fields), a pod SIGKILLed after its first checkpoint and replaced within backoffLimit
+(resumes, exactly the requested steps, restarts counted), suspend (SIGTERM, checkpoint, Suspended)
+and resume, and bad data (exit code 2, the file and row in the Failed condition, no retries).
+A real cluster runs real pods, so these have no ``-m k8s`` variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import ConditionType, Reason
+from kubetune.operator import building, kubeapi, naming
+from kubetune.trainer.running import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED
+from tests.operator.operating import FTJ, condition, events
+from tests.support.clusters import Cluster
+from tests.support.emulating import Address
+from tests.support.kubelet import KUBELET_USER_AGENT, LocalNode, PodRun
+from tests.support.tiny_models import manifest as tiny_manifest
+from tests.support.tiny_models import tiny_model, write_dataset
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = "/opt/kubetune/examples"
+TEST_USER_AGENT = "kubetune-tests/kubectl"
+TRAINER_FIELDS = {"progress", "checkpoints", "latestCheckpoint", "bestCheckpoint", "outputPath", "trials", "bestTrial"}
+OPERATOR_FIELDS = {"phase", "conditions", "message", "startTime", "completionTime", "restarts", "observedGeneration"}
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture()
+def image(tmp_path: Path, tiny_llama: Path) -> Path:
+    """What the trainer image ships at /opt/kubetune/examples: the model and the data of these tests."""
+    examples = tmp_path / "image-examples"
+    (examples / "models").mkdir(parents=True)
+    (examples / "models" / "tiny-llama").symlink_to(tiny_llama, target_is_directory=True)
+    write_dataset(examples / "data" / "train.jsonl", "text", n=32)
+    return examples
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture()
+def operator(emulated_cluster: Cluster, kubeconfig_file: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``kubetune operator`` watching the test's namespace, as a process."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig_file), "KUBETUNE_TRAINER_IMAGE": "example.test/kubetune-trainer:e2e",
+           # a free port: other test runs on this machine may hold torch's default 29500
+           "KUBETUNE_RENDEZVOUS_PORT": str(_free_port()), "KUBETUNE_HEALTH_PORT": "0"}
+    log_path = tmp_path / "operator.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.cli", "operator", "--namespace", emulated_cluster.namespace],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        finally:
+            output = log_path.read_text(errors="replace")
+        assert process.returncode == 0, output[-5000:]
+        assert "Traceback" not in output, output[-5000:]
+
+
+@pytest.fixture()
+def node(emulated_cluster: Cluster, kubeconfig_file: Path, image: Path, tmp_path: Path,
+         operator: subprocess.Popen[bytes]) -> Iterator[LocalNode]:
+    emulated_cluster.api_client.user_agent = TEST_USER_AGENT  # the user's kubectl, told apart from the trainer
+    with LocalNode(kubeconfig_file, emulated_cluster.namespace, tmp_path / "node",
+                   image_files={EXAMPLES: image}) as local:
+        yield local
+        local.check()
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def job_manifest(name: str, **overrides: Any) -> dict[str, Any]:
+    """A tiny text job; the model and data are relative paths, resolved against the image's examples."""
+    return tiny_manifest("models/tiny-llama", "data/train.jsonl", "text", name=name, overrides={
+        "training.microBatchSize": 2, "training.maxSeqLength": 32, "training.logEverySteps": 1, **overrides})
+
+
+def ftj_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    return cluster.get(*FTJ, name).get("status") or {}
+
+
+def wait(cluster: Cluster, node: LocalNode, probe: Callable[[], Any], what: str, timeout: float = 90) -> Any:
+    def checked() -> Any:
+        node.check()
+        return probe()
+    return cluster.wait_for(checked, timeout=timeout, interval=0.05, what=what)
+
+
+def wait_phase(cluster: Cluster, node: LocalNode, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
+    return wait(cluster, node, lambda: (s := ftj_status(cluster, name)).get("phase") == phase and s,
+                f"{name} in phase {phase}", timeout)
+
+
+def phases_seen(cluster: Cluster, name: str) -> list[str]:
+    """Every phase the FineTuneJob went through, in order (from the emulator's history)."""
+    assert cluster.emulator is not None
+    history = cluster.emulator.call(lambda: [
+        dict(version) for key, obj in cluster.emulator.emulator.objects.items()  # type: ignore[union-attr]
+        if key[0].plural == "finetunejobs" and key[2] == name for version in [obj.raw, *obj.history]])
+    ordered = sorted(history, key=lambda o: int(o["metadata"]["resourceVersion"]))
+    seen: list[str] = []
+    for version in ordered:
+        phase = (version.get("status") or {}).get("phase")
+        if phase and (not seen or seen[-1] != phase):
+            seen.append(phase)
+    return seen
+
+
+def requests_by(cluster: Cluster) -> Iterator[tuple[str, str, Address, Any]]:
+    """(who, verb, address, body) of every API request since the operator started; who is operator,
+    node, test (the user's kubectl) or trainer (anything else: the trainer's client has no agent of its own)."""
+    assert cluster.emulator is not None
+    verbs = {"GET": "get", "PATCH": "patch", "PUT": "update", "POST": "create", "DELETE": "delete"}
+    started = False
+    for request in list(cluster.emulator.emulator):  # type: ignore[union-attr]
+        address = Address.parse(request.url.path)
+        if address is None:
+            continue  # discovery
+        agent = request.headers.get("User-Agent", "")
+        who = ("operator" if agent.startswith((kubeapi.USER_AGENT, "kopf")) else "node" if agent == KUBELET_USER_AGENT
+               else "test" if agent == TEST_USER_AGENT else "trainer")
+        started = started or who == "operator"
+        if not started:
+            continue  # the fixtures' setup (the namespace)
+        verb = verbs[request.method.value.upper()]
+        if verb == "get" and address.name is None:
+            verb = "watch" if request.params.get("watch") in ("true", "1") else "list"
+        yield who, verb, address, request.data
+
+
+def assert_each_side_writes_its_own_status(cluster: Cluster, name: str) -> None:
+    """The trainer writes progress and checkpoints, the operator phase and conditions; never the other's."""
+    writes = [(who, set(((body or {}).get("status") or {}).keys())) for who, verb, address, body in requests_by(cluster)
+              if verb in ("patch", "update") and address.plural == "finetunejobs" and address.name == name
+              and address.subresource == "status"]
+    assert {who for who, _ in writes} == {"operator", "trainer"}, writes
+    for who, fields in writes:
+        assert not fields & (TRAINER_FIELDS if who == "operator" else OPERATOR_FIELDS), (who, fields)
+
+
+def assert_trainer_stayed_within_its_role(cluster: Cluster, name: str) -> None:
+    """Every request of the trainer pods is one the job's Role allows (the emulator enforces no RBAC)."""
+    role = cluster.get("rbac.authorization.k8s.io/v1", "Role", naming.names_for(name).role)
+    made = {(verb, address.group, address.plural + (f"/{address.subresource}" if address.subresource else ""),
+             address.name) for who, verb, address, _ in requests_by(cluster) if who == "trainer"}
+    assert made, "the trainer made no requests"
+    for verb, group, resource, obj in made:
+        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   and obj in rule.get("resourceNames", [obj]) for rule in role["rules"]), (verb, group, resource, obj)
+
+
+def training_log(node: LocalNode, run: PodRun) -> list[dict[str, Any]]:
+    """The trainer's per-step log on the workspace claim (appended across pods)."""
+    path = node.host_path(run, "/workspace/output/trainer_log.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def resumed_at(run: PodRun) -> tuple[str, int]:
+    found = re.search(r"resumed from (\S+) at step (\d+)", run.log())
+    assert found, f"pod {run.name} did not resume:\n{run.log()[-3000:]}"
+    return found.group(1), int(found.group(2))
+
+
+def checkpoint_step(path: str) -> int:
+    return int(Path(path).name.split("-")[-1])
+
+
+# ---------------------------------------------------------------------------------- the flows
+
+
+def test_apply_trains_reports_and_succeeds(emulated_cluster: Cluster, node: LocalNode) -> None:
+    cluster = emulated_cluster
+    cluster.create(job_manifest("happy", **{"training.maxSteps": 6, "checkpointing.everySteps": 3}))
+
+    done = wait_phase(cluster, node, "happy", "Succeeded")
+    [run] = node.pods_of("happy")
+    assert run.exit_code == EXIT_OK, run.log()[-3000:]
+    assert phases_seen(cluster, "happy")[-2:] == ["Running", "Succeeded"]
+    assert "Failed" not in phases_seen(cluster, "happy")
+
+    # what the trainer reported
+    progress = done["progress"]
+    assert progress["step"] == progress["totalSteps"] == 6
+    assert progress["percent"] == 100 and math.isfinite(progress["loss"]) and progress["loss"] > 0
+    assert math.isfinite(progress["evalLoss"])  # the manifest holds out a quarter of the rows
+    assert [checkpoint_step(c["path"]) for c in done["checkpoints"]] == [3, 6]
+    workspace = node.claim_dir(naming.names_for("happy").claim)
+    assert done["latestCheckpoint"] == done["checkpoints"][-1]["path"]
+    assert Path(done["latestCheckpoint"]).resolve() == (workspace / "checkpoints" / "step-00000006").resolve()
+    assert Path(done["outputPath"]).resolve() == (workspace / "output").resolve()
+
+    # what the operator wrote
+    conditions = {c["type"]: c for c in done["conditions"]}
+    assert conditions[ConditionType.CREATED]["status"] == "True"
+    assert conditions[ConditionType.SUCCEEDED]["status"] == "True"
+    assert conditions[ConditionType.SUCCEEDED]["reason"] == Reason.JOB_SUCCEEDED
+    assert conditions[ConditionType.RUNNING]["status"] == "False"
+    assert done["startTime"] <= done["completionTime"]
+    assert done.get("restarts", 0) == 0
+    reasons = [reason for _, reason, _ in events(cluster, "happy")]
+    assert Reason.PODS_RUNNING in reasons and Reason.JOB_SUCCEEDED in reasons
+
+    # the pod ran from its template and ended as a pod does
+    pod = cluster.get("v1", "Pod", run.name)
+    assert pod["status"]["phase"] == "Succeeded"
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    job = cluster.get("batch/v1", "Job", "happy")
+    assert job["status"]["succeeded"] == 1 and job["status"].get("failed", 0) == 0
+
+    # the model is in the output folder of the workspace claim, and it was trained
+    import torch
+    import transformers
+
+    output = workspace / "output"
+    trained = transformers.AutoModelForCausalLM.from_pretrained(str(output))
+    initial = transformers.AutoModelForCausalLM.from_pretrained(str(node.host_path(run, f"{EXAMPLES}/models/tiny-llama")))
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
+    transformers.AutoTokenizer.from_pretrained(str(output))
+
+    # each side wrote only its own status fields: the operator never touched progress or checkpoints
+    assert_each_side_writes_its_own_status(cluster, "happy")
+    assert_trainer_stayed_within_its_role(cluster, "happy")
+
+
+def test_a_killed_pod_is_replaced_and_training_resumes_to_exactly_the_requested_steps(
+        emulated_cluster: Cluster, node: LocalNode) -> None:
+    cluster = emulated_cluster
+    steps = 120
+    cluster.create(job_manifest("crash", **{"training.maxSteps": steps, "checkpointing.everySteps": 10,
+                                            "data.eval": None, "runPolicy.backoffLimit": 2}))
+    first = wait(cluster, node, lambda: (p := node.pods_of("crash")) and p[0], "the first pod")
+    reported = wait(cluster, node, lambda: ftj_status(cluster, "crash").get("latestCheckpoint"), "a first checkpoint")
+    node.kill(first, signal.SIGKILL)
+
+    done = wait_phase(cluster, node, "crash", "Succeeded", timeout=120)
+    first, second = node.pods_of("crash")
+    assert first.exit_code == 128 + signal.SIGKILL and second.exit_code == 0, second.log()[-3000:]
+    killed = cluster.get("v1", "Pod", first.name)["status"]
+    assert killed["phase"] == "Failed"
+    assert killed["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    assert cluster.get("batch/v1", "Job", "crash")["status"]["failed"] == 1
+    assert done["restarts"] == 1
+
+    resumed_from, resumed_step = resumed_at(second)
+    workspace = node.claim_dir(naming.names_for("crash").claim)
+    assert Path(resumed_from).resolve() == (workspace / "checkpoints" / f"step-{resumed_step:08d}").resolve()
+    assert resumed_step >= checkpoint_step(reported) and resumed_step % 10 == 0 and resumed_step < steps
+    logged = [entry["step"] for entry in training_log(node, second)]
+    restart = len(logged) - 1 - logged[::-1].index(resumed_step + 1)  # the second pod's first step
+    assert logged[:restart] == list(range(1, restart + 1))
+    assert logged[restart:] == list(range(resumed_step + 1, steps + 1))  # exactly the requested steps
+    assert done["progress"]["step"] == done["progress"]["totalSteps"] == steps
+    assert checkpoint_step(done["latestCheckpoint"]) == steps
+    assert_each_side_writes_its_own_status(cluster, "crash")  # restarts too is the operator's
+    assert_trainer_stayed_within_its_role(cluster, "crash")
+
+
+def test_suspend_checkpoints_on_sigterm_and_resume_continues_from_it(
+        emulated_cluster: Cluster, node: LocalNode) -> None:
+    cluster = emulated_cluster
+    steps = 200
+    cluster.create(job_manifest("pause", **{"training.maxSteps": steps, "checkpointing.everySteps": 1000,
+                                            "data.eval": None}))
+    wait(cluster, node, lambda: (ftj_status(cluster, "pause").get("progress") or {}).get("step", 0) >= 1,
+         "training to start")
+    cluster.patch(*FTJ, "pause", {"spec": {"runPolicy": {"suspend": True}}})
+
+    suspended = wait_phase(cluster, node, "pause", "Suspended")
+    [first] = node.pods_of("pause")
+    wait(cluster, node, lambda: not first.alive, "the pod to stop", timeout=60)
+    assert first.exit_code == EXIT_TERMINATED, first.log()[-3000:]
+    wait(cluster, node, lambda: cluster.find("v1", "Pod", first.name) is None, "the pod to be removed")
+    saved = wait(cluster, node, lambda: ftj_status(cluster, "pause").get("latestCheckpoint"), "the SIGTERM checkpoint")
+    saved_step = checkpoint_step(saved)
+    assert 1 <= saved_step < steps  # not a periodic one (every 1000): written on SIGTERM
+    assert Path(saved).joinpath("trainer.json").exists()
+    cond = condition(cluster, "pause", ConditionType.SUSPENDED)
+    assert cond is not None and cond["status"] == "True" and cond["reason"] == Reason.SUSPENDED
+    assert (suspended.get("restarts") or 0) == 0
+    assert cluster.get("batch/v1", "Job", "pause")["status"].get("failed", 0) == 0  # suspension is no failure
+
+    cluster.patch(*FTJ, "pause", {"spec": {"runPolicy": {"suspend": False}}})
+    done = wait_phase(cluster, node, "pause", "Succeeded", timeout=120)
+    first, second = node.pods_of("pause")
+    assert second.exit_code == 0, second.log()[-3000:]
+    resumed_from, resumed_step = resumed_at(second)
+    assert resumed_step == saved_step and Path(resumed_from).resolve() == Path(saved).resolve()
+    logged = [entry["step"] for entry in training_log(node, second)]
+    assert logged[-(steps - saved_step):] == list(range(saved_step + 1, steps + 1))
+    assert done["progress"]["step"] == steps
+    assert condition(cluster, "pause", ConditionType.SUSPENDED)["status"] == "False"  # type: ignore[index]
+    assert (done.get("restarts") or 0) == 0
+    seen = phases_seen(cluster, "pause")
+    after = seen[seen.index("Suspended"):]
+    assert after[-2:] == ["Running", "Succeeded"] and "Failed" not in seen, seen
+    assert_each_side_writes_its_own_status(cluster, "pause")
+
+
+def test_bad_data_fails_the_job_with_the_file_and_row(emulated_cluster: Cluster, node: LocalNode, image: Path) -> None:
+    cluster = emulated_cluster
+    rows = (image / "data" / "train.jsonl").read_text().splitlines()
+    rows[2] = '{"text": "a row cut short'
+    (image / "data" / "broken.jsonl").write_text("\n".join(rows) + "\n")
+    cluster.create(tiny_manifest("models/tiny-llama", "data/broken.jsonl", "text", name="broken"))
+
+    failed = wait_phase(cluster, node, "broken", "Failed")
+    runs = node.pods_of("broken")
+    assert building.TRAINER_EXIT_BAD_INPUT == EXIT_BAD_INPUT  # what the Job's podFailurePolicy names
+    assert [run.exit_code for run in runs] == [EXIT_BAD_INPUT]  # retrying cannot help: no second pod
+    assert "broken.jsonl: row 3" in runs[0].message
+    pod = cluster.get("v1", "Pod", runs[0].name)["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert pod["exitCode"] == EXIT_BAD_INPUT and "broken.jsonl: row 3" in pod["message"]
+    cond = next(c for c in failed["conditions"] if c["type"] == ConditionType.FAILED)
+    assert cond["status"] == "True"
+    assert "broken.jsonl: row 3" in cond["message"] and "invalid JSON" in cond["message"], cond["message"]
+    assert "broken.jsonl: row 3" in failed["message"]
+    assert ("Warning", cond["reason"]) in [(t, r) for t, r, _ in events(cluster, "broken")]
+    assert "progress" not in failed
