@@ -14,6 +14,9 @@ KUBETUNE_PVC_ROOT           where pvc:// claims are mounted (default /mnt/pvc)
 RANK, WORLD_SIZE, …         torchrun's
 ==========================  ==========================================================
 
+When no source of the spec is ``hf://``, ``HF_HUB_OFFLINE=1`` is set (unless already set), so a
+run from local or ``pkg://`` files never touches the network.
+
 Exit codes: 0 when training finished (completed, max steps, early stop), 143 after a SIGTERM
 checkpoint (the pod will be restarted or the job was suspended), 2 for a bad spec or bad data
 (retrying cannot help), 1 for anything else.
@@ -87,6 +90,12 @@ def make_run_reporter(job: Any, rank: int, local: bool, run_dir: Path, progress_
     return make_reporter(job, rank, local, run_dir, progress_bar=progress_bar)
 
 
+def _uses_hub(spec: Any) -> bool:
+    """Whether any source of the spec (model, tokenizer, datasets, techniques) is an hf:// one."""
+    dumped = spec.model_dump_json()
+    return '"hf://' in dumped
+
+
 def _share_cores() -> None:
     """Split this machine's cores among the local processes (torch would give each one all of them)."""
     import torch
@@ -104,6 +113,9 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     from kubetune.trainer.sources import SourceError
 
     rank = int(os.environ.get("RANK", "0"))
+    if not _uses_hub(job.spec):
+        # Nothing to fetch: keep transformers/huggingface_hub off the network (set before they import).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure_logging(rank)
     if job.spec.techniques.hyperparameter_search is not None:
         # One process trains one trial: the operator makes a child FineTuneJob per trial (without

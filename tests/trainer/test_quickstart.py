@@ -15,7 +15,9 @@ from tests.trainer.conftest import REPO, trainer_env
 def test_quickstart_trains_minilm_and_accuracy_improves(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kubetune", "train", "-f", str(REPO / "examples" / "quickstart.yaml"), "--no-progress"],
-        cwd=tmp_path, env=trainer_env(), capture_output=True, text=True, timeout=600,
+        # No HF_HUB_OFFLINE: a user's shell does not set it, and the trainer needs no network for pkg://.
+        cwd=tmp_path, env={k: v for k, v in trainer_env().items() if k != "HF_HUB_OFFLINE"},
+        capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
