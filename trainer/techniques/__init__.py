@@ -11,6 +11,7 @@ __all__ = ["REGISTRY", "Technique", "TechniqueContext", "enabled_techniques", "r
 # Plugin modules (each registers itself on import). Keep one import per line, sorted.
 from kubetune.trainer.techniques import adversarial  # noqa: E402,F401
 from kubetune.trainer.techniques import augmentation  # noqa: E402,F401
+from kubetune.trainer.techniques import continual_learning  # noqa: E402,F401
 from kubetune.trainer.techniques import controlled_generation  # noqa: E402,F401
 from kubetune.trainer.techniques import curriculum  # noqa: E402,F401
 from kubetune.trainer.techniques import distillation  # noqa: E402,F401
