@@ -128,9 +128,7 @@ def _accumulate(tally: _Tally, head: str, batch: dict[str, Any], outputs: Any, w
         losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").double()
         tally.loss += float(losses @ w)
         tally.count += float(w.sum())
-        predicted = logits.argmax(-1)
-        for p, y, weight in zip(predicted.tolist(), labels.tolist(), w.tolist()):
-            tally.confusion[y, p] += weight
+        _confuse(tally, labels, logits.argmax(-1), w)
         return
     if head == "token-classification":
         logits = outputs.logits.float().cpu()
@@ -142,12 +140,8 @@ def _accumulate(tally: _Tally, head: str, batch: dict[str, Any], outputs: Any, w
         mask = labels != IGNORE_INDEX
         tally.loss += float((losses.double() * mask).sum(1) @ w)
         tally.count += float(mask.double().sum(1) @ w)
-        predicted = logits.argmax(-1)
-        for row, weight in enumerate(w.tolist()):
-            if weight == 0:
-                continue
-            for p, y in zip(predicted[row][mask[row]].tolist(), labels[row][mask[row]].tolist()):
-                tally.confusion[y, p] += weight
+        weights = w[:, None].expand_as(labels)[mask]
+        _confuse(tally, labels[mask], logits.argmax(-1)[mask], weights)
         return
     if head == "question-answering":
         start_logits, end_logits = outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu()
@@ -161,6 +155,13 @@ def _accumulate(tally: _Tally, head: str, batch: dict[str, Any], outputs: Any, w
         tally.total += float(w.sum())
         return
     raise ValueError(f"unknown head {head!r}")  # pragma: no cover
+
+
+def _confuse(tally: _Tally, labels: torch.Tensor, predicted: torch.Tensor, weights: torch.Tensor) -> None:
+    """Add weighted (label, prediction) counts to the confusion matrix."""
+    n = tally.confusion.shape[0]
+    index = labels.reshape(-1).long() * n + predicted.reshape(-1).long()
+    tally.confusion += torch.bincount(index, weights=weights.reshape(-1).double(), minlength=n * n).reshape(n, n)
 
 
 def _metrics(tally: _Tally, head: str) -> dict[str, float]:

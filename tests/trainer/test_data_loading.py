@@ -215,3 +215,25 @@ def test_bad_data_in_kubetune_train_exits_2_with_the_row(tmp_path, tiny_model_di
     run = train_job(manifest(tiny_model_dir("bert"), path, "classification"), tmp_path / "run")
     assert run.rc == 2
     assert f"{path}: row 2, field 'label': missing" in capsys.readouterr().out
+
+
+def test_eval_metrics_match_hand_computed_values():
+    from types import SimpleNamespace
+
+    import torch
+
+    from kubetune.trainer.batching import Collator, EncodedDataset
+    from kubetune.trainer.evaluating import evaluate
+
+    labels, predicted = [0, 0, 1, 1], [0, 1, 1, 1]
+    features = [{"input_ids": [5, p], "labels": y} for y, p in zip(labels, predicted)]
+    dataset = EncodedDataset(features, [{"_task": "t"}] * 4)
+
+    def engine(input_ids, **_):  # "predicts" the class stored in the second token
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(input_ids[:, 1], 2).float() * 10)
+
+    engine.module = torch.nn.Linear(1, 1)
+    metrics = evaluate(engine, dataset, Collator(0), head="sequence-classification", micro_batch_size=3,
+                       rank=0, world_size=1, device="cpu", num_labels=2)
+    assert metrics["eval_accuracy"] == pytest.approx(0.75)
+    assert metrics["eval_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # macro F1 of the two classes
