@@ -11,7 +11,8 @@ paths relative to it (``KUBETUNE_BASE_DIR``), as in the examples.
 Shown: the happy path (progress, checkpoints, output, phase, conditions; the operator never writes
 the trainer's fields), a pod SIGKILLed after its first checkpoint and replaced within backoffLimit
 (resumes, exactly the requested steps, restarts counted), suspend (SIGTERM, checkpoint, Suspended)
-and resume, and bad data (exit code 2, the file and row in the Failed condition, no retries).
+and resume, bad data (exit code 2, the file and row in the Failed condition, no retries), and two
+nodes: two pods launched by torchrun meeting at ``<job>-0.<service>`` (the headless Service).
 A real cluster runs real pods, so these have no ``-m k8s`` variant.
 """
 
@@ -127,8 +128,14 @@ def wait(cluster: Cluster, node: LocalNode, probe: Callable[[], Any], what: str,
 
 
 def wait_phase(cluster: Cluster, node: LocalNode, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
-    return wait(cluster, node, lambda: (s := ftj_status(cluster, name)).get("phase") == phase and s,
-                f"{name} in phase {phase}", timeout)
+    def reached() -> dict[str, Any] | None:
+        status = ftj_status(cluster, name)
+        other = status.get("phase")
+        if other in ("Succeeded", "Failed") and other != phase:
+            logs = "\n".join(f"--- pod {run.name} (exit {run.exit_code}):\n{run.log()[-3000:]}" for run in node.pods_of(name))
+            raise AssertionError(f"{name} ended {other}, not {phase}: {status.get('message')}\n{logs}")
+        return status if other == phase else None
+    return wait(cluster, node, reached, f"{name} in phase {phase}", timeout)
 
 
 def phases_seen(cluster: Cluster, name: str) -> list[str]:
@@ -298,7 +305,7 @@ def test_a_killed_pod_is_replaced_and_training_resumes_to_exactly_the_requested_
 def test_suspend_checkpoints_on_sigterm_and_resume_continues_from_it(
         emulated_cluster: Cluster, node: LocalNode) -> None:
     cluster = emulated_cluster
-    steps = 200
+    steps = 150
     cluster.create(job_manifest("pause", **{"training.maxSteps": steps, "checkpointing.everySteps": 1000,
                                             "data.eval": None}))
     wait(cluster, node, lambda: (ftj_status(cluster, "pause").get("progress") or {}).get("step", 0) >= 1,
@@ -356,3 +363,18 @@ def test_bad_data_fails_the_job_with_the_file_and_row(emulated_cluster: Cluster,
     assert "broken.jsonl: row 3" in failed["message"]
     assert ("Warning", cond["reason"]) in [(t, r) for t, r, _ in events(cluster, "broken")]
     assert "progress" not in failed
+
+
+def test_two_nodes_rendezvous_through_the_headless_service(emulated_cluster: Cluster, node: LocalNode) -> None:
+    cluster = emulated_cluster
+    cluster.create(job_manifest("pair", **{"training.maxSteps": 4, "checkpointing.everySteps": 2, "data.eval": None,
+                                           "resources.nodes": 2, "checkpointing.storage.accessMode": "ReadWriteMany"}))
+
+    done = wait_phase(cluster, node, "pair", "Succeeded", timeout=120)
+    runs = sorted(node.pods_of("pair"), key=lambda run: run.index)
+    assert [(run.index, run.exit_code) for run in runs] == [(0, EXIT_OK), (1, EXIT_OK)], runs[-1].log()[-3000:]
+    job = cluster.get("batch/v1", "Job", "pair")
+    assert job["status"]["succeeded"] == 2 and job["status"]["completedIndexes"] == "0,1"
+    assert done["progress"]["step"] == done["progress"]["totalSteps"] == 4
+    assert "2 processes" in runs[0].log()  # one trainer process per pod, one process group across both
+    assert_each_side_writes_its_own_status(cluster, "pair")
