@@ -87,6 +87,7 @@ def _continue(tiny_models, task_a, tmp_path, continual, *, steps=150, peft=None,
     return train(doc, run)
 
 
+@pytest.mark.slow
 def test_replay_and_ewc_keep_the_earlier_task_while_the_new_one_is_learned(tiny_models, task_a, tmp_path):
     start = str(task_a["run"] / "out")
     replay_source = str(task_a["data"] / "a" / "train.jsonl")
