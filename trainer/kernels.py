@@ -161,10 +161,27 @@ def causal_lm_loss(
     out = decoder(input_ids=input_ids, use_cache=False, **model_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1),
-        getattr(head, "bias", None), backend=backend,
-    )
+    bias = getattr(head, "bias", None)
+    head_params = [p for p in (head.weight, bias) if p is not None]
+    if not any(hasattr(p, "ds_id") for p in head_params):
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), bias, backend=backend,
+        )
+    # ZeRO-3 partitions the head's weight and gathers it only around the head's own forward and
+    # backward (module hooks). So the fused loss runs *as* the head's forward here: the hooks gather
+    # the weight for it, and gather it again when its gradient arrives in backward. Plain logits
+    # ("torch") are replaced by the chunked kernel, which never holds them all.
+    if backend == "torch" or (backend == "auto" and os.environ.get("KUBETUNE_LOSS_BACKEND") == "torch"):
+        backend = "chunked"
+
+    def fused_forward(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(h, head.weight, target, getattr(head, "bias", None), backend=backend)
+
+    head.forward = fused_forward
+    try:
+        return head(hidden.reshape(-1, hidden.shape[-1]), shifted.reshape(-1))
+    finally:
+        del head.forward
 
 
 class CausalLMLoss(torch.nn.Module):
