@@ -138,8 +138,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.ctx.total_steps = self.total_steps
         self.engine = build_engine(spec, self.model, groups, self.total_steps, self.world_size, self.precision)
-        if spec.training.compile and self.on_gpu:
-            self.engine.compile()
+        if self._compile_enabled():
+            _compile(self.engine)
         self.ctx.engine = self.engine
         self.ctx.model = self.engine.module
         self._resume()
@@ -161,6 +161,27 @@ class Trainer:
                 log.warning("tensorboard is not installed; no TensorBoard events will be written (pip install tensorboard)")
             else:
                 self.writer = SummaryWriter(str(self.paths.output_dir / "tensorboard"), purge_step=self.step or None)
+
+    def _compile_enabled(self) -> bool:
+        """``training.compile``; unset, it is on for GPU runs of a packed causal LM (one graph shape)."""
+        t = self.spec.training
+        if t.compile is not None:
+            return bool(t.compile) and self.on_gpu
+        return self.on_gpu and t.packing and self.spec.head == "causal-lm"
+
+    def _loader(self, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        """Micro-batches ``batches`` (index lists) collated by worker processes into pinned memory.
+
+        On a GPU two workers collate ahead of the training step, so the GPU never waits for the
+        host; on CPU (and when a technique's ``augment`` hook must run in this process, where its
+        state lives) collation stays in this process.
+        """
+        augmenting = self.train_set.augment is not None
+        workers = 2 if self.on_gpu and not augmenting else 0
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=batches, collate_fn=self._collate, num_workers=workers,
+            pin_memory=self.on_gpu, prefetch_factor=4 if workers else None,
+        )
 
     def _start_fresh_log(self) -> None:
         """A run that does not resume starts its training log anew (a resumed one appends)."""
@@ -256,7 +277,9 @@ class Trainer:
                 if self.rank == 0:
                     log.info("eval before training: %s", _fmt(self.initial_metrics))
             reason = "max-steps" if t.max_steps else "completed"
-            window_loss, window_n, window_tokens = 0.0, 0, 0
+            # The loss sum stays on the device between log intervals: no host sync per step.
+            window_loss: torch.Tensor | float = 0.0
+            window_n, window_tokens = 0, 0
             window_start = time.monotonic()
             run_start = time.monotonic()
             steps_at_start = self.step
@@ -270,17 +293,16 @@ class Trainer:
                     from kubetune.trainer.reading import DataError
 
                     raise DataError("spec.data: no micro-batch can be formed from the training data")
+                loader = iter(self._loader(batches[self.offset :]))
                 while self.offset < len(batches) and not stop:
-                    indices = batches[self.offset]
-                    items = [self.train_set[i] for i in indices]
-                    batch = self._collate(items)
+                    batch = next(loader)
                     self.ctx.loss_terms = {}
                     loss, tokens = self._forward(batch)
                     engine.backward(loss)
                     engine.step()
                     self.offset += 1
                     micro_in_step += 1
-                    window_loss += float(loss.detach())
+                    window_loss = window_loss + loss.detach().float()
                     window_n += 1
                     window_tokens += tokens
                     if micro_in_step < t.gradient_accumulation_steps:
@@ -292,7 +314,8 @@ class Trainer:
                     for technique in self.techniques:
                         technique.on_step_end(self.ctx)
                     if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
-                        self._log_progress(window_loss, window_n, window_tokens, time.monotonic() - window_start,
+                        loss_sum = float(window_loss)  # waits for this step's GPU work: the window's time is exact
+                        self._log_progress(loss_sum, window_n, window_tokens, time.monotonic() - window_start,
                                            (time.monotonic() - run_start) / max(1, self.step - steps_at_start))
                         window_loss, window_n, window_tokens = 0.0, 0, 0
                         window_start = time.monotonic()
@@ -309,6 +332,7 @@ class Trainer:
                     if self._terminating():
                         self.save_checkpoint()
                         raise Terminated()
+                del loader  # stops its workers before evaluation and the next epoch
                 if self.offset >= len(batches):
                     self.epoch += 1
                     self.offset = 0
@@ -371,6 +395,7 @@ class Trainer:
         """Whether any rank got SIGTERM (all ranks agree, so they checkpoint at the same step)."""
         flag = torch.tensor([1.0 if self.terminate_requested else 0.0])
         if self.world_size > 1:
+            flag = flag.to(self.device)  # NCCL reduces device tensors only
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -404,8 +429,12 @@ class Trainer:
             for name, value in self.ctx.loss_terms.items():
                 self.writer.add_scalar(f"train/{name}", value, self.step)
         if self.rank == 0:
+            # The log line also keeps the window's own numbers, so throughput can be summed exactly.
+            record = dict(progress, window_tokens=int(stats[2]), window_seconds=round(elapsed, 6))
+            if self.on_gpu:
+                record["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
             with (self.paths.output_dir / "trainer_log.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(progress) + "\n")
+                handle.write(json.dumps(record) + "\n")
 
     def _evaluate(self) -> dict[str, float]:
         assert self.eval_set is not None
@@ -488,6 +517,22 @@ class Trainer:
                     torch.distributed.barrier()
             finally:
                 torch.distributed.destroy_process_group()
+
+
+def _compile(engine: Any) -> None:
+    """``torch.compile`` each decoder layer (one graph, reused by every layer), else the whole model.
+
+    Per layer keeps the packed attention call (whose boundaries change every batch) and the fused
+    loss outside the graphs, and compiles in seconds however deep the model is.
+    """
+    model = engine.module
+    get_decoder = getattr(model, "get_decoder", None)
+    layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
+    if isinstance(layers, torch.nn.ModuleList) and len(layers):
+        for layer in layers:
+            layer.compile()
+    else:
+        engine.compile()
 
 
 def _overrides(technique: Any, hook: str) -> bool:

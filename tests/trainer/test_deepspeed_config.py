@@ -43,9 +43,19 @@ def test_escape_hatch_deep_merges_but_batch_sizes_follow_training():
         deepspeed={"zeroStage": 2, "config": {"zero_optimization": {"overlap_comm": True}, "train_micro_batch_size_per_gpu": 99, "comms_logger": {"enabled": True}}},
     )
     config = deepspeed_config(spec, 1, "fp32")
-    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    # one process: overlap and contiguous buffers are off by default, and the escape hatch still wins
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": False}
     assert config["comms_logger"] == {"enabled": True}
     assert config["train_micro_batch_size_per_gpu"] == 2
+
+
+def test_one_process_turns_off_zero_overlap_and_several_keep_deepspeed_defaults():
+    spec = _spec(deepspeed={"zeroStage": 2})
+    assert deepspeed_config(spec, 1, "bf16")["zero_optimization"] == {
+        "stage": 2, "overlap_comm": False, "contiguous_gradients": False}
+    assert deepspeed_config(spec, 2, "bf16")["zero_optimization"] == {"stage": 2}
+    assert deepspeed_config(_spec(deepspeed={"zeroStage": 3}), 1, "bf16")["zero_optimization"]["stage"] == 3
+    assert "overlap_comm" not in deepspeed_config(_spec(deepspeed={"zeroStage": 3}), 1, "bf16")["zero_optimization"]
 
 
 def test_deep_merge_does_not_modify_its_inputs():
