@@ -217,7 +217,10 @@ class TrainingSpec(SpecModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order, initialisation of new weights and augmentation.")
     log_every_steps: int = Field(default=10, ge=1, le=10**9, description="Log and report progress every N steps.")
-    compile: bool = Field(default=False, description="torch.compile the model (GPU).")
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile each decoder layer (GPU only). Unset: on for GPU runs with packing, off otherwise.",
+    )
 
 
 class DeepSpeedSpec(SpecModel):
