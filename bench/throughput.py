@@ -3,6 +3,10 @@
     python -m bench.throughput                       # full matrix on cuda:0, writes bench/results/<date>.{json,md}
     python -m bench.throughput --tiny --device cpu   # dry run of the same code on CPU
 
+Sides: ``baseline`` (bench/baseline_hf.py), ``kubetune`` — the product trainer run from a FineTuneJob
+(bench/kubetune_trainer.py) — and, on request, ``loop``: the product's building blocks in the minimal
+loop of bench/kubetune_loop.py (``--sides baseline,kubetune,loop``).
+
 Each (workload, method, side) runs in its own process, one after the other on the same GPU, so
 peak memory and compile caches do not leak between runs. Tokens/s counts only real tokens (padding
 excluded on both sides). Ratios are kubetune / baseline of the same workload and method.
@@ -39,11 +43,16 @@ def _worker(args: argparse.Namespace) -> None:
         from bench import baseline_hf
 
         result = baseline_hf.run(args.workload, args.method, **common)
+    elif args.worker == "kubetune":
+        from bench import kubetune_trainer
+
+        result = kubetune_trainer.run(args.workload, args.method, **common)
     else:
         from bench import kubetune_loop
 
         result = kubetune_loop.run(args.workload, args.method, compile=not args.no_compile,
                                    loss_backend=args.loss_backend, profile_dir=args.profile_dir, **common)
+        result["side"] = "loop"
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result_file).write_text(json.dumps(result))
 
@@ -63,8 +72,10 @@ def _spawn(args: argparse.Namespace, side: str, workload: str, method: str, resu
     for flag in ("tiny", "no_deepspeed", "no_compile"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
-    if args.profile_dir and side == "kubetune":
+    if args.profile_dir and side == "loop":
         cmd += ["--profile-dir", args.profile_dir]
+    if side == "kubetune" and nproc == 1 and args.no_deepspeed:
+        raise SystemExit("--no-deepspeed: the product trainer always runs DeepSpeed (use --sides baseline,loop)")
     print(f"== {side} {workload} {method} x{nproc}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0 or not result_file.exists():
@@ -95,8 +106,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(b.get('mfu'), '.1%')} | {_fmt(k.get('mfu'), '.1%')} | "
             f"{_fmt(b.get('peak_mem_gib'), '.1f')} | {_fmt(k.get('peak_mem_gib'), '.1f')} |"
         )
-    lines += ["", "Tokens/s count real tokens only; MFU against 989 TFLOP/s with 6N (full) or 4N (LoRA) "
-              "+ causal attention FLOPs per token (bench/workload.py)."]
+    lines += ["", "kubetune = the product trainer (kubetune.trainer.training.Trainer) run from a FineTuneJob, "
+              "timed from its own trainer_log.jsonl. Tokens/s count real tokens only; MFU against 989 TFLOP/s "
+              "with 6N (full) or 4N (LoRA) + causal attention FLOPs per token (bench/workload.py)."]
+    loops = [r for r in report["rows"] if r.get("loop")]
+    if loops:
+        lines += ["", "| workload | method | minimal loop tok/s (bench/kubetune_loop.py) | trainer / loop |", "|---|---|---:|---:|"]
+        for row in loops:
+            lp, k = row["loop"].get("tokens_per_s"), row["kubetune"].get("tokens_per_s")
+            lines.append(f"| {row['workload']} | {row['method']} | {_fmt(lp, ',.0f')} | "
+                         f"{_fmt(k / lp if k and lp else None, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--scaling", default="", help="e.g. 1,2: kubetune fixed full on that many GPUs each, "
                    "written as <date>-scaling.{json,md} instead of the baseline comparison")
-    p.add_argument("--worker", choices=["baseline", "kubetune"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["baseline", "kubetune", "loop"], help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 def _scaling(args: argparse.Namespace, out: Path, stamp: str, gpu: str, torch_version: str) -> int:
     runs = []
     for n in (int(x) for x in args.scaling.split(",")):
-        runs.append(_spawn(args, "kubetune", "fixed", "full", out / f".{stamp}-scaling-{n}.json", nproc=n))
+        runs.append(_spawn(args, args.sides.split(",")[-1], "fixed", "full", out / f".{stamp}-scaling-{n}.json", nproc=n))
     one = runs[0].get("tokens_per_s")
     lines = [f"ZeRO-2 scaling, kubetune fixed-length full fine-tuning, {gpu}, {stamp} (torch {torch_version}).", "",
              "| GPUs | tokens/s | speed-up vs 1 GPU | MFU per GPU | peak GiB (rank 0) |", "|---:|---:|---:|---:|---:|"]

@@ -1,0 +1,164 @@
+"""The kubetune side of the throughput benchmark: the product trainer, driven by a FineTuneJob.
+
+What a user runs (``kubetune train`` / the trainer pods) is :class:`kubetune.trainer.training.Trainer`;
+this module measures exactly that on the benchmark workload (:mod:`bench.workload`):
+
+* the Llama-3.2-1B-shaped random-init model is saved once (bf16 safetensors) into a work folder,
+  with a word-level tokenizer of the same 128,256-entry vocabulary (``t<id>`` words map to token id
+  ``<id>``, so the synthetic text is the token stream, no tokenizer artefacts);
+* the workload's documents (fixed 2048 or instruction-like lengths) are written as a ``text``
+  jsonl dataset: each line is ``length - 1`` random words, the trainer appends the eos token;
+* the FineTuneJob: ``training.packing`` on with ``microBatchSize x maxSeqLength`` = 8 x 2048 =
+  16,384 tokens per micro-batch, bf16, ``deepspeed.zeroStage`` 2, LoRA r=16 alpha=32 (dropout 0)
+  on all linear layers for ``lora``; everything else is the product's default (compile, loss
+  kernel, DataLoader workers, fused AdamW, DeepSpeed settings);
+* tokens/s comes from the trainer's own ``trainer_log.jsonl`` (``window_tokens`` /
+  ``window_seconds`` of each log interval), the warm-up interval (compilation, first allocations)
+  excluded; peak memory from its ``gpu_peak_memory_gib``.
+
+Only the end of the run is cut: the final checkpoint (~15 GB of fp32 master weights and Adam
+state for this model) and the export are skipped, since they are not training steps.
+``KUBETUNE_BENCH_SPEC`` (JSON, deep-merged into ``spec``) overrides spec fields for A/B runs.
+Run through ``bench/throughput.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import workload as wl
+
+EOS, UNK = "<eos>", "<unk>"
+
+
+def _tokenizer(folder: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {EOS: 0, UNK: 1, **{f"t{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, unk_token=UNK, pad_token=EOS)
+    fast.save_pretrained(str(folder))
+
+
+def prepare_model(root: Path, shape: wl.Shape, cuda: bool) -> Path:
+    """The random-init model + tokenizer folder for ``shape`` (built once, reused)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folder = root / f"model-{shape.layers}x{shape.hidden}-{'bf16' if cuda else 'fp32'}"
+    if (folder / "config.json").exists():
+        return folder
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(wl.llama_config(shape)).to(torch.bfloat16 if cuda else torch.float32)
+    model.save_pretrained(str(tmp))
+    _tokenizer(tmp, shape.vocab)
+    tmp.rename(folder)
+    return folder
+
+
+def write_dataset(path: Path, lengths: list[int], vocab: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed + 1)
+    with path.open("w", encoding="utf-8") as fh:
+        for n in lengths:
+            ids = rng.integers(2, vocab, size=n - 1)  # + eos appended by the trainer = n tokens
+            fh.write(json.dumps({"text": " ".join(f"t{i}" for i in ids)}) + "\n")
+    return path
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, steps: int, log_every: int,
+                 cuda: bool, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"source": str(model_dir)},
+        "data": {"datasets": [{"name": "bench", "source": str(data), "format": "text"}]},
+        "training": {
+            "maxSteps": steps, "microBatchSize": shape.micro_batch, "maxSeqLength": shape.seq_len,
+            "packing": True, "precision": "bf16" if cuda else "fp32", "learningRate": 1e-5,
+            "lrScheduler": "constant", "warmupSteps": 0, "logEverySteps": log_every,
+        },
+        "deepspeed": {"zeroStage": 2},
+        "checkpointing": {"resume": False},
+    }
+    if method == "lora":
+        spec["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targetModules": list(wl.LORA_TARGETS)}
+    _merge(spec, json.loads(os.environ.get("KUBETUNE_BENCH_SPEC", "{}")))
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tiny: bool, seed: int = 0,
+        workdir: str | None = None, **_: Any) -> dict[str, Any]:
+    from kubetune.api import parse_job
+    from kubetune.trainer import training
+    from kubetune.trainer.running import RunOptions, RunPaths
+    from kubetune.trainer.running import run as run_job
+
+    shape = wl.shape_for(tiny)
+    cuda = device.startswith("cuda")
+    if not cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer picks the GPU whenever it sees one
+    root = Path(workdir or os.environ.get("KUBETUNE_BENCH_WORKDIR", "/tmp/kubetune-bench"))
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(root, shape, cuda)
+    # Warm-up is one log interval; the timed steps are whole intervals of the same size.
+    log_every = max(1, warmup)
+    timed = -(-steps // log_every) * log_every
+    total = log_every + timed
+    per_step = shape.token_budget // (shape.seq_len if workload == "fixed" else 150 * shape.seq_len // wl.SEQ_LEN)
+    lengths = wl.lengths_for(workload, shape, per_step * (total + 4), seed=seed)
+    run_dir = root / f"run-{workload}-{method}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    data = write_dataset(run_dir / "data.jsonl", lengths, shape.vocab, seed)
+    job = parse_job(job_manifest(model_dir, data, shape, method, steps=total, log_every=log_every, cuda=cuda,
+                                 name=f"bench-{workload}-{method}"))
+    paths = RunPaths(base_dir=run_dir, output_dir=run_dir / "output", checkpoint_dir=run_dir / "checkpoints", run_dir=run_dir)
+
+    # Not training steps: the final checkpoint and the export (see the module doc).
+    training.Trainer.save_checkpoint = lambda self: paths.checkpoint_dir  # type: ignore[method-assign]
+    training.Trainer._export = lambda self: paths.output_dir  # type: ignore[method-assign]
+    if os.environ.get("KUBETUNE_BENCH_OVERFLOW_SCAN") == "1":  # A/B: DeepSpeed's own per-tensor scan
+        from kubetune.trainer import engines
+
+        engines.use_norm_overflow_check = lambda engine: False
+    code = run_job(job, paths, RunOptions(local=True, progress=False))
+    if code != 0:
+        raise RuntimeError(f"the trainer exited with {code}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    records = [json.loads(line) for line in (paths.output_dir / "trainer_log.jsonl").read_text().splitlines() if line]
+    windows = [r for r in records if r["step"] > log_every]
+    tokens = sum(r["window_tokens"] for r in windows)
+    seconds = sum(r["window_seconds"] for r in windows)
+    # FLOPs: 6N/4N per token plus attention for the workload's documents (the mean attended
+    # context per token of the written dataset; exact for fixed-length data).
+    arr = np.asarray(lengths, dtype=np.float64)
+    per_token_attention = float((arr * (arr + 1) / 2).sum() / arr.sum())
+    flops = tokens * ((6 if method == "full" else 4) * wl.n_params(shape)
+                      + 12 * shape.layers * shape.hidden * per_token_attention)
+    return {
+        "side": "kubetune", "workload": workload, "method": method, "steps": timed, "gpus": int(os.environ.get("WORLD_SIZE", "1")),
+        "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
+        "mfu": wl.mfu(flops, seconds) if seconds else None, "final_loss": records[-1]["loss"],
+        "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"),
+        "setup": ("product Trainer (kubetune.trainer.training) from a FineTuneJob: packing 16,384 tokens, "
+                  f"{job.spec.training.precision}, ZeRO stage {job.spec.deepspeed.zero_stage}, compile {job.spec.training.compile} (unset = auto), "
+                  f"{timed} timed steps after {log_every} warm-up, from trainer_log.jsonl"),
+    }
