@@ -158,16 +158,24 @@ def _pvc_sources(value: Any) -> Iterator[str]:
 
 
 def source_claims(job: FineTuneJob) -> list[str]:
-    """Claims named by pvc:// sources, in first-seen order (the workspace claim excluded)."""
+    """Claims named by pvc:// sources, in first-seen order. The workspace claim is listed too when a
+    source names it: the workspace mount shows only this job's folder of a shared claim, while a
+    source (an earlier job's output on the same claim) is read through the whole claim."""
     seen: list[str] = []
     for claim in _pvc_sources(job.spec.to_manifest()):
-        if claim not in seen and claim != workspace_claim(job):
+        if claim not in seen:
             seen.append(claim)
     return seen
 
 
 def workspace_claim(job: FineTuneJob) -> str:
     return job.spec.checkpointing.storage.existing_claim or naming.names_for(job.name).claim
+
+
+def workspace_sub_path(job: FineTuneJob) -> str | None:
+    """The job's folder on an existing (shared) claim, so that jobs sharing one claim never resume
+    from or overwrite each other's checkpoints and output; None for the job's own claim."""
+    return job.name if job.spec.checkpointing.storage.existing_claim else None
 
 
 def service_account_name(job: FineTuneJob) -> str:
@@ -349,7 +357,7 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "workspace", "mountPath": WORKSPACE_DIR},
+        {"name": "workspace", "mountPath": WORKSPACE_DIR, **({"subPath": sub} if (sub := workspace_sub_path(job)) else {})},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]

@@ -204,16 +204,19 @@ def first_trials(job: FineTuneJob) -> list[dict[str, Any]]:
 
 def output_location(trial: dict[str, Any]) -> str | None:
     """Where a trial's model is, for the parent's ``outputPath``. Every trial writes to
-    ``/workspace/…`` on its own claim, so a path there becomes ``pvc://<claim>/…`` (a source a
+    ``/workspace/…`` — its own claim, or its own folder of a shared one — so a path there becomes
+    ``pvc://<claim>/[<trial>/]…`` (a source a
     next FineTuneJob can start from); any other path is kept as the trainer reported it."""
     path = (trial.get("status") or {}).get("outputPath")
     if not path or not str(path).startswith(building.WORKSPACE_DIR + "/"):
         return path
     try:
-        claim = building.workspace_claim(creating.parse_body(trial))
+        job = creating.parse_body(trial)
     except SpecError:
         return str(path)
-    return f"pvc://{claim}/{str(path)[len(building.WORKSPACE_DIR) + 1:]}"
+    folder = building.workspace_sub_path(job)
+    relative = str(path)[len(building.WORKSPACE_DIR) + 1:]
+    return f"pvc://{building.workspace_claim(job)}/{folder + '/' if folder else ''}{relative}"
 
 
 # ------------------------------------------------------------------------------ applying

@@ -160,6 +160,26 @@ class TestJob:
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
         assert env_of(built)["OMP_NUM_THREADS"] == "2"
 
+    def test_jobs_sharing_an_existing_claim_each_get_their_own_folder(self) -> None:
+        """Two jobs on one claim never resume from or overwrite each other's checkpoints/output;
+        an earlier job's output on the same claim is still readable as a pvc:// source."""
+        storage = {"storage": {"existingClaim": "team-store"}}
+        mounts = {}
+        for name in ("first", "second"):
+            built = building.build_job(job_of(name, checkpointing=storage, model={"source": "pvc://team-store/first/output"}))
+            validate(built)
+            pod = built["spec"]["template"]["spec"]
+            container = pod["containers"][0]
+            mounts[name] = {m["mountPath"]: m for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            workspace = mounts[name]["/workspace"]
+            assert volumes[workspace["name"]]["persistentVolumeClaim"]["claimName"] == "team-store"
+            assert workspace["subPath"] == name
+            source = mounts[name]["/mnt/pvc/team-store"]
+            assert source["readOnly"] and "subPath" not in source
+        own = building.build_job(job_of("own"))["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert all("subPath" not in m for m in own), "a job's own claim is mounted whole"
+
     def test_trainer_environment_contract(self) -> None:
         env = env_of(building.build_job(job_of()))
         assert env["KUBETUNE_JOB_NAME"] == "llama-sft"
