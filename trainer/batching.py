@@ -83,6 +83,39 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool, hooked: Sequence[i
     return order
 
 
+def mixed_order(group_of: Sequence[str], probabilities: dict[str, float], length: int, rng: random.Random) -> list[int]:
+    """``length`` example indices whose groups (datasets or tasks) follow ``probabilities``; each
+    group cycles through its own examples in a reshuffled order, so a small group repeats and a
+    large one is subsampled instead of the mix drifting towards the big one."""
+    pools: dict[str, list[int]] = {}
+    for index, group in enumerate(group_of):
+        pools.setdefault(group, []).append(index)
+    groups = sorted(g for g in probabilities if g in pools)
+    weights = [probabilities[g] for g in groups]
+    queues: dict[str, list[int]] = {g: [] for g in groups}
+    order = []
+    for group in rng.choices(groups, weights=weights, k=length):
+        if not queues[group]:
+            queues[group] = pools[group][:]
+            rng.shuffle(queues[group])
+        order.append(queues[group].pop())
+    return order
+
+
+def weighted_dataset_order(spec: Any, examples: Sequence[dict[str, Any]], epoch: int) -> list[int] | None:
+    """The epoch's order when ``data.datasets[].weight`` differ: a seeded mixture by weight (the
+    multi-task plugin does the same per task, with more sampling modes). None when all weights
+    are equal, which keeps the plain (shuffled) order."""
+    weights: dict[str, float] = {}
+    for i, ds in enumerate(spec.data.datasets):
+        weights[ds.name or f"dataset-{i}"] = ds.weight
+    if len(set(weights.values())) <= 1:
+        return None
+    total = sum(weights.values())
+    rng = random.Random(spec.training.seed * 7919 + epoch)
+    return mixed_order([e.get("_dataset", "") for e in examples], {k: v / total for k, v in weights.items()}, len(examples), rng)
+
+
 def shard(order: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's part of an epoch's order; every rank gets the same count (wrap-around padding)."""
     if world_size > 1 and len(order) % world_size:

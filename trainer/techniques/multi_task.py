@@ -28,6 +28,7 @@ import random
 from collections import Counter
 from typing import Any
 
+from kubetune.trainer.batching import mixed_order
 from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
 from kubetune.trainer.techniques.inputs import prepend
 
@@ -50,23 +51,6 @@ def task_probabilities(spec: Any, sizes: dict[str, int]) -> dict[str, float]:
         raw = {t: 1.0 for t in tasks}
     total = sum(raw.values())
     return {t: v / total for t, v in raw.items()}
-
-
-def mixed_order(task_of: list[str], probabilities: dict[str, float], length: int, rng: random.Random) -> list[int]:
-    """``length`` example indices whose tasks follow ``probabilities`` (each task cycles its examples)."""
-    pools: dict[str, list[int]] = {}
-    for index, task in enumerate(task_of):
-        pools.setdefault(task, []).append(index)
-    tasks = sorted(probabilities)
-    weights = [probabilities[t] for t in tasks]
-    queues: dict[str, list[int]] = {t: [] for t in tasks}
-    order = []
-    for task in rng.choices(tasks, weights=weights, k=length):
-        if not queues[task]:
-            queues[task] = pools[task][:]
-            rng.shuffle(queues[task])
-        order.append(queues[task].pop())
-    return order
 
 
 @register
