@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from kubetune.trainer import checkpoints
-from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard
+from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard, weighted_dataset_order
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
 from kubetune.trainer.engines import build_engine, default_param_groups, init_distributed, resolve_precision
 from kubetune.trainer.evaluating import evaluate
@@ -211,6 +211,8 @@ class Trainer:
             hooked = technique.order_batches(self.ctx, self.train_set)
             if hooked is not None:
                 break
+        if hooked is None:  # mixing weights of several datasets apply without any technique
+            hooked = weighted_dataset_order(self.spec, self.train_set.examples, epoch)
         order = epoch_order(len(self.train_set), epoch, self.spec.training.seed, self.spec.data.shuffle, hooked)
         t = self.spec.training
         if t.packing:
