@@ -199,11 +199,13 @@ class TrainingSpec(SpecModel):
     micro_batch_size: int = Field(default=8, ge=1, le=65536, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=65536, description="Micro-batches per optimizer step.")
     max_seq_length: int = Field(default=1024, ge=8, le=1048576, description="Tokens per example (longer ones are truncated).")
-    packing: bool = Field(
-        default=False,
+    packing: bool | None = Field(
+        default=None,
         description=(
-            "Pack several examples into each sequence without padding, with attention kept inside each "
-            "example. Causal LM only."
+            "Pack several examples into each micro-batch of microBatchSize x maxSeqLength tokens without "
+            "padding, with attention kept inside each example. Causal LM only. Unset: on for GPU runs of a "
+            "causal LM where no technique needs per-example logits or sequences (see packing_by_default), "
+            "off otherwise (CPU runs pad)."
         ),
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
@@ -362,6 +364,32 @@ class FineTuneJobSpec(SpecModel):
         if problems:
             raise ValueError("; ".join(f"{p.path}: {p.message}" for p in problems))
         return self
+
+    def packing_by_default(self) -> str | None:
+        """Why packing stays off when ``training.packing`` is unset (None: packing is safe to turn on
+        on a GPU). The reasons mirror the rules that refuse an explicit ``packing: true``."""
+        t = self.techniques
+        if self.head != "causal-lm":
+            return f"the {self.head} head needs one example per sequence"
+        if self.peft.method in {"prefix", "prompt", "p-tuning"}:
+            return f"{self.peft.method} prepends virtual tokens to each sequence"
+        if t.controlled_generation is not None and t.controlled_generation.dpo is not None:
+            return "DPO compares chosen and rejected sequences one by one"
+        if t.distillation is not None:
+            return "distillation compares per-token logits"
+        if t.adversarial is not None and t.adversarial.method != "none":
+            return "adversarial training re-runs the model on perturbed embeddings"
+        if t.regularization is not None and t.regularization.label_smoothing > 0:
+            return "label smoothing needs the logits"
+        if t.domain_adaptation is not None and t.domain_adaptation.packing:
+            return "domain adaptation already packs documents into full blocks"
+        return None
+
+    def packing_enabled(self, on_gpu: bool) -> bool:
+        """Whether this run packs: ``training.packing`` when set, else on for safe GPU runs."""
+        if self.training.packing is not None:
+            return self.training.packing
+        return on_gpu and self.packing_by_default() is None
 
     @property
     def head(self) -> ModelHead:

@@ -57,13 +57,16 @@ class Trainer:
 
     def __init__(self, job: Any, paths: RunPaths, options: RunOptions) -> None:
         self.job = job
-        self.spec = job.spec
         self.paths = paths
         self.options = options
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.on_gpu = torch.cuda.is_available()
+        # Settings left to the trainer are decided once, here, so every module and plugin reads
+        # the same concrete values (packing is on by default for safe GPU runs of a causal LM).
+        packing = job.spec.packing_enabled(self.on_gpu)
+        self.spec = job.spec.model_copy(update={"training": job.spec.training.model_copy(update={"packing": packing})})
         self.device = torch.device(f"cuda:{self.local_rank}" if self.on_gpu else "cpu")
         self.reporter: Any = None
         self.writer: Any = None

@@ -140,3 +140,26 @@ def test_unknown_field_without_near_miss_lists_what_is_allowed() -> None:
     _, problems = validate_manifest(_with(peft={"method": "lora", "rank": 8}))
     (problem,) = [p for p in problems if p.path == "spec.peft.rank"]
     assert "allowed: method, r, alpha" in problem.message
+
+
+def test_packing_is_on_by_default_only_where_it_is_safe() -> None:
+    """Unset packing: on for GPU causal-LM runs, off on CPU and wherever a technique needs the logits."""
+    plain = parse_job(BASE).spec
+    assert plain.training.packing is None
+    assert plain.packing_enabled(on_gpu=True) and not plain.packing_enabled(on_gpu=False)
+    off = {
+        "classification head": _with(techniques=CLASSIFY, data__datasets=CLASSIFY_DATA),
+        "prompt tuning": _with(peft={"method": "prompt"}),
+        "distillation": _with(techniques={"distillation": {"teacher": {"source": "hf://o/t"}}}),
+        "adversarial": _with(techniques={"adversarial": {"method": "fgm"}}),
+        "label smoothing": _with(techniques={"regularization": {"labelSmoothing": 0.1}}),
+        "dpo": _with(data__datasets=PREF_DATA, techniques={"controlledGeneration": {"dpo": {}}}),
+    }
+    for why, body in off.items():
+        spec = parse_job(body).spec
+        assert spec.packing_by_default() is not None, why
+        assert not spec.packing_enabled(on_gpu=True), why
+    # NEFTune alone keeps packing; an explicit choice always wins.
+    assert parse_job(_with(techniques={"adversarial": {"method": "none", "neftuneAlpha": 5.0}})).spec.packing_enabled(on_gpu=True)
+    assert not parse_job(_with(training={"packing": False})).spec.packing_enabled(on_gpu=True)
+    assert parse_job(_with(training={"packing": True})).spec.packing_enabled(on_gpu=False)
