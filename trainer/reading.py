@@ -85,7 +85,7 @@ def _read_file(path: Path, where: str) -> list[Row]:
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{name}: row {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise DataError(f"{name}: row {number}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
                 rows.append(_row(value, name, number))
         return rows
     if suffix == ".json":

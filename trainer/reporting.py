@@ -322,7 +322,8 @@ def describe_progress(progress: Progress) -> str:
         parts.append(f"loss {progress.loss:.4f}")
     if progress.eval_loss is not None:
         parts.append(f"eval_loss {progress.eval_loss:.4f}")
-    for name, value in sorted((progress.metrics or {}).items())[:4]:
+    shown = [(n, v) for n, v in sorted((progress.metrics or {}).items()) if n != "eval_loss"]
+    for name, value in shown[:4]:  # eval_loss is already shown above
         parts.append(f"{name} {value:.4g}")
     if progress.learning_rate is not None:
         parts.append(f"lr {progress.learning_rate:.2e}")

@@ -106,6 +106,26 @@ def _share_cores() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+#: Where Kubernetes reads a container's termination message (the operator's pods use the default).
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes Kubernetes keeps of it
+
+
+def write_termination_message(message: str) -> bool:
+    """Tell Kubernetes why the pod failed: the message lands in the pod's status, and from there in
+    the FineTuneJob's Failed condition. Writes only where the file exists (Kubernetes creates it in
+    every container) or ``KUBETUNE_TERMINATION_LOG`` names one; returns whether it wrote."""
+    path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG") or TERMINATION_LOG)
+    if "KUBETUNE_TERMINATION_LOG" not in os.environ and not path.exists():
+        return False
+    data = message.encode("utf-8")[:TERMINATION_MESSAGE_LIMIT].decode("utf-8", errors="ignore")
+    try:
+        path.write_text(data, encoding="utf-8")
+    except OSError:
+        return False
+    return True
+
+
 def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     """Train ``job``; returns the process exit code (see the module doc)."""
     from kubetune.api import SpecError
@@ -147,7 +167,12 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         return EXIT_TERMINATED
     except (SpecError, DataError, SourceError, ModelError) as exc:
         log.error("%s", exc)
+        write_termination_message(str(exc))
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        log.exception("training failed")
+        write_termination_message(f"training failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
     finally:
         if trainer is not None:
             trainer.cleanup(succeeded)

@@ -193,3 +193,11 @@ def test_metrics_no_longer_reported_are_removed_by_the_merge_patch() -> None:
     assert body["metrics"] == {"task_a": 0.7, "task_b": None}  # null removes task_b from the object
     assert body["evalLoss"] == 0.9
     assert status.status().progress.metrics == {"task_a": 0.7}
+
+
+def test_progress_line_shows_eval_loss_once() -> None:
+    from kubetune.api.statuses import Progress
+    from kubetune.trainer.reporting import describe_progress
+
+    line = describe_progress(Progress(step=5, total_steps=10, loss=0.5, eval_loss=0.4, metrics={"eval_loss": 0.4, "eval_accuracy": 0.9}))
+    assert line.count("eval_loss") == 1 and "eval_accuracy 0.9" in line
