@@ -287,7 +287,14 @@ class ResourcesSpec(SpecModel):
 class StorageSpec(SpecModel):
     """The volume for checkpoints and output."""
 
-    existing_claim: ObjectName | None = Field(default=None, description="Use this existing PersistentVolumeClaim instead of creating one.")
+    existing_claim: ObjectName | None = Field(
+        default=None,
+        description=(
+            "Use this existing PersistentVolumeClaim instead of creating one. Each job works in its own "
+            "folder <job-name>/ on it, so jobs can share a claim; an earlier job's output there is "
+            "pvc://<claim>/<earlier-job>/output."
+        ),
+    )
     size: Quantity = Field(default="20Gi", description="Size of the claim the operator creates.")
     storage_class_name: ObjectName | None = Field(default=None, description="StorageClass of the claim the operator creates.")
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
