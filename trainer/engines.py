@@ -98,6 +98,19 @@ def deepspeed_config(spec: Any, world_size: int, precision: str) -> dict[str, An
     return config
 
 
+def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """All-reduce a (host) tensor across the process group and return the result on the host.
+
+    NCCL reduces device tensors only, gloo host tensors: the tensor travels to the group's device
+    and back, so callers can keep counters wherever they like."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    moved = tensor.to(device)
+    torch.distributed.all_reduce(moved, op=op if op is not None else torch.distributed.ReduceOp.SUM)
+    return moved.to(tensor.device)
+
+
 def init_distributed(on_gpu: bool) -> None:
     """Start the process group from torchrun's environment (a single process gets a local one)."""
     import importlib

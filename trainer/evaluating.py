@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kubetune.trainer.batching import micro_batches, model_inputs
+from kubetune.trainer.engines import all_reduce
 
 IGNORE_INDEX = -100
 
@@ -96,7 +97,7 @@ def evaluate(
     for tally in tallies.values():
         vec = tally.vector()
         if world_size > 1:
-            torch.distributed.all_reduce(vec)
+            vec = all_reduce(vec)
         tally.load(vec)
     if was_training:
         model.train()

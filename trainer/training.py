@@ -40,7 +40,7 @@ import torch
 from kubetune.trainer import checkpoints
 from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard, weighted_dataset_order
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
-from kubetune.trainer.engines import build_engine, default_param_groups, init_distributed, resolve_precision
+from kubetune.trainer.engines import all_reduce, build_engine, default_param_groups, init_distributed, resolve_precision
 from kubetune.trainer.evaluating import evaluate
 from kubetune.trainer.running import RunOptions, RunPaths, make_run_reporter
 from kubetune.trainer.techniques.base import TechniqueContext, enabled_techniques
@@ -400,14 +400,13 @@ class Trainer:
         """Whether any rank got SIGTERM (all ranks agree, so they checkpoint at the same step)."""
         flag = torch.tensor([1.0 if self.terminate_requested else 0.0])
         if self.world_size > 1:
-            flag = flag.to(self.device)  # NCCL reduces device tensors only
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            flag = all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def _log_progress(self, loss_sum: float, n: int, tokens: int, elapsed: float, seconds_per_step: float) -> None:
         stats = torch.tensor([loss_sum, float(n), float(tokens)], dtype=torch.float64)
         if self.world_size > 1:
-            torch.distributed.all_reduce(stats)
+            stats = all_reduce(stats)
         loss = float(stats[0] / max(stats[1], 1))
         lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0
         progress = {

@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from kubetune.trainer.engines import all_reduce
 from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
 
 log = logging.getLogger("kubetune.trainer")
@@ -333,8 +334,7 @@ def fisher_diagonal(model: Any, features: list[dict[str, Any]], collate: Any, de
     finally:
         model.train(was_training)
     if world_size > 1 and torch.distributed.is_initialized():
-        for total in sums:
-            torch.distributed.all_reduce(total)
+        sums = [all_reduce(total) for total in sums]
     return {n: total / max(1, len(features)) for (n, _), total in zip(named, sums)}
 
 
