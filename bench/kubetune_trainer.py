@@ -156,7 +156,8 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     return {
         "side": "kubetune", "workload": workload, "method": method, "steps": timed, "gpus": int(os.environ.get("WORLD_SIZE", "1")),
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
-        "mfu": wl.mfu(flops, seconds) if seconds else None, "final_loss": records[-1]["loss"],
+        # The trainer's tokens count every rank; MFU is per GPU.
+        "mfu": wl.mfu(flops / int(os.environ.get("WORLD_SIZE", "1")), seconds) if seconds else None, "final_loss": records[-1]["loss"],
         "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"),
         "setup": ("product Trainer (kubetune.trainer.training) from a FineTuneJob: packing 16,384 tokens, "
                   f"{job.spec.training.precision}, ZeRO stage {job.spec.deepspeed.zero_stage}, compile {job.spec.training.compile} (unset = auto), "
