@@ -68,16 +68,9 @@ def api_probe(**_: Any) -> str:
 
 
 @kopf.on.create(*FINETUNEJOBS)
-async def create_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with _reconcile("FineTuneJob"):
-        if searching.is_search(body):
-            await searching.ensure_trials(dict(body), memo.settings)
-        else:
-            await creating.ensure_children(dict(body), memo.settings)
-
-
 @kopf.on.resume(*FINETUNEJOBS)
-async def resume_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # On create, and on every operator start for jobs that exist (idempotent: nothing is made twice).
     with _reconcile("FineTuneJob"):
         if searching.is_search(body):
             await searching.ensure_trials(dict(body), memo.settings)
