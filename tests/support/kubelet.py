@@ -413,8 +413,9 @@ class LocalNode:
         argv = [expand(part, env) for part in (container.get("command") or []) + (container.get("args") or [])]
         if not argv or argv[0] not in IMAGE_COMMANDS:
             raise NodeError(f"pod {name}: the image has no command {argv[:1]}; known: {sorted(IMAGE_COMMANDS)}")
-        argv[0] = IMAGE_COMMANDS[argv[0]]
-        argv = [self._container_arg(part, rootfs, [m["mountPath"] for m in mounts]) for part in argv]
+        # Container paths in the arguments map into the pod's root; the image's own executable is
+        # this machine's interpreter, which must not be mapped (a checkout under /tmp would be).
+        argv = [IMAGE_COMMANDS[argv[0]]] + [self._container_arg(part, rootfs, [m["mountPath"] for m in mounts]) for part in argv[1:]]
         workdir = rootfs / (container.get("workingDir") or "/").lstrip("/")
         log_path = pod_dir / "container.log"
         with log_path.open("wb") as log:
