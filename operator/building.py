@@ -318,13 +318,21 @@ def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> lis
     return env
 
 
+LAUNCHER_MODULE = "kubetune.trainer.launching"
+
+
 def trainer_command(job: FineTuneJob) -> list[str]:
-    """``python -m kubetune.trainer`` for one process, else torchrun with a static rendezvous on node 0."""
+    """``python -m kubetune.trainer`` for one process, else torchrun (through the trainer's launcher)
+    with a static rendezvous on node 0."""
     trainer = ["-m", TRAINER_MODULE, "--config", CONFIG_PATH]
     if not uses_launcher(job):
         return ["python", *trainer]
+    # torchrun's launcher, run by the trainer's wrapper so the pod keeps the trainer's exit codes
+    # (2 = bad input, which podFailurePolicy fails at once; 143 = stopped on SIGTERM).
     return [
-        "torchrun",
+        "python",
+        "-m",
+        LAUNCHER_MODULE,
         "--nnodes=$(NNODES)",
         "--nproc-per-node=$(NPROC_PER_NODE)",
         "--node-rank=$(NODE_RANK)",

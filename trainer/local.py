@@ -81,7 +81,7 @@ def train_main(args: argparse.Namespace) -> int:
             return run_search(job, paths, options)
         return run(job, paths, options)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "kubetune.trainer.launching", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "kubetune.trainer", "--config", str(config), "--local-mode",
         "--base-dir", str(paths.base_dir), "--output-dir", str(paths.output_dir),
         "--checkpoint-dir", str(paths.checkpoint_dir), "--run-dir", str(paths.run_dir),

@@ -141,7 +141,7 @@ class TestJob:
         validate(built)
         pod = built["spec"]["template"]["spec"]
         container = pod["containers"][0]
-        assert container["command"][0] == "torchrun"
+        assert container["command"][:3] == ["python", "-m", "kubetune.trainer.launching"]
         assert "--node-rank=$(NODE_RANK)" in container["command"]
         assert container["command"][-4:] == ["-m", "kubetune.trainer", "--config", "/etc/kubetune/job.json"]
         env = env_of(built)
@@ -156,7 +156,7 @@ class TestJob:
     def test_cpu_processes_use_torchrun_without_gpu_requests(self) -> None:
         built = building.build_job(job_of(resources={"processesPerNode": 2, "cpu": "4"}))
         container = built["spec"]["template"]["spec"]["containers"][0]
-        assert container["command"][0] == "torchrun"
+        assert container["command"][:3] == ["python", "-m", "kubetune.trainer.launching"]
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
         assert env_of(built)["OMP_NUM_THREADS"] == "2"
 
