@@ -79,9 +79,11 @@ async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec")
-async def change_spec(body: kopf.Body, **_: Any) -> None:
+async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
         await updating.apply_spec_change(dict(body))
+        if searching.is_search(body):  # a search passes runPolicy.suspend on to its trials
+            await searching.reconcile(body.metadata.namespace, body.metadata.name, memo.settings)
 
 
 @kopf.on.event(*FINETUNEJOBS)

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 PARAMETERS_ANNOTATION = f"{GROUP}/trial-parameters"
 #: ``<prefix><index>`` on the parent: a trial whose values made an invalid spec (JSON parameters + message).
 REJECTED_ANNOTATION_PREFIX = f"{GROUP}/rejected-trial-"
+#: Marks a trial suspended because its search was (so unsuspending the search resumes only those).
+SUSPENDED_BY_SEARCH_ANNOTATION = f"{GROUP}/suspended-by-search"
 
 TRIALS_RUNNING = "TrialsRunning"
 SEARCH_SUCCEEDED = "SearchSucceeded"
@@ -127,8 +129,9 @@ def best_of(records: list[TrialRecord], mode: str) -> TrialRecord | None:
     return min(scored, key=lambda r: (sign * r.metric, r.index))  # type: ignore[operator]
 
 
-def search_observation(records: list[TrialRecord], total: int, search: HyperparameterSearchSpec) -> phases.Observation:
-    """The parent's phase, reason and message from its trials."""
+def search_observation(records: list[TrialRecord], total: int, search: HyperparameterSearchSpec,
+                       suspended: bool = False) -> phases.Observation:
+    """The parent's phase, reason and message from its trials (and its own runPolicy.suspend)."""
     finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
     running = sum(1 for r in records if r.state in ("Pending", "Running"))
     best = best_of(records, search.mode)
@@ -138,13 +141,17 @@ def search_observation(records: list[TrialRecord], total: int, search: Hyperpara
             return phases.Observation("Failed", ALL_TRIALS_FAILED, f"all {total} trials failed", completion_time=phases.now())
         return phases.Observation("Succeeded", SEARCH_SUCCEEDED, f"{total}/{total} trials finished{shown}",
                                   completion_time=phases.now())
+    if suspended:
+        return phases.Observation("Suspended", Reason.SUSPENDED,
+                                  f"suspended: {finished}/{total} trials finished; no trial starts and unfinished trials are suspended{shown}")
     return phases.Observation("Running", TRIALS_RUNNING, f"{finished}/{total} trials finished, {running} running{shown}")
 
 
 def search_status_patch(status: dict[str, Any], records: list[TrialRecord], total: int, search: HyperparameterSearchSpec,
-                        *, best_output: str | None, generation: int | None, techniques: str) -> tuple[dict[str, Any], phases.Observation]:
+                        *, best_output: str | None, generation: int | None, techniques: str,
+                        suspended: bool = False) -> tuple[dict[str, Any], phases.Observation]:
     """The parent's status fields to write (empty when nothing changes), and the observation."""
-    obs = search_observation(records, total, search)
+    obs = search_observation(records, total, search, suspended)
     best = best_of(records, search.mode)
     timestamp = phases.now()
     conditions = status.get("conditions") or []
@@ -273,8 +280,31 @@ async def reconcile(namespace: str, name: str, settings: Settings | None = None)
         total = trial_count(search)
         trials = await _trials(job)
         rejected = _rejected(parent)
-        await _start_trials(job, parent, search, total, trials, rejected, settings)
-        return await _write_search_status(job, search, total, trials, rejected)
+        suspended = job.spec.run_policy.suspend
+        if not suspended:
+            await _start_trials(job, parent, search, total, trials, rejected, settings)
+        await _suspend_trials(job, trials, suspended)
+        return await _write_search_status(job, search, total, trials, rejected, suspended)
+
+
+async def _suspend_trials(job: FineTuneJob, trials: dict[int, dict[str, Any]], suspended: bool) -> None:
+    """Pass the parent's ``runPolicy.suspend`` on to its unfinished trials. Unsuspending resumes only
+    the trials the search suspended (marked with an annotation), never one a user suspended."""
+    for trial in trials.values():
+        if (trial.get("status") or {}).get("phase") in TERMINAL_PHASES:
+            continue
+        meta = trial["metadata"]
+        current = bool(((trial.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+        ours = (meta.get("annotations") or {}).get(SUSPENDED_BY_SEARCH_ANNOTATION) == "true"
+        if suspended and not current:
+            patch = {"metadata": {"annotations": {SUSPENDED_BY_SEARCH_ANNOTATION: "true"}}, "spec": {"runPolicy": {"suspend": True}}}
+        elif not suspended and current and ours:
+            patch = {"metadata": {"annotations": {SUSPENDED_BY_SEARCH_ANNOTATION: None}}, "spec": {"runPolicy": {"suspend": False}}}
+        else:
+            continue
+        updated = await kubeapi.patch("FineTuneJob", job.namespace, meta["name"], patch)
+        if updated is not None:
+            trial.update(updated)
 
 
 async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: HyperparameterSearchSpec, total: int,
@@ -319,7 +349,8 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
 
 
 async def _write_search_status(job: FineTuneJob, search: HyperparameterSearchSpec, total: int,
-                               trials: dict[int, dict[str, Any]], rejected: dict[int, dict[str, Any]]) -> str | None:
+                               trials: dict[int, dict[str, Any]], rejected: dict[int, dict[str, Any]],
+                               suspended: bool = False) -> str | None:
     records = [trial_record(i, t, search.metric) for i, t in trials.items()]
     records += [TrialRecord(index=i, parameters=r.get("parameters") or {}, state="Failed") for i, r in rejected.items()]
     records.sort(key=lambda r: r.index)
@@ -332,7 +363,7 @@ async def _write_search_status(job: FineTuneJob, search: HyperparameterSearchSpe
         status = parent.get("status") or {}
         patch, obs = search_status_patch(status, records, total, search, best_output=best_output,
                                          generation=parent["metadata"].get("generation"),
-                                         techniques=building.techniques_summary(job))
+                                         techniques=building.techniques_summary(job), suspended=suspended)
         if not patch:
             return status.get("phase")
         try:

@@ -132,6 +132,30 @@ def test_when_every_trial_fails_the_search_fails(
     assert condition(cluster, "doomed", ConditionType.FAILED)["reason"] == searching.ALL_TRIALS_FAILED  # type: ignore[index]
 
 
+def test_suspending_a_search_suspends_its_trials_and_starts_none(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+
+    def suspend_of(name: str) -> bool:
+        return bool(cluster.get(*FTJ, name)["spec"].get("runPolicy", {}).get("suspend"))
+
+    with operator_process(cluster.namespace):
+        cluster.create(search_job("paused", RATES, parallelism=1))
+        cluster.wait_for(lambda: sorted(trials(cluster, "paused")) == [0], what="the first trial")
+        cluster.patch(*FTJ, "paused", {"spec": {"runPolicy": {"suspend": True}}})
+        cluster.wait_for(lambda: suspend_of("paused-trial-000"), what="the running trial suspended")
+        wait_phase(cluster, "paused", "Suspended")
+        # A trial that finishes while the search is suspended starts no next one.
+        finish_trial(cluster, job_controller, "paused-trial-000", LOSSES[0])
+        cluster.wait_for(lambda: "1/3 trials finished" in (status(cluster, "paused").get("message") or ""))
+        assert sorted(trials(cluster, "paused")) == [0]
+        assert status(cluster, "paused")["phase"] == "Suspended"
+        cluster.patch(*FTJ, "paused", {"spec": {"runPolicy": {"suspend": False}}})
+        cluster.wait_for(lambda: 1 in trials(cluster, "paused"), what="the search going on after unsuspend")
+        assert not suspend_of("paused-trial-001")
+        wait_phase(cluster, "paused", "Running")
+
+
 def test_render_shows_the_trials_a_search_starts_with() -> None:
     """``kubetune render`` of the example: the first ``parallelism`` trials, no trainer objects."""
     from kubetune.api import load_documents, parse_job
