@@ -9,7 +9,9 @@ unknown fields, then runs the cross-field rules with precise paths.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, get_args
 
 import yaml
@@ -199,3 +201,16 @@ def validate_text(text: str, filename: str) -> tuple[list[FineTuneJob], list[Pro
         problems.extend(Problem(f"{where}{p.path}", p.message) for p in found)
     return jobs, problems
 
+
+def validate_file(path: str) -> tuple[str, list[FineTuneJob], list[str]]:
+    """Read and validate one manifest file (``-`` is stdin), as every command that takes ``-f``
+    does: its display name, the valid FineTuneJobs, and one line per problem, each starting with
+    the file's name (``job.yaml: spec.peft.r: must be >= 1 (got -4)``). An unreadable file raises
+    OSError for the caller to report."""
+    name = "<stdin>" if path == "-" else path
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    try:
+        jobs, problems = validate_text(text, name)
+    except SpecError as exc:  # YAML syntax: the path already names the file, line and column
+        return name, [], [str(p) if p.path.startswith(name) else f"{name}: {p}" for p in exc.problems]
+    return name, jobs, [f"{name}: {p}" for p in problems]

@@ -18,12 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _read(path: str) -> tuple[str, str]:
-    if path == "-":
-        return sys.stdin.read(), "<stdin>"
-    return Path(path).read_text(encoding="utf-8"), path
-
-
 def _files(args: argparse.Namespace) -> list[str]:
     files = list(args.file or []) + list(getattr(args, "paths", None) or [])
     if not files:
@@ -53,25 +47,18 @@ def preview_lines(job: object, base_dir: Path, limit: int) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kubetune.api import SpecError, validate_text
+    from kubetune.api.validating import validate_file
 
     failed = False
     for path in _files(args):
         try:
-            text, name = _read(path)
+            name, jobs, problems = validate_file(path)
         except OSError as exc:
             print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
             failed = True
             continue
-        try:
-            jobs, problems = validate_text(text, name)
-        except SpecError as exc:
-            for problem in exc.problems:
-                print(str(problem) if problem.path.startswith(name) else f"{name}: {problem}")
-            failed = True
-            continue
-        for problem in problems:
-            print(f"{name}: {problem}")
+        for line in problems:
+            print(line)
         failed = failed or bool(problems)
         if not problems and not args.quiet:
             for job in jobs:

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from kubetune.api import FineTuneJob, SpecError, validate_text
+from kubetune.api import FineTuneJob
+from kubetune.api.validating import validate_file
 from kubetune.operator.building import BuildOptions, plan
 from kubetune.operator.settings import Settings
 
@@ -73,17 +74,13 @@ def render_main(args: argparse.Namespace) -> int:
     failed = False
     for path in files:
         try:
-            text, name = (sys.stdin.read(), "<stdin>") if path == "-" else (Path(path).read_text(encoding="utf-8"), path)
+            name, jobs, problems = validate_file(path)
         except OSError as exc:
             print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
             failed = True
             continue
-        try:
-            jobs, problems = validate_text(text, name)
-        except SpecError as exc:
-            jobs, problems = [], exc.problems
-        for problem in problems:
-            print(f"{name}: {problem}", file=sys.stderr)
+        for line in problems:
+            print(line, file=sys.stderr)
         failed = failed or bool(problems)
         for job in jobs:
             text = render_job(_with_namespace(job, getattr(args, "namespace", None)), options)

@@ -26,22 +26,16 @@ from pathlib import Path
 
 
 def _load(path: str) -> tuple[object | None, int]:
-    from kubetune.api import SpecError, validate_text
+    from kubetune.api.validating import validate_file
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        _, jobs, problems = validate_file(path)
     except OSError as exc:
         print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
         return None, 2
-    try:
-        jobs, problems = validate_text(text, path)
-    except SpecError as exc:
-        for problem in exc.problems:
-            print(str(problem), file=sys.stderr)
-        return None, 2
     if problems:
-        for problem in problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+        for line in problems:
+            print(line, file=sys.stderr)
         return None, 2
     if len(jobs) != 1:
         print(f"{path}: holds {len(jobs)} FineTuneJobs; kubetune train runs one at a time", file=sys.stderr)
