@@ -445,7 +445,7 @@ class Trainer:
         metrics = evaluate(
             self.engine, self.eval_set, self.collate, head=self.spec.head,
             micro_batch_size=self.spec.training.micro_batch_size, rank=self.rank, world_size=self.world_size,
-            device=self.device, num_labels=len(self.labels or []), tasks=self.tasks,
+            device=self.device, num_labels=len(self.labels or []), labels=self.labels, tasks=self.tasks,
         )
         self.metrics = metrics
         self.metrics_step = self.step
