@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import kubernetes
+import urllib3.exceptions
 from kubernetes.client import ApiClient, ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
@@ -253,6 +254,17 @@ async def post_event(
         await _request("create", "Event", namespace, body=event)
     except Exception as exc:  # noqa: BLE001 — an Event is never worth failing the reconcile for
         logger.warning("could not post event %s on %s/%s: %s", reason, namespace, meta.get("name"), exc)
+
+
+_TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed request can succeed when tried again (after re-reading): conflicts,
+    throttling, server errors and broken connections; not 403/404/422 or our own bugs."""
+    if isinstance(exc, ApiException):
+        return int(exc.status or 0) in _TRANSIENT_STATUSES or not exc.status  # no status: the connection failed
+    return isinstance(exc, (ConnectionError, TimeoutError, urllib3.exceptions.HTTPError))
 
 
 def is_connected() -> bool:

@@ -44,7 +44,7 @@ from kubetune.api.searching import (
 )
 from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, TrialRecord
 from kubetune.api.techniques import HyperparameterSearchSpec
-from kubetune.operator import building, creating, kubeapi, phases, statusing
+from kubetune.operator import building, creating, kubeapi, phases, retrying, statusing
 from kubetune.operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ ALL_TRIALS_FAILED = "AllTrialsFailed"
 TRIAL_CREATED = "TrialCreated"
 TRIAL_REJECTED = "TrialRejected"
 
-_ATTEMPTS = 5
 # One lock per search (per event loop, as in statusing): trial events and handlers take turns.
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
     weakref.WeakKeyDictionary()
@@ -266,25 +265,29 @@ async def reconcile(namespace: str, name: str, settings: Settings | None = None)
     """Bring one search in line: create the trials that may start, then write the parent's status.
     Returns the parent's phase (None when it is gone, invalid or not a search)."""
     async with _lock(namespace, name):
-        parent = await kubeapi.get("FineTuneJob", namespace, name)
-        if parent is None or parent["metadata"].get("deletionTimestamp") or not is_search(parent):
-            return None
-        if statusing.is_finished(parent):
-            return str(parent["status"]["phase"])
-        try:
-            job = creating.parse_body(parent)
-        except SpecError:
-            return None  # the create handler rejects it
-        search = job.spec.techniques.hyperparameter_search
-        assert search is not None
-        total = trial_count(search)
-        trials = await _trials(job)
-        rejected = _rejected(parent)
-        suspended = job.spec.run_policy.suspend
-        if not suspended:
-            await _start_trials(job, parent, search, total, trials, rejected, settings)
-        await _suspend_trials(job, trials, suspended)
-        return await _write_search_status(job, search, total, trials, rejected, suspended)
+        return await retrying.until_written(lambda: _reconcile_once(namespace, name, settings))
+
+
+async def _reconcile_once(namespace: str, name: str, settings: Settings | None) -> str | None:
+    parent = await kubeapi.get("FineTuneJob", namespace, name)
+    if parent is None or parent["metadata"].get("deletionTimestamp") or not is_search(parent):
+        return None
+    if statusing.is_finished(parent):
+        return str(parent["status"]["phase"])
+    try:
+        job = creating.parse_body(parent)
+    except SpecError:
+        return None  # the create handler rejects it
+    search = job.spec.techniques.hyperparameter_search
+    assert search is not None
+    total = trial_count(search)
+    trials = await _trials(job)
+    rejected = _rejected(parent)
+    suspended = job.spec.run_policy.suspend
+    if not suspended:
+        await _start_trials(job, parent, search, total, trials, rejected, settings)
+    await _suspend_trials(job, trials, suspended)
+    return await _write_search_status(job, search, total, trials, rejected, suspended)
 
 
 async def _suspend_trials(job: FineTuneJob, trials: dict[int, dict[str, Any]], suspended: bool) -> None:
@@ -356,24 +359,17 @@ async def _write_search_status(job: FineTuneJob, search: HyperparameterSearchSpe
     records.sort(key=lambda r: r.index)
     best = best_of(records, search.mode)
     best_output = output_location(trials[best.index]) if best else None
-    for _ in range(_ATTEMPTS):
-        parent = await kubeapi.get("FineTuneJob", job.namespace, job.name)
-        if parent is None:
-            return None
-        status = parent.get("status") or {}
-        patch, obs = search_status_patch(status, records, total, search, best_output=best_output,
-                                         generation=parent["metadata"].get("generation"),
-                                         techniques=building.techniques_summary(job), suspended=suspended)
-        if not patch:
-            return status.get("phase")
-        try:
-            await statusing.write_status(parent, patch)
-        except kubeapi.ApiException as exc:
-            if exc.status == 409:
-                continue  # written in between: read again
-            raise
-        if phases.transitioned(status, obs):
-            await kubeapi.post_event(statusing.involved(parent), reason=obs.reason, message=obs.message,
-                                     type="Warning" if obs.phase == "Failed" else "Normal")
-        return obs.phase
-    raise kubeapi.ApiException(status=409, reason=f"status of {job.namespace}/{job.name} kept changing; will retry")
+    parent = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+    if parent is None:
+        return None
+    status = parent.get("status") or {}
+    patch, obs = search_status_patch(status, records, total, search, best_output=best_output,
+                                     generation=parent["metadata"].get("generation"),
+                                     techniques=building.techniques_summary(job), suspended=suspended)
+    if not patch:
+        return status.get("phase")
+    await statusing.write_status(parent, patch)  # a 409 (written in between): reconcile reads all again
+    if phases.transitioned(status, obs):
+        await kubeapi.post_event(statusing.involved(parent), reason=obs.reason, message=obs.message,
+                                 type="Warning" if obs.phase == "Failed" else "Normal")
+    return obs.phase

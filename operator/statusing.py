@@ -5,7 +5,9 @@ runPolicy change and when the operator starts (``kubetune.operator.handlers``): 
 FineTuneJob, its Job and pods through ``kubeapi``, let ``phases`` decide, and merge-patch the
 status subresource with the operator's fields only, guarded by ``metadata.resourceVersion`` so a
 concurrent write by the trainer (progress, checkpoints) is never lost — on a conflict the status
-is read again and recomputed. A transition posts an Event on the FineTuneJob.
+is read again and recomputed, with backoff, until it is written (``retrying``: kopf drops the errors
+of the event handlers that call this, so giving up would leave the phase stale). A transition
+posts an Event on the FineTuneJob.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from collections import defaultdict
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason
-from kubetune.operator import kubeapi, naming, phases
+from kubetune.operator import kubeapi, naming, phases, retrying
 
 logger = logging.getLogger(__name__)
 
-_ATTEMPTS = 5
 # One lock per FineTuneJob serialises its status writers (Job events, pod events, handlers); per
 # event loop, because a lock belongs to the loop it was first used in (tests run several operators).
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
@@ -66,33 +67,31 @@ async def read_job_and_pods(namespace: str, ftj: dict[str, Any]) -> tuple[dict[s
 
 
 async def refresh(namespace: str, name: str) -> str | None:
-    """Bring the status of one FineTuneJob in line with its Job; returns the phase written (or kept)."""
+    """Bring the status of one FineTuneJob in line with its Job; returns the phase written (or kept).
+    Retried (``retrying``) until written or the FineTuneJob is gone."""
     async with _lock(namespace, name):
-        for _ in range(_ATTEMPTS):
-            ftj = await kubeapi.get("FineTuneJob", namespace, name)
-            if ftj is None or ftj["metadata"].get("deletionTimestamp"):
-                return None
-            status = ftj.get("status") or {}
-            job, pods = await read_job_and_pods(namespace, ftj)
-            user_suspended, queue = _spec_flags(ftj)
-            obs = phases.observe(job, pods, user_suspended=user_suspended, queue=queue)
-            patch = phases.status_patch(status, obs, generation=ftj["metadata"].get("generation"))
-            if not patch:
-                return status.get("phase")
-            assert obs is not None
-            try:
-                await write_status(ftj, patch)
-            except kubeapi.ApiException as exc:
-                if exc.status == 409:
-                    continue  # the trainer (or kopf) wrote in between: read again
-                raise
-            if phases.transitioned(status, obs):
-                await kubeapi.post_event(
-                    ftj, reason=obs.reason, message=obs.message,
-                    type="Warning" if obs.phase == "Failed" else "Normal",
-                )
-            return obs.phase
-        raise kubeapi.ApiException(status=409, reason=f"status of {namespace}/{name} kept changing; will retry")
+        return await retrying.until_written(lambda: _refresh_once(namespace, name))
+
+
+async def _refresh_once(namespace: str, name: str) -> str | None:
+    ftj = await kubeapi.get("FineTuneJob", namespace, name)
+    if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+        return None
+    status = ftj.get("status") or {}
+    job, pods = await read_job_and_pods(namespace, ftj)
+    user_suspended, queue = _spec_flags(ftj)
+    obs = phases.observe(job, pods, user_suspended=user_suspended, queue=queue)
+    patch = phases.status_patch(status, obs, generation=ftj["metadata"].get("generation"))
+    if not patch:
+        return status.get("phase")
+    assert obs is not None
+    await write_status(ftj, patch)  # a 409 (the trainer or kopf wrote in between): read again
+    if phases.transitioned(status, obs):
+        await kubeapi.post_event(
+            ftj, reason=obs.reason, message=obs.message,
+            type="Warning" if obs.phase == "Failed" else "Normal",
+        )
+    return obs.phase
 
 
 async def write_status(ftj: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -107,32 +106,28 @@ async def update_conditions(namespace: str, name: str, changes: list[tuple[str, 
                             defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Set conditions ``(type, status, reason, message)`` and other operator fields (``extra``
     always, ``defaults`` only where the status has no phase yet), retrying on conflicts."""
+    async def attempt() -> dict[str, Any] | None:
+        ftj = await kubeapi.get("FineTuneJob", namespace, name)
+        if ftj is None:
+            return None
+        status = ftj.get("status") or {}
+        generation = ftj["metadata"].get("generation")
+        conditions = status.get("conditions") or []
+        timestamp = phases.now()
+        for kind, value, reason, message in changes:
+            conditions = phases.set_condition(conditions, kind, value, reason, message, generation, timestamp)
+        patch: dict[str, Any] = dict(extra or {})
+        if defaults and not status.get("phase"):
+            patch.update(defaults)
+        if conditions != (status.get("conditions") or []):
+            patch["conditions"] = conditions
+        patch = {k: v for k, v in patch.items() if status.get(k) != v}
+        if patch:
+            await write_status(ftj, patch)
+        return ftj
+
     async with _lock(namespace, name):
-        for _ in range(_ATTEMPTS):
-            ftj = await kubeapi.get("FineTuneJob", namespace, name)
-            if ftj is None:
-                return None
-            status = ftj.get("status") or {}
-            generation = ftj["metadata"].get("generation")
-            conditions = status.get("conditions") or []
-            timestamp = phases.now()
-            for kind, value, reason, message in changes:
-                conditions = phases.set_condition(conditions, kind, value, reason, message, generation, timestamp)
-            patch: dict[str, Any] = dict(extra or {})
-            if defaults and not status.get("phase"):
-                patch.update(defaults)
-            if conditions != (status.get("conditions") or []):
-                patch["conditions"] = conditions
-            patch = {k: v for k, v in patch.items() if status.get(k) != v}
-            if not patch:
-                return ftj
-            try:
-                await write_status(ftj, patch)
-                return ftj
-            except kubeapi.ApiException as exc:
-                if exc.status != 409:
-                    raise
-        raise kubeapi.ApiException(status=409, reason=f"status of {namespace}/{name} kept changing; will retry")
+        return await retrying.until_written(attempt)
 
 
 def involved(job: FineTuneJob | dict[str, Any]) -> dict[str, Any]:
