@@ -8,7 +8,8 @@ Two writers share it and never overwrite each other's parts: the operator owns `
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -137,3 +138,22 @@ class FineTuneJobStatus(SpecModel):
     completion_time: str | None = Field(default=None, description="When the job ended (RFC 3339).")
     restarts: int = Field(default=0, description="Pod restarts so far.")
     observed_generation: int | None = Field(default=None, description="The spec generation the operator last acted on.")
+
+
+#: How ``progress.stopReason`` starts when a technique (early stopping) ended training before its
+#: planned steps; the trainer writes it, the operator and the local run turn it into a condition.
+EARLY_STOP_PREFIX = "early-stopped: "
+
+
+def early_stop_condition(progress: Progress | Mapping[str, Any] | None) -> Condition | None:
+    """The ``EarlyStopped`` condition (reason ``MetricPlateau``) that the trainer's stop reason
+    calls for, or None when training was not stopped early."""
+    if isinstance(progress, Mapping):
+        reason = progress.get("stopReason") or progress.get("stop_reason")
+    else:
+        reason = progress.stop_reason if progress is not None else None
+    if not isinstance(reason, str) or not reason.startswith(EARLY_STOP_PREFIX):
+        return None
+    why = reason[len(EARLY_STOP_PREFIX):].strip() or "a technique asked to stop"
+    return Condition(type=ConditionType.EARLY_STOPPED, status="True", reason=Reason.METRIC_PLATEAU,
+                     message=f"training stopped early: {why}")

@@ -7,7 +7,8 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
   hyperparameter search (``searching``), a spec change is checked and its runPolicy applied
   (``updating``), every event updates the jobs-by-phase metric;
 * trials (FineTuneJobs labelled ``kubetune.io/search``): every event moves their search on
-  (``searching``: the next trials, the parent's trials/bestTrial/phase);
+  (``searching``: the next trials, the parent's trials/bestTrial/phase); an early stop the
+  trainer reported (``progress.stopReason``) and no condition shows yet is written (``statusing``);
 * batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
   owning FineTuneJob's status (``statusing``). No timers, no polling loops.
 
@@ -89,6 +90,13 @@ async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(*FINETUNEJOBS)
 def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=event["type"] == "DELETED")
+
+
+@kopf.on.event(*FINETUNEJOBS, when=lambda body, **_: statusing.stop_not_shown(dict(body)))
+async def show_early_stop(body: kopf.Body, namespace: str, **_: Any) -> None:
+    # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
+    with _reconcile("FineTuneJob"):
+        await statusing.refresh(namespace, body.metadata.name)
 
 
 @kopf.on.event(*FINETUNEJOBS, labels={SEARCH_LABEL: kopf.PRESENT})

@@ -4,7 +4,9 @@
 decides. :func:`observe` says what the Job is doing (with the reason and a message a person can
 act on: the failed pod's termination message, ``OOMKilled``, ``ImagePullBackOff``, Kueue still
 queueing it…) and :func:`status_patch` turns that into the smallest status patch, keeping
-``lastTransitionTime`` of conditions that did not change. Only the fields the operator owns are
+``lastTransitionTime`` of conditions that did not change, and sets ``EarlyStopped``
+(``MetricPlateau``) when the trainer's ``progress.stopReason`` says a technique stopped training
+early. Only the fields the operator owns are
 ever in the patch; the trainer's (progress, checkpoints, trials) are never touched.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import TERMINAL_PHASES, ConditionType, Reason
+from kubetune.api.statuses import early_stop_condition
 
 #: Conditions that follow the lifecycle: the current one is True, the others that exist turn False.
 LIFECYCLE_CONDITIONS = (ConditionType.INITIALIZING, ConditionType.RUNNING, ConditionType.SUSPENDED)
@@ -220,6 +223,10 @@ def status_patch(status: dict[str, Any] | None, obs: Observation | None, *, gene
     if status.get("message") != obs.message:
         patch["message"] = obs.message
     conditions = conditions_for(status.get("conditions") or [], obs, generation, timestamp)
+    stopped = early_stop_condition(status.get("progress"))  # the trainer's stop reason, shown as a condition
+    if stopped is not None:
+        conditions = set_condition(conditions, stopped.type, stopped.status, stopped.reason, stopped.message,
+                                   generation, timestamp)
     if conditions != (status.get("conditions") or []):
         patch["conditions"] = conditions
     start = status.get("startTime") or obs.start_time

@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason
+from kubetune.api.statuses import early_stop_condition
 from kubetune.operator import kubeapi, naming, phases, retrying
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,15 @@ async def accept_spec(body: dict[str, Any]) -> None:
         await update_conditions(meta.get("namespace") or "default", meta["name"],
                                 [(ConditionType.SPEC_REJECTED, "False", Reason.RESOURCES_CREATED,
                                   "the spec matches what was created")])
+
+
+def stop_not_shown(body: dict[str, Any]) -> bool:
+    """Whether the trainer reported an early stop that no ``EarlyStopped`` condition shows yet."""
+    status = body.get("status") or {}
+    if early_stop_condition(status.get("progress")) is None:
+        return False
+    return not any(c.get("type") == ConditionType.EARLY_STOPPED and c.get("status") == "True"
+                   for c in status.get("conditions") or [])
 
 
 def is_finished(body: dict[str, Any]) -> bool:

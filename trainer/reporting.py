@@ -34,7 +34,13 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJob, FineTuneJobStatus
-from kubetune.api.statuses import MAX_CHECKPOINTS_IN_STATUS, MAX_METRICS, CheckpointRecord, Progress
+from kubetune.api.statuses import (
+    MAX_CHECKPOINTS_IN_STATUS,
+    MAX_METRICS,
+    CheckpointRecord,
+    Progress,
+    early_stop_condition,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -610,9 +616,9 @@ def write_status_file(path: pathlib.Path, status: FineTuneJobStatus) -> None:
 class LocalReporter(Reporter):
     """``kubetune train``: a progress bar (or plain lines) and ``<run_dir>/status.json``.
 
-    There is no operator locally, so this reporter also keeps ``phase`` and the start and
-    completion times in the file: Running while training, Succeeded after ``finished``,
-    Failed when closed without it (the run raised).
+    There is no operator locally, so this reporter also keeps ``phase``, the start and
+    completion times and the ``EarlyStopped`` condition in the file: Running while training,
+    Succeeded after ``finished``, Failed when closed without it (the run raised).
     """
 
     def __init__(self, run_dir: pathlib.Path, *, progress_bar: bool = True, stream: IO[str] | None = None) -> None:
@@ -663,8 +669,13 @@ class LocalReporter(Reporter):
             self._write()
 
     def _write(self) -> None:
-        status = self.status.status().model_copy(update={
+        status = self.status.status()
+        stopped = early_stop_condition(status.progress)  # what the operator shows in a cluster
+        if stopped is not None:
+            stopped = stopped.model_copy(update={"last_transition_time": self._completion_time or _now()})
+        status = status.model_copy(update={
             "phase": self._phase, "start_time": self._start_time, "completion_time": self._completion_time,
+            "conditions": [stopped] if stopped is not None else [],
         })
         write_status_file(self.path, status)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from kubetune.api.statuses import EARLY_STOP_PREFIX
 from kubetune.trainer import checkpoints
 from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard, weighted_dataset_order
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
@@ -327,7 +328,7 @@ class Trainer:
                     if eval_every and self.eval_set is not None and self.step % eval_every == 0:
                         self._evaluate()
                     if self.ctx.should_stop:
-                        reason = f"early-stopped: {self.ctx.stop_reason or 'a technique asked to stop'}"
+                        reason = f"{EARLY_STOP_PREFIX}{self.ctx.stop_reason or 'a technique asked to stop'}"
                         stop = True
                     if self.step >= self.total_steps:
                         stop = True
@@ -344,7 +345,7 @@ class Trainer:
                     if not eval_every and self.eval_set is not None and not stop:
                         self._evaluate()
                         if self.ctx.should_stop:
-                            reason = f"early-stopped: {self.ctx.stop_reason or 'a technique asked to stop'}"
+                            reason = f"{EARLY_STOP_PREFIX}{self.ctx.stop_reason or 'a technique asked to stop'}"
                             stop = True
                         if self.ctx.checkpoint_requested and not stop:
                             self.save_checkpoint()

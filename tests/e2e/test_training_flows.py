@@ -269,6 +269,22 @@ def test_apply_trains_reports_and_succeeds(emulated_cluster: Cluster, node: Loca
     assert_trainer_stayed_within_its_role(cluster, "happy")
 
 
+def test_an_early_stop_in_the_pod_is_the_early_stopped_condition(emulated_cluster: Cluster, node: LocalNode) -> None:
+    cluster = emulated_cluster
+    # a learning rate too small to move the eval loss: the first evaluation stays the best, the next
+    # `patience` ones do not beat it, and the trainer stops long before maxSteps
+    cluster.create(job_manifest("plateau", **{
+        "training.maxSteps": 40, "training.learningRate": 1e-12, "data.eval.everySteps": 1,
+        "checkpointing.everySteps": 100, "techniques.earlyStopping": {"patience": 2, "minDelta": 0.01}}))
+    done = wait_phase(cluster, node, "plateau", "Succeeded")
+    assert done["progress"]["step"] == 3 < done["progress"]["totalSteps"]  # best at step 1, then 2 evaluations
+    assert done["progress"]["stopReason"].startswith("early-stopped: eval_loss did not improve")
+    stopped = {c["type"]: c for c in done["conditions"]}[ConditionType.EARLY_STOPPED]
+    assert (stopped["status"], stopped["reason"]) == ("True", Reason.METRIC_PLATEAU)
+    assert done["progress"]["stopReason"].removeprefix("early-stopped: ") in stopped["message"]
+    assert_each_side_writes_its_own_status(cluster, "plateau")
+
+
 def test_a_killed_pod_is_replaced_and_training_resumes_to_exactly_the_requested_steps(
         emulated_cluster: Cluster, node: LocalNode) -> None:
     cluster = emulated_cluster

@@ -106,6 +106,30 @@ def test_trainer_status_fields_are_never_overwritten(
         assert final[key] == value, key
 
 
+def test_an_early_stop_reported_by_the_trainer_shows_as_the_early_stopped_condition(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    why = "eval_loss did not improve by more than 0.01 for 3 evaluations (best 1.9 at step 4)"
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("plateau", techniques={"earlyStopping": {"patience": 3}},
+                                data={"datasets": [{"source": "data/tiny.jsonl", "format": "text"}],
+                                      "eval": {"holdoutFraction": 0.2}}))
+        cluster.wait_for(lambda: condition(cluster, "plateau", ConditionType.CREATED))
+        job_controller.set_status("plateau", {"active": 1, "ready": 1})
+        wait_phase(cluster, "plateau", "Running")
+        # the trainer's last report (as rank 0 writes it), before its pod ends: no Job event follows yet
+        cluster.patch(*FTJ, "plateau", {"status": {"progress": {"step": 10, "totalSteps": 40,
+                                                                "stopReason": f"early-stopped: {why}"}}}, subresource="status")
+        stopped = cluster.wait_for(lambda: condition(cluster, "plateau", ConditionType.EARLY_STOPPED),
+                                   what="the EarlyStopped condition")
+        assert (stopped["status"], stopped["reason"]) == ("True", Reason.METRIC_PLATEAU) and why in stopped["message"]
+        job_controller.set_status("plateau", {"active": 0, "ready": 0, "succeeded": 1,
+                                              "conditions": [{"type": "Complete", "status": "True"}]})
+        final = wait_phase(cluster, "plateau", "Succeeded")
+    assert {c["type"]: c["status"] for c in final["conditions"]}[ConditionType.EARLY_STOPPED] == "True"
+    assert final["progress"]["stopReason"] == f"early-stopped: {why}"  # the trainer's field, untouched
+
+
 def test_ttl_removes_the_job_but_the_finished_status_stays_and_nothing_retrains(
         emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
     cluster = emulated_cluster

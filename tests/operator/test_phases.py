@@ -102,6 +102,22 @@ class TestStatusPatch:
         assert not {"progress", "checkpoints", "latestCheckpoint", "bestCheckpoint", "trials"} & set(patch)
         assert any(c["type"] == ConditionType.EARLY_STOPPED for c in patch["conditions"])  # kept, not dropped
 
+    def test_the_trainers_early_stop_becomes_the_early_stopped_condition(self) -> None:
+        why = "eval_loss did not improve by more than 0.01 for 3 evaluations (best 2.1 at step 2)"
+        status = {"progress": {"step": 8, "totalSteps": 40, "stopReason": f"early-stopped: {why}"}}
+        patch = phases.status_patch(status, observe(job(conditions=[cond("Complete")])), generation=1)
+        stopped = next(c for c in patch["conditions"] if c["type"] == ConditionType.EARLY_STOPPED)
+        assert (stopped["status"], stopped["reason"]) == ("True", Reason.METRIC_PLATEAU)
+        assert why in stopped["message"]
+        assert patch["phase"] == "Succeeded"  # an early stop is a success
+        assert phases.status_patch({**status, **patch}, observe(job(conditions=[cond("Complete")])), generation=1) == {}
+
+    def test_a_run_that_did_all_its_steps_has_no_early_stopped_condition(self) -> None:
+        for reason in ("completed", "max-steps", None):
+            status = {"progress": {"step": 40, "totalSteps": 40, "stopReason": reason}}
+            patch = phases.status_patch(status, observe(job(conditions=[cond("Complete")])), generation=1)
+            assert ConditionType.EARLY_STOPPED not in {c["type"] for c in patch["conditions"]}, reason
+
     def test_a_finished_job_stays_finished(self) -> None:
         assert phases.status_patch({"phase": "Succeeded"}, observe(job(active=1)), generation=1) == {}
 

@@ -41,6 +41,10 @@ def test_a_plateau_stops_at_the_right_step_and_reports_why(tiny_models, tmp_path
     reason = status["progress"]["stopReason"]
     assert reason.startswith("early-stopped: eval_loss did not improve by more than 0.01 for 3 evaluations"), reason
     assert "at step 2" in reason
+    [stopped] = [c for c in status["conditions"] if c["type"] == "EarlyStopped"]  # as the operator shows it
+    assert (stopped["status"], stopped["reason"]) == ("True", "MetricPlateau")
+    assert reason.removeprefix("early-stopped: ") in stopped["message"]
+    assert status["phase"] == "Succeeded"
 
 
 def test_the_best_checkpoint_is_exported_not_the_last(tiny_models, tmp_path):
