@@ -8,6 +8,8 @@ the operator image, which has no torch.
     kubetune render -f job.yaml                            print what the operator would create
     kubetune train -f job.yaml                             train locally from the same manifest
     kubetune operator                                      run the operator
+    kubetune submit -f job.yaml [--follow]                 validate and create it in the cluster, follow it
+    kubetune status|logs|wait|delete NAME                  a job in the cluster (kubetune.following)
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics endpoint")
     p.add_argument("--peering", default=None, help="kopf peering name for several replicas (default: standalone)")
     p.set_defaults(func=cmd_operator)
+
+    from kubetune.following import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -45,6 +45,9 @@ What this emulator guarantees (checked by ``tests/k8s_emulator/test_emulator.py`
   initial-events-end BOOKMARK; ``timeoutSeconds`` closes the stream; ``allowWatchBookmarks``
   gets a BOOKMARK every ``bookmark_interval`` seconds; an object that starts or stops matching a
   selector arrives as ADDED or DELETED;
+* pod logs (``GET pods/<name>/log``): 404 without the pod, 400 for a wrong ``container`` or a pod
+  not started yet, ``tailLines``, ``follow=true`` streaming until the pod has ended; the text comes
+  from :attr:`ApiServerEmulator.pod_logs` (a kubelet's log files) or :meth:`set_pod_log`;
 * creating a CustomResourceDefinition serves its resource (discovery included) and marks it
   Established; finetunejobs.kubetune.io is served from the start (from ``crds/`` when the
   generated CRD is there, else a minimal schema-less CRD); namespaces ``default`` and
@@ -235,6 +238,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     bookmark_interval: float = 30.0
     require_namespaces: bool = True
+    #: Where a pod's container log comes from: ``(namespace, pod) -> path of a (growing) log file,
+    #: the text itself, or None`` (a test's kubelet sets it; :meth:`set_pod_log` fills a default one).
+    pod_logs: Callable[[str, str], pathlib.Path | str | None] | None = None
 
     _rv: int = attrs.field(default=0, init=False)
     _journal: list[Change] = attrs.field(factory=list, init=False)
@@ -242,6 +248,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     _closing: bool = attrs.field(default=False, init=False)
     _crds: dict[tuple[str, str], dict[str, Any]] = attrs.field(factory=dict, init=False)
     _deletion_policies: dict[str, str] = attrs.field(factory=dict, init=False)
+    _log_texts: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -745,6 +752,63 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
         return stream()
 
+    # ---------------------------------------------------------------- pod logs
+
+    def set_pod_log(self, namespace: str, pod: str, text: str) -> None:
+        """The whole log of a pod's container, for tests without a kubelet (``append`` by setting again)."""
+        self._log_texts[(namespace, pod)] = text
+
+    def _log_text(self, namespace: str, pod: str) -> str:
+        source = self.pod_logs(namespace, pod) if self.pod_logs is not None else None
+        if source is None:
+            return self._log_texts.get((namespace, pod), "")
+        if isinstance(source, pathlib.Path):
+            return source.read_text(errors="replace") if source.exists() else ""
+        return source
+
+    def _pod_log(self, address: Address, params: dict[str, str]) -> AsyncIterator[bytes]:
+        """``GET pods/<name>/log`` as the kubelet answers it through the API server: 404 without the
+        pod, 400 for an unknown ``container`` or one not started yet; ``tailLines``; ``follow=true``
+        streams what the log gains until the pod has ended (or is deleted)."""
+        key = (kmock.resource("", "v1", "pods"), address.namespace, address.name or "")
+        pod = self._current(key)
+        if pod is None:
+            raise ApiError(404, "NotFound", f'pods "{address.name}" not found', name=address.name, kind="pods")
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        container = params.get("container") or (containers[0] if len(containers) == 1 else None)
+        if container not in containers:
+            raise ApiError(400, "BadRequest", f"container {params.get('container')!r} is not valid for pod {address.name}"
+                           if params.get("container") else f"a container name must be specified for pod {address.name}")
+        if (pod.get("status") or {}).get("phase") in (None, "Pending"):
+            raise ApiError(400, "BadRequest", f'container "{container}" in pod "{address.name}" is waiting to start')
+        namespace, name = address.namespace or "", address.name or ""
+        follow = params.get("follow") in ("true", "1")
+        tail = int(params["tailLines"]) if params.get("tailLines") else None
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield b""  # send the headers now
+            text = self._log_text(namespace, name)
+            if tail is not None:
+                lines = text.splitlines(keepends=True)
+                shown = "".join(lines[-tail:]) if tail > 0 else ""
+            else:
+                shown = text
+            if shown:
+                yield shown.encode()
+            sent = len(text)
+            while follow and not self._closing:
+                current = self._current(key)
+                ended = current is None or (current.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+                text = self._log_text(namespace, name)
+                if len(text) > sent:
+                    yield text[sent:].encode()
+                    sent = len(text)
+                if ended:
+                    return
+                await asyncio.sleep(0.05)
+
+        return stream()
+
     # ---------------------------------------------------------------- HTTP entry point
 
     @staticmethod
@@ -762,6 +826,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             if content_type.split(";")[0].strip().lower() == patching.APPLY_PATCH:
                 body = yaml.safe_load(request.text) if request.text else None
             # NB: always an explicit status: kmock keeps the last rendered status on the reaction.
+            if method == "GET" and address.plural == "pods" and address.subresource == "log" and not address.group:
+                return kmock.Response(status=200, payload=self._pod_log(address, params))
             if method == "GET" and params.get("watch") in ("true", "1"):
                 return kmock.Response(status=200, payload=self._watch(address, params))
             if method == "GET":
@@ -878,6 +944,9 @@ class EmulatorThread:
 
     def list_objects(self, resource: str, namespace: str | None = None, label_selector: str | None = None) -> list[dict[str, Any]]:
         return self.call(self._emulator.list_objects, resource, namespace, label_selector)
+
+    def set_pod_log(self, namespace: str, pod: str, text: str) -> None:
+        self.call(self._emulator.set_pod_log, namespace, pod, text)
 
     @property
     def _emulator(self) -> ApiServerEmulator:

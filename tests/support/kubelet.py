@@ -218,6 +218,13 @@ class LocalNode:
         """A fault from outside the pod (the OOM killer, a node failure): signal its whole container."""
         os.killpg(run.process.pid, sig)
 
+    def log_file(self, namespace: str, pod: str) -> Path | None:
+        """The log file of a pod this node ran (for the emulator's ``pods/<name>/log``), or None.
+
+        Called from the emulator's loop: no lock (the node's loop holds its lock while it calls the
+        emulator), and ``runs`` only grows."""
+        return next((run.log_path for run in list(self.runs) if run.namespace == namespace and run.name == pod), None)
+
     def claim_dir(self, claim: str) -> Path:
         """The folder backing a PersistentVolumeClaim (one per claim, it outlives pods)."""
         return self.root / "claims" / self.namespace / claim
