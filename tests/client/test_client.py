@@ -235,3 +235,52 @@ def test_delete_never_touches_an_unowned_claim(cluster, tmp_path):
     assert done.kept_claims == [claim["metadata"]["name"]] and done.deleted_claims == []
     cluster.wait_gone(*FTJ, "default-storage")
     assert cluster.find("v1", "PersistentVolumeClaim", claim["metadata"]["name"]) is not None
+
+
+def test_submitting_a_name_twice_says_what_to_do(cluster, tmp_path, capsys):
+    path = write_manifest(tmp_path, "twice")
+    assert cli(cluster, "submit", "-f", str(path)) == 0
+    assert cli(cluster, "submit", "-f", str(path)) == 2
+    assert f"FineTuneJob {cluster.namespace}/twice exists already: kubetune delete twice first" in capsys.readouterr().err
+
+
+def test_a_refused_pod_log_leaves_the_follow_to_the_status(cluster, kubeconfig_file, tmp_path):
+    assert cluster.emulator is not None
+    forbidden = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden",
+                 "message": 'pods "x" is forbidden: cannot get resource "pods/log"'}
+    cluster.emulator.emulator[lambda request: request.url.path.endswith("/log")] << 403 << forbidden
+    c = kclient.Client(namespace=cluster.namespace)
+    c.submit(write_manifest(tmp_path, "nolog"))
+    writer = in_background(fake_run, cluster, kubeconfig_file, "nolog")
+    updates = list(c.follow("nolog", poll=0.1, timeout=20))
+    join_checked(writer)
+    logs = [u.text for u in updates if u.kind == "log"]
+    assert len(logs) == 1 and logs[0].startswith("(no pod log: ") and "403" in logs[0], logs
+    assert updates[-1].kind == "end" and updates[-1].job.succeeded
+    assert [u.job.progress.step for u in updates if u.kind == "progress"][-1] == 3
+
+
+def test_keep_output_keeps_the_claims_of_a_searchs_trials(cluster, tmp_path):
+    c = kclient.Client(namespace=cluster.namespace)
+    storage = {"storage": {"deleteWithJob": True}}
+    parent = c.submit(write_manifest(tmp_path, "search", checkpointing=storage))
+    trial = manifest("search-trial-0", checkpointing=storage)
+    trial["metadata"]["ownerReferences"] = [{"apiVersion": FTJ[0], "kind": FTJ[1], "name": "search",
+                                             "uid": parent.uid, "controller": True}]
+    cluster.create(trial)
+    claim = _owned_claim(cluster, "search-trial-0")
+    done = c.delete("search", keep_output=True)
+    assert claim in done.kept_claims
+    cluster.wait_gone(*FTJ, "search-trial-0")  # the trial goes with its search
+    assert cluster.find("v1", "PersistentVolumeClaim", claim) is not None
+
+
+def test_ctrl_c_stops_following_but_not_the_job(cluster, tmp_path, capsys, monkeypatch):
+    def interrupted(self, name, **_):
+        raise KeyboardInterrupt
+        yield  # a generator, as follow is
+
+    monkeypatch.setattr(kclient.Client, "follow", interrupted)
+    assert cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "runs-on")), "--follow") == 130
+    assert "stopped following; the job runs on" in capsys.readouterr().err
+    assert cluster.find(*FTJ, "runs-on") is not None
