@@ -19,6 +19,9 @@ evaluating      eval loss/perplexity/accuracy/F1/exact match, all ranks
 checkpoints     atomic checkpoints, rotation, best, resume
 exporting       final model/adapter (safetensors), merge, tokenizer, model card
 reporting       progress/checkpoints/end → FineTuneJob status (cluster) or status.json + terminal
+progressing     the trainer-owned status, accumulated and bounded (what reporting records into)
+publishing      that status to the API server (throttled, retried with tenacity) or status.json
+showing         progress lines and the terminal progress bar
 techniques      the technique plugins and their interface (``techniques.base``)
 ==============  ==================================================================================
 """

@@ -259,7 +259,7 @@ def unreachable_kubeconfig(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPat
 def test_unreachable_api_never_blocks_training(job: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture) -> None:
     unreachable_kubeconfig(tmp_path, monkeypatch)
-    caplog.set_level(logging.DEBUG, logger="kubetune.trainer.reporting")
+    caplog.set_level(logging.DEBUG, logger="kubetune.trainer")
     reporter = make_reporter(job, rank=0, local=False, run_dir=tmp_path, interval=0.0, flush_timeout=1.0)
 
     started = time.monotonic()
@@ -289,7 +289,7 @@ def test_an_outage_is_logged_once_and_the_recovery_once(ftj: Any, job: Any, tmp_
                                                         caplog: pytest.LogCaptureFixture) -> None:
     import kmock
 
-    caplog.set_level(logging.WARNING, logger="kubetune.trainer.reporting")
+    caplog.set_level(logging.WARNING, logger="kubetune.trainer")
     # The next 3 status patches fail with 503, as an API server under load would answer.
     ftj.emulator["patch", kmock.resource("kubetune.io", "v1alpha1", "finetunejobs")][:3] << 503 << {
         "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable",
