@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from kubetune.api.base import Fraction, ObjectName, Quantity, SpecModel
 from kubetune.api.techniques import PeftSpec, TechniquesSpec
@@ -21,6 +21,21 @@ from kubetune.api.techniques import PeftSpec, TechniquesSpec
 #: relative to the manifest's folder).
 SOURCE_PATTERN = r"^(pkg://[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_.\-]+)*|hf://[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?(@[A-Za-z0-9_.\-/]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$"
 
+
+
+def _stays_inside(source: str) -> str:
+    """A ``pvc://claim/path`` or ``pkg://package/path`` names a file inside that claim or package: a
+    ``..`` segment would reach outside it (another tenant's files on a shared claim), so it is refused."""
+    scheme = next((s for s in ("pvc://", "pkg://") if source.startswith(s)), None)
+    if scheme is not None:
+        rest = source[len(scheme):].split("/", 1)
+        inside = rest[1] if len(rest) > 1 else ""
+        if ".." in inside.replace("\\", "/").split("/"):
+            kind = "claim" if scheme == "pvc://" else "package"
+            raise ValueError(f"must not contain '..' segments: a {scheme} path stays inside its {kind} (got {source!r})")
+    return source
+
+
 Source = Annotated[
     str,
     Field(
@@ -29,6 +44,7 @@ Source = Annotated[
         pattern=SOURCE_PATTERN,
         json_schema_extra={"examples": ["hf://meta-llama/Llama-3.2-1B", "pvc://models/llama", "./data/train.jsonl"]},
     ),
+    AfterValidator(_stays_inside),
 ]
 
 

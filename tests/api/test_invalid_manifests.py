@@ -44,6 +44,13 @@ CLASSIFY_DATA = [{"source": "d.jsonl", "format": "classification"}]
 PREF_DATA = [{"source": "p.jsonl", "format": "preference"}]
 
 CASES = [
+    # paths cannot escape their volume
+    ("pvc path escaping its claim", _with(model={"source": "pvc://models/../../other-team/llama"}), "spec.model.source",
+     "must not contain '..' segments: a pvc:// path stays inside its claim"),
+    ("pkg path escaping its package", _with(data={"datasets": [{"source": "pkg://examples/../secrets", "format": "text"}]}),
+     "spec.data.datasets[0].source", "must not contain '..' segments: a pkg:// path stays inside its package"),
+    ("tokenizer escaping its claim", _with(model={"source": "hf://org/model", "tokenizer": "pvc://tok/a/../../b"}),
+     "spec.model.tokenizer", "stays inside its claim"),
     # field-level checks
     ("rank below 1", _with(peft={"method": "lora", "r": -4}), "spec.peft.r", "must be >= 1 (got -4)"),
     ("unknown field with did-you-mean", _with(peft={"method": "lora", "alpah": 8}), "spec.peft.alpah", "did you mean 'alpha'?"),
