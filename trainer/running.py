@@ -18,7 +18,8 @@ When no source of the spec is ``hf://``, ``HF_HUB_OFFLINE=1`` is set (unless alr
 run from local or ``pkg://`` files never touches the network.
 
 Exit codes: 0 when training finished (completed, max steps, early stop), 143 after a SIGTERM
-checkpoint (the pod will be restarted or the job was suspended), 2 for a bad spec or bad data
+checkpoint (the pod will be restarted or the job was suspended), 130 after the same checkpoint on
+Ctrl-C (``kubetune train``), 2 for a bad spec or bad data
 (retrying cannot help), 1 for anything else.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_TERMINATED = 143
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 @dataclass
@@ -161,10 +164,17 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         trainer.train()
         succeeded = True
         return EXIT_OK
-    except Terminated:
+    except Terminated as exc:
         succeeded = True  # every rank saved the checkpoint together
+        if exc.signum == signal.SIGINT:
+            log.warning("interrupted (Ctrl-C): checkpoint saved at step %d; run the same command again to resume",
+                        exc.step)
+            return EXIT_INTERRUPTED
         log.warning("stopped by SIGTERM after saving a checkpoint")
         return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        log.warning("interrupted (Ctrl-C) before training started; nothing to save")
+        return EXIT_INTERRUPTED
     except (SpecError, DataError, SourceError, ModelError) as exc:
         log.error("%s", exc)
         write_termination_message(str(exc))

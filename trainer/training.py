@@ -50,7 +50,11 @@ log = logging.getLogger("kubetune.trainer")
 
 
 class Terminated(Exception):
-    """Raised after the SIGTERM checkpoint; the process exits with 143."""
+    """Raised after the SIGTERM (or Ctrl-C) checkpoint; the process exits with 143 (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int = signal.SIGTERM, step: int = 0) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step = signum, step
 
 
 class Trainer:
@@ -78,6 +82,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.metrics_step = -1
         self.terminate_requested = False
+        self.terminate_signal: int = signal.SIGTERM
         self.resumed_from: Path | None = None
         self.initial_metrics: dict[str, float] | None = None
         self._first_epoch: tuple[int, list[list[int]]] | None = None
@@ -275,6 +280,8 @@ class Trainer:
         t = spec.training
         engine = self.engine
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Ctrl-C takes the SIGTERM path: checkpoint at the next step, then exit (130).
+        previous_int = signal.signal(signal.SIGINT, self._on_sigterm)
         try:
             ev = spec.data.eval
             eval_every = ev.every_steps if ev is not None else None
@@ -337,7 +344,7 @@ class Trainer:
                         self.save_checkpoint()
                     if self._terminating():
                         self.save_checkpoint()
-                        raise Terminated()
+                        raise Terminated(self.terminate_signal, self.step)
                 del loader  # stops its workers before evaluation and the next epoch
                 if self.offset >= len(batches):
                     self.epoch += 1
@@ -363,6 +370,7 @@ class Trainer:
             return reason
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if not self.spec.training.packing:
@@ -396,6 +404,7 @@ class Trainer:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.terminate_requested = True
+        self.terminate_signal = signum
 
     def _terminating(self) -> bool:
         """Whether any rank got SIGTERM (all ranks agree, so they checkpoint at the same step)."""

@@ -154,3 +154,23 @@ def test_resume_off_starts_over(tiny_model_dir, train_job, tmp_path):
     assert again.rc == 0
     assert [e["step"] for e in again.log()] == [1, 2]  # trained from scratch, log started anew
     assert again.steps() == [2]  # the earlier attempt's checkpoints are gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_in_one_line_and_exits_130(tiny_model_dir, train_job, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group; it takes the SIGTERM path."""
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 200, "checkpointing.everySteps": 1000, "data.eval": None})
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, job)
+    signalled_at = _wait_for_step(proc, run_dir, 5)
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=30)
+    output = proc.stdout.read().decode()
+    assert rc == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    latest = checkpoints.find_latest(run_dir / "checkpoints")
+    assert latest is not None, output[-3000:]
+    step = checkpoints.read_state(latest)["step"]
+    assert signalled_at <= step < 200
+    said = [line for line in output.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and f"checkpoint saved at step {step}" in said[0], output[-3000:]
