@@ -26,12 +26,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kubetune import client as kclient
 from kubetune.api import ConditionType, Reason
 from kubetune.operator import building, kubeapi, naming
 from kubetune.trainer.running import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED
@@ -103,6 +105,8 @@ def node(emulated_cluster: Cluster, kubeconfig_file: Path, image: Path, tmp_path
     emulated_cluster.api_client.user_agent = TEST_USER_AGENT  # the user's kubectl, told apart from the trainer
     with LocalNode(kubeconfig_file, emulated_cluster.namespace, tmp_path / "node",
                    image_files={EXAMPLES: image}) as local:
+        assert emulated_cluster.emulator is not None and emulated_cluster.emulator.emulator is not None
+        emulated_cluster.emulator.emulator.pod_logs = local.log_file  # pods/<name>/log reads the node's files
         yield local
         local.check()
 
@@ -165,7 +169,7 @@ def requests_by(cluster: Cluster) -> Iterator[tuple[str, str, Address, Any]]:
             continue  # discovery
         agent = request.headers.get("User-Agent", "")
         who = ("operator" if agent.startswith((kubeapi.USER_AGENT, "kopf")) else "node" if agent == KUBELET_USER_AGENT
-               else "test" if agent == TEST_USER_AGENT else "trainer")
+               else "test" if agent in (TEST_USER_AGENT, kclient.USER_AGENT) else "trainer")
         started = started or who == "operator"
         if not started:
             continue  # the fixtures' setup (the namespace)
@@ -218,8 +222,20 @@ def checkpoint_step(path: str) -> int:
 def test_apply_trains_reports_and_succeeds(emulated_cluster: Cluster, node: LocalNode) -> None:
     cluster = emulated_cluster
     cluster.create(job_manifest("happy", **{"training.maxSteps": 6, "checkpointing.everySteps": 3}))
+    followed: list[kclient.Update] = []  # what kubetune submit --follow shows, from status and the pod log
+    follower = threading.Thread(target=lambda: followed.extend(
+        kclient.Client(namespace=cluster.namespace).follow("happy", poll=0.2, timeout=120)), daemon=True)
+    follower.start()
 
     done = wait_phase(cluster, node, "happy", "Succeeded")
+    follower.join(30)
+    assert followed and followed[-1].kind == "end" and followed[-1].job.succeeded, [u.text for u in followed]
+    assert followed[-1].text.startswith("training ended (")
+    assert [u.job.progress.step for u in followed if u.kind == "progress"][-1] == 6
+    assert [u.text.split(":")[0] for u in followed if u.kind == "checkpoint"] == ["checkpoint at step 3", "checkpoint at step 6"]
+    pod_lines = [u.text for u in followed if u.kind == "log"]
+    assert any("kubetune.trainer" in line for line in pod_lines), pod_lines  # the trainer's own log lines
+    assert not any("kubetune.trainer.reporting: step" in line for line in pod_lines)  # shown from status instead
     [run] = node.pods_of("happy")
     assert run.exit_code == EXIT_OK, run.log()[-3000:]
     assert phases_seen(cluster, "happy")[-2:] == ["Running", "Succeeded"]
