@@ -35,3 +35,19 @@ def test_example_starts_with_the_command_that_runs_it(path: Path) -> None:
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), f"{path.name} must start with a comment giving its command"
     assert any(word in first for word in ("kubetune ", "kubectl ", "helm ", "kustomize ", "flux ", "argocd ")), first
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(ROOT)) for p in EXAMPLES])
+def test_an_example_trains_locally_or_says_why_not_and_what_to_run(path: Path) -> None:
+    """A new user runs what the first line says: `kubetune train -f` this file, or, for a
+    cluster-only file, the reason and the local example to run instead (which must exist)."""
+    first = path.read_text().splitlines()[0]
+    own = str(path.relative_to(ROOT))
+    if first.startswith("# kubetune train -f ") and own in first:
+        assert path in JOB_FILES, f"{own}: only a FineTuneJob can be trained"
+        return
+    assert "(cluster only: " in first, f"{own}: the first line must say why it does not train locally"
+    local = first.split("locally: ", 1)[-1].rstrip(")")
+    assert local.startswith("kubetune train -f examples/"), f"{own}: the first line must say what to run locally"
+    instead = ROOT / local.removeprefix("kubetune train -f ")
+    assert instead in JOB_FILES and instead.read_text().startswith(f"# {local}"), first
