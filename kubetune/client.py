@@ -119,7 +119,7 @@ class JobState:
 
     def describe(self) -> list[str]:
         """What ``kubetune status NAME`` prints."""
-        from kubetune.trainer.reporting import describe_progress
+        from kubetune.trainer.showing import describe_progress
 
         s = self.status
         lines = [f"FineTuneJob {self.namespace}/{self.name}: {s.phase or 'Pending (not seen by the operator yet)'}"
@@ -473,7 +473,7 @@ class _Seen:
         self.evaluation: tuple[Any, ...] | None = None
 
     def updates(self, state: JobState) -> Iterator[Update]:
-        from kubetune.trainer.reporting import describe_progress
+        from kubetune.trainer.showing import describe_progress
 
         s = state.status
         phase = (s.phase, s.message)

@@ -23,50 +23,25 @@ EXIT_SUCCEEDED, EXIT_FAILED, EXIT_ERROR, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 
 
 
 class Display:
-    """A followed job in a terminal: the progress bar (tqdm, as ``kubetune train``) or plain lines."""
+    """A followed job in a terminal, drawn by ``kubetune train``'s own ``ProgressDisplay``: a progress
+    bar on a terminal (plain progress lines otherwise), every other line above it."""
 
     def __init__(self, stream: IO[str] | None = None, *, progress_bar: bool = True) -> None:
-        from kubetune.trainer.reporting import _stream_is_terminal, _tqdm
+        from kubetune.trainer.showing import ProgressDisplay
 
         self.stream = stream if stream is not None else sys.stderr
-        self.use_bar = progress_bar and _stream_is_terminal(self.stream) and _tqdm() is not None
-        self._bar: Any = None
+        self._display = ProgressDisplay(self.stream, progress_bar=progress_bar)
 
     def show(self, update: Update) -> None:
-        if update.kind == "progress" and self.use_bar and update.job.progress is not None:
-            self._draw(update.job)
+        if update.kind == "progress" and update.job.progress is not None:
+            self._display.show(update.job.progress)
             return
         if update.kind == "end":
             self.close()
-        self.say(update.text)
-
-    def _draw(self, job: JobState) -> None:
-        from kubetune.trainer.reporting import _tqdm
-
-        progress = job.progress
-        assert progress is not None
-        if self._bar is None:
-            self._bar = _tqdm()(total=progress.total_steps, initial=progress.step, unit="step",
-                                file=self.stream, dynamic_ncols=True, leave=True)
-        if progress.total_steps and self._bar.total != progress.total_steps:
-            self._bar.total = progress.total_steps
-        self._bar.n = progress.step
-        postfix = {name: f"{value:.4g}" for name, value in (
-            ("loss", progress.loss), ("eval_loss", progress.eval_loss), ("lr", progress.learning_rate),
-            ("tok/s", progress.tokens_per_second)) if value is not None}
-        self._bar.set_postfix(postfix, refresh=False)
-        self._bar.refresh()
-
-    def say(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream, flush=True)
+        self._display.say(update.text)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._display.close()
 
 
 def show_updates(updates: Iterable[Update], display: Display) -> JobState | None:
