@@ -9,6 +9,8 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
 * trials (FineTuneJobs labelled ``kubetune.io/search``): every event moves their search on
   (``searching``: the next trials, the parent's trials/bestTrial/phase); an early stop the
   trainer reported (``progress.stopReason``) and no condition shows yet is written (``statusing``);
+* admission of FineTuneJobs (CREATE, UPDATE): the validating webhook (``admitting``), when
+  ``KUBETUNE_WEBHOOK_PORT`` turns kopf's webhook server on;
 * batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
   owning FineTuneJob's status (``statusing``). No timers, no polling loops.
 
@@ -30,7 +32,18 @@ import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.api.searching import SEARCH_LABEL
-from kubetune.operator import creating, kubeapi, metrics, naming, running, searching, statusing, updating
+from kubetune.operator import (
+    admitting,
+    creating,
+    kubeapi,
+    metrics,
+    naming,
+    running,
+    searching,
+    settings,
+    statusing,
+    updating,
+)
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
@@ -77,6 +90,20 @@ async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             await searching.ensure_trials(dict(body), memo.settings)
         else:
             await creating.ensure_children(dict(body), memo.settings)
+
+
+def admit(body: kopf.Body, operation: str | None, old: kopf.Body | None = None, **_: Any) -> None:
+    # The validating webhook: refuse with every problem and its field path.
+    problems = admitting.review(dict(body), dict(old) if operation == "UPDATE" and old is not None else None)
+    if problems:
+        raise kopf.AdmissionError(admitting.refusal(problems), code=422)
+
+
+# Registered only when KUBETUNE_WEBHOOK_PORT is set: kopf refuses to start with admission handlers
+# and no webhook server (running.configure starts one for that port).
+if settings.webhook_enabled():
+    kopf.on.validate(*FINETUNEJOBS, id="finetunejob", operations=["CREATE", "UPDATE"],
+                     ignore_failures=settings.webhook_ignores_failures())(admit)
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec")

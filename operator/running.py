@@ -23,7 +23,7 @@ from typing import Any
 
 import kopf
 
-from kubetune.api import GROUP
+from kubetune.api import GROUP, PLURAL
 from kubetune.operator import kubeapi, metrics
 from kubetune.operator.settings import Settings
 
@@ -50,6 +50,14 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
     settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
     settings.batching.error_delays = (1, 2, 5, 10, 30, 60, 120)
+    if ours.webhook_port:
+        # kopf serves the admission handlers over TLS and keeps the ValidatingWebhookConfiguration
+        # (with the caBundle of its certificate) in line with them.
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0", port=ours.webhook_port, host=ours.webhook_host or None,
+            certfile=ours.webhook_cert_file or None, pkeyfile=ours.webhook_key_file or None,
+        )
+        settings.admission.managed = f"{PLURAL}.{GROUP}"
     kubeapi.connect()
     _phases.clear()
     logger.info("kubetune operator configured: %s", ours)

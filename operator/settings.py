@@ -60,6 +60,19 @@ class Settings:
     rendezvous_port: int = field(default=29500, metadata=_doc("Port of the torch distributed rendezvous (MASTER_PORT)."))
     run_as_user: int = field(default=1000, metadata=_doc("UID of the trainer processes (the pods run as non-root)."))
     retry_delay: int = field(default=10, metadata=_doc("Seconds before a handler that waits on something retries."))
+    webhook_port: int = field(
+        default=0, metadata=_doc("Port of the validating admission webhook (kopf's webhook server); 0 turns it off.")
+    )
+    webhook_host: str = field(
+        default="", metadata=_doc("Host name the API server calls the webhook by (the Service's DNS name); in the certificate.")
+    )
+    webhook_cert_file: str = field(
+        default="", metadata=_doc("TLS certificate of the webhook (PEM, e.g. from cert-manager); empty: kopf's self-signed one (needs the certbuilder package).")
+    )
+    webhook_key_file: str = field(default="", metadata=_doc("Private key of the webhook certificate (PEM)."))
+    webhook_failure_policy: str = field(
+        default="Fail", metadata=_doc("failurePolicy of the webhook: Fail (refuse when it cannot answer) or Ignore.")
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -86,6 +99,8 @@ class Settings:
                 f"{ENV_PREFIX}WATCH_CLIENT_TIMEOUT: must be greater than {ENV_PREFIX}WATCH_SERVER_TIMEOUT "
                 f"({self.watch_client_timeout} <= {self.watch_server_timeout})"
             )
+        if self.webhook_failure_policy not in ("Fail", "Ignore"):
+            raise ValueError(f"{ENV_PREFIX}WEBHOOK_FAILURE_POLICY: must be Fail or Ignore (got {self.webhook_failure_policy!r})")
         if self.termination_grace_seconds < 0:
             raise ValueError(f"{ENV_PREFIX}TERMINATION_GRACE_SECONDS: must be >= 0 (got {self.termination_grace_seconds})")
 
@@ -93,6 +108,19 @@ class Settings:
     def documentation(cls) -> dict[str, str]:
         """Variable name -> description, for the chart's values and the docs."""
         return {ENV_PREFIX + f.name.upper(): f.metadata["doc"] for f in dataclasses.fields(cls)}
+
+
+def webhook_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``KUBETUNE_WEBHOOK_PORT`` turns the validating webhook on (read when the handlers are registered)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PREFIX + "WEBHOOK_PORT", "0").strip() not in ("", "0")
+
+
+def webhook_ignores_failures(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the webhook's failurePolicy is Ignore: read when the handlers are registered (kopf
+    takes it per handler), before the Settings of the running operator exist."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PREFIX + "WEBHOOK_FAILURE_POLICY", "Fail").strip() == "Ignore"
 
 
 def _convert(f: dataclasses.Field[object], raw: str) -> object:
