@@ -48,6 +48,18 @@ def preview_lines(job: object, base_dir: Path, limit: int) -> list[str]:
     return lines
 
 
+def _data_problems(name: str, jobs: list) -> list[str]:
+    """What the trainer would refuse in the local data of ``jobs`` (see kubetune.trainer.checking)."""
+    try:
+        from kubetune.trainer.checking import check_data
+    except ImportError:  # pragma: no cover - the trainer's readers ship with every install
+        return []
+    base = Path(name).resolve().parent if name != "<stdin>" else Path.cwd()
+    hint = " (data that only the trainer image holds: --no-data-check)"
+    return [f"{name}: {problem}{hint if 'does not exist' in problem else ''}"
+            for job in jobs for problem in check_data(job.spec, base)]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from kubetune.api.validating import validate_file
 
@@ -59,6 +71,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
             failed = True
             continue
+        if not problems and not args.no_data_check:
+            problems = _data_problems(name, jobs)
         for line in problems:
             print(line)
         failed = failed or bool(problems)
@@ -113,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", action="append", help="manifest file, or - for stdin (repeatable)")
     p.add_argument("paths", nargs="*", help="more manifest files")
     p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    p.add_argument("--no-data-check", action="store_true",
+                   help="check the manifest only, not the local data files it names (read them by default)")
     p.add_argument("--preview", type=int, default=0, metavar="N", help="also show the first N training examples as the model will read them")
     p.set_defaults(func=cmd_validate)
 

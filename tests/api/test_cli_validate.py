@@ -44,7 +44,9 @@ def test_invalid_file_lists_each_problem_with_file_and_path(tmp_path: Path) -> N
 def test_stdin_and_several_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD)
-    result = _run("-f", "-", "-f", str(bad), stdin=GOOD)
+    # From stdin, relative data paths resolve against the working directory, where the
+    # quickstart's data is not: the manifest alone is checked here.
+    result = _run("--no-data-check", "-f", "-", "-f", str(bad), stdin=GOOD)
     assert result.returncode == 1
     assert "<stdin>: quickstart: valid" in result.stdout
     assert f"{bad}: spec.peft.r" in result.stdout
@@ -93,3 +95,37 @@ def test_preview_shows_examples_as_the_model_reads_them() -> None:
     )
     assert rendered.returncode == 0, rendered.stderr
     assert rendered.stdout.startswith("# preview of prompt-engineering:") and "#   | text: Review: " in rendered.stdout
+
+
+def _job_with_data(tmp_path: Path, rows: str | None, source: str = "reviews.jsonl") -> Path:
+    """The quickstart manifest next to its own data file (``rows``; None: no file at all)."""
+    if rows is not None:
+        (tmp_path / "reviews.jsonl").write_text(rows)
+    job = tmp_path / "job.yaml"
+    job.write_text(GOOD.replace("source: data/reviews.jsonl", f"source: {source}"))
+    return job
+
+
+def test_data_it_cannot_read_is_not_valid(tmp_path: Path) -> None:
+    missing = _run("-f", str(_job_with_data(tmp_path, None)))
+    assert missing.returncode == 1 and "valid" not in missing.stdout.replace("--no-data-check", "")
+    assert "spec.data.datasets[0].source" in missing.stdout and "does not exist" in missing.stdout
+    assert "--no-data-check" in missing.stdout
+
+    malformed = _run("-f", str(_job_with_data(tmp_path, '{"text": "fine", "label": "positive"}\n{"text": oops\n')))
+    assert malformed.returncode == 1, malformed.stdout
+    assert "reviews.jsonl" in malformed.stdout and "row 2" in malformed.stdout, malformed.stdout
+
+    no_label = _run("-f", str(_job_with_data(tmp_path, '{"text": "fine", "label": "positive"}\n{"text": "no label"}\n')))
+    assert no_label.returncode == 1, no_label.stdout
+    assert "row 2" in no_label.stdout and "label" in no_label.stdout, no_label.stdout
+    assert len(no_label.stdout.strip().splitlines()) == 1  # one line per problem, no traceback
+    assert "Traceback" not in no_label.stderr
+
+
+def test_data_checks_can_be_skipped_and_remote_sources_are_left_to_the_trainer(tmp_path: Path) -> None:
+    job = _job_with_data(tmp_path, None)
+    skipped = _run("--no-data-check", "-f", str(job))
+    assert skipped.returncode == 0 and "quickstart: valid" in skipped.stdout, skipped.stdout + skipped.stderr
+    hub = _run("-f", str(_job_with_data(tmp_path, None, source="hf://org/reviews")))
+    assert hub.returncode == 0, hub.stdout + hub.stderr
