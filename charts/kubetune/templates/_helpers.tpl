@@ -108,8 +108,14 @@ holds itself, which is why those verbs are here rather than `bind`/`escalate`.
   verbs: ["create"]
 {{- end }}
 
-{{/* Cluster-scoped permissions, needed whatever the watched namespaces (none today). */}}
+{{/* Cluster-scoped permissions, needed whatever the watched namespaces: only the webhook's
+configuration, which kopf creates and keeps in line with its certificate. */}}
 {{- define "kubetune.clusterRules" -}}
+{{- if .Values.webhook.enabled }}
+- apiGroups: ["admissionregistration.k8s.io"]
+  resources: ["validatingwebhookconfigurations"]
+  verbs: ["create", "patch"]
+{{- end }}
 {{- end }}
 
 {{/* The operator's command line. */}}
