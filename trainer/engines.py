@@ -111,8 +111,28 @@ def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
     return moved.to(tensor.device)
 
 
+#: Seconds a process of a multi-process run waits to reach the rendezvous (``MASTER_ADDR:MASTER_PORT``)
+#: before it gives up with one line; ``KUBETUNE_RENDEZVOUS_TIMEOUT`` overrides it. Under torchrun
+#: (local ``--nproc N`` and the operator's pods) the launcher's store is already up when a worker
+#: starts, so the wait is only ever long when the address is wrong or unreachable.
+RENDEZVOUS_TIMEOUT_S = 60.0
+#: How long collectives (and the store, once reached) may take: a slow checkpoint save on one rank
+#: must not time out the others.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+class RendezvousError(RuntimeError):
+    """A process of a multi-process run could not reach the rendezvous; the message is one line."""
+
+
 def init_distributed(on_gpu: bool) -> None:
-    """Start the process group from torchrun's environment (a single process gets a local one)."""
+    """Start the process group from torchrun's environment.
+
+    A single process needs no network: its group lives on an in-memory store (``MASTER_ADDR`` and
+    ``MASTER_PORT`` are ignored even if the shell has them set). Several processes reach the TCP
+    store at ``MASTER_ADDR:MASTER_PORT`` within ``KUBETUNE_RENDEZVOUS_TIMEOUT`` seconds or raise
+    :class:`RendezvousError` (torch alone would retry for the 30-minute collective timeout,
+    printing C++ stack frames at every try)."""
     import importlib
     import sys
 
@@ -126,21 +146,74 @@ def init_distributed(on_gpu: bool) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = "nccl" if on_gpu else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30), auto_mpi_discovery=False
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world_size == 1:
+            store: Any = torch.distributed.HashStore()
+        else:
+            store = _reach_rendezvous(rank, world_size)
+        torch.distributed.init_process_group(
+            backend, store=torch.distributed.PrefixStore("default_pg", store), rank=rank, world_size=world_size,
+            timeout=COLLECTIVE_TIMEOUT,
         )
+    # DeepSpeed adopts the group that is already there.
+    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT, auto_mpi_discovery=False)
 
 
-def _free_port() -> int:
+def rendezvous_timeout() -> float:
+    raw = os.environ.get("KUBETUNE_RENDEZVOUS_TIMEOUT")
+    try:
+        value = float(raw) if raw else RENDEZVOUS_TIMEOUT_S
+    except ValueError:
+        raise RendezvousError(f"KUBETUNE_RENDEZVOUS_TIMEOUT: must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else RENDEZVOUS_TIMEOUT_S
+
+
+def _reach_rendezvous(rank: int, world_size: int) -> Any:
+    """The TCP store of a multi-process run, reached within :func:`rendezvous_timeout` seconds."""
     import socket
+    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    addr = os.environ.get("MASTER_ADDR")
+    port_text = os.environ.get("MASTER_PORT")
+    if not addr or not port_text or not port_text.isdigit():
+        raise RendezvousError(
+            f"rendezvous: rank {rank} of {world_size} needs MASTER_ADDR and MASTER_PORT (a port number); "
+            f"got MASTER_ADDR={addr!r} MASTER_PORT={port_text!r}"
+        )
+    port = int(port_text)
+    limit = rendezvous_timeout()
+    deadline = time.monotonic() + limit
+    where = f"{addr}:{port}"
+    # Rank 0 serves the store itself unless torchrun's agent already does; everyone else is a client
+    # and first waits in Python for the port to accept connections, quietly.
+    serves = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    if not serves:
+        last = "no answer"
+        while True:
+            try:
+                with socket.create_connection((addr, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                    break
+            except OSError as exc:
+                last = exc.strerror or type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise RendezvousError(
+                    f"rendezvous: rank {rank} of {world_size} could not reach {where} within {limit:g} s "
+                    f"({last}); check MASTER_ADDR/MASTER_PORT, or raise KUBETUNE_RENDEZVOUS_TIMEOUT"
+                )
+            time.sleep(0.2)
+    left = max(1.0, deadline - time.monotonic())
+    try:
+        # torch's own env:// rendezvous (agent store or multi-tenant store on rank 0), bounded.
+        store, _, _ = next(torch.distributed.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=left)))
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousError(
+            f"rendezvous: rank {rank} of {world_size} could not use the store at {where} within {limit:g} s ({first})"
+        ) from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    return store
 
 
 def default_param_groups(model: torch.nn.Module, spec: Any) -> list[dict[str, Any]]:

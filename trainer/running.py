@@ -4,15 +4,16 @@ Called by ``python -m kubetune.trainer`` in pods (``kubetune.trainer.__main__``,
 environment the operator sets) and by ``kubetune train`` (``kubetune.trainer.local``, paths from
 the run directory) — the same :func:`run` either way. Environment read in pods:
 
-==========================  ==========================================================
-KUBETUNE_JOB_NAME           the FineTuneJob's name (the config's metadata wins if set)
-KUBETUNE_NAMESPACE          its namespace
-KUBETUNE_OUTPUT_DIR         final model (default ``spec.output.path``, else /workspace/output)
-KUBETUNE_CHECKPOINT_DIR     checkpoints (default /workspace/checkpoints)
-KUBETUNE_BASE_DIR           relative model/data paths resolve against it (default: cwd)
-KUBETUNE_PVC_ROOT           where pvc:// claims are mounted (default /mnt/pvc)
-RANK, WORLD_SIZE, …         torchrun's
-==========================  ==========================================================
+===========================  ==============================================================================
+KUBETUNE_JOB_NAME            the FineTuneJob's name (the config's metadata wins if set)
+KUBETUNE_NAMESPACE           its namespace
+KUBETUNE_OUTPUT_DIR          final model (default ``spec.output.path``, else /workspace/output)
+KUBETUNE_CHECKPOINT_DIR      checkpoints (default /workspace/checkpoints)
+KUBETUNE_BASE_DIR            relative model/data paths resolve against it (default: cwd)
+KUBETUNE_PVC_ROOT            where pvc:// claims are mounted (default /mnt/pvc)
+KUBETUNE_RENDEZVOUS_TIMEOUT  seconds a process of a multi-process run waits for MASTER_ADDR:MASTER_PORT (60)
+RANK, WORLD_SIZE, …          torchrun's (one process ignores MASTER_ADDR/MASTER_PORT: no network)
+===========================  ==============================================================================
 
 When no source of the spec is ``hf://``, ``HF_HUB_OFFLINE=1`` is set (unless already set), so a
 run from local or ``pkg://`` files never touches the network.
@@ -153,6 +154,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     if options.max_steps is not None:
         training = job.spec.training.model_copy(update={"max_steps": options.max_steps})
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})
+    from kubetune.trainer.engines import RendezvousError
     from kubetune.trainer.models import ModelError
     from kubetune.trainer.training import Terminated, Trainer
 
@@ -175,6 +177,10 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted (Ctrl-C) before training started; nothing to save")
         return EXIT_INTERRUPTED
+    except RendezvousError as exc:  # one line, no traceback: the address is the whole story
+        log.error("%s", exc)
+        write_termination_message(str(exc))
+        return EXIT_FAILED
     except (SpecError, DataError, SourceError, ModelError) as exc:
         log.error("%s", exc)
         write_termination_message(str(exc))
