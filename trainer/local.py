@@ -64,7 +64,9 @@ def train_main(args: argparse.Namespace) -> int:
         # runs them in parallel as child FineTuneJobs, each with its own pods and GPUs.
         print(f"kubetune: a search runs its trials in this process, one process each (--nproc {nproc} not used)", file=sys.stderr)
         nproc = 1
-    print(f"kubetune: training {job.name} in {run_dir} ({nproc} process{'es' if nproc > 1 else ''})", flush=True)
+    techniques = ", ".join(job.spec.techniques.enabled()) or "none"
+    print(f"kubetune: training {job.name} in {run_dir} ({nproc} process{'es' if nproc > 1 else ''}; "
+          f"peft {job.spec.peft.method}; techniques: {techniques})", flush=True)
     if nproc == 1:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")

@@ -82,6 +82,7 @@ class TrainerStatus:
         self.best_checkpoint: str | None = None
         self.output_path: str | None = None
         self.finished = False
+        self.eval_step: int | None = None  # the step the latest eval metrics were computed at
         self._rate_origin: tuple[float, int] | None = None  # (clock, step) of the first report
         self._metric_names_sent: set[str] = set()  # so that a merge patch can remove stale ones
 
@@ -98,6 +99,9 @@ class TrainerStatus:
                 number = _number(values.get(key))
                 if number is not None:
                     current[key] = number
+            eval_step = _number(values.get("eval_step"))
+            if eval_step is not None:
+                self.eval_step = int(eval_step)
             if values.get("metrics"):  # the latest evaluation's full set replaces the previous one
                 current["metrics"] = bounded_metrics(values["metrics"]) or None
             current.setdefault("step", 0)

@@ -110,7 +110,8 @@ class ClusterReporter(Reporter):
         self._closed = False
 
     def progress(self, values: Mapping[str, Any]) -> None:
-        logger.info("%s", describe_progress(self.status.record_progress(values)))
+        progress = self.status.record_progress(values)
+        logger.info("%s", describe_progress(progress, self.status.eval_step))
         self.patcher.poke()
 
     def checkpoint(self, step: int, path: str, metrics: Mapping[str, Any] | None = None, best: bool = False) -> None:
@@ -157,7 +158,8 @@ class LocalReporter(Reporter):
         self._write()
 
     def progress(self, values: Mapping[str, Any]) -> None:
-        self.display.show(self.status.record_progress(values))
+        progress = self.status.record_progress(values)
+        self.display.show(progress, self.status.eval_step)
         self._write()
 
     def checkpoint(self, step: int, path: str, metrics: Mapping[str, Any] | None = None, best: bool = False) -> None:

@@ -13,8 +13,13 @@ from typing import IO, Any
 from kubetune.api.statuses import Progress
 
 
-def describe_progress(progress: Progress) -> str:
-    """One line for a terminal or a pod log."""
+def describe_progress(progress: Progress, eval_step: int | None = None) -> str:
+    """One line for a terminal or a pod log.
+
+    Eval metrics are repeated on every line until the next evaluation; ``eval_step`` (the step
+    they were computed at) marks them as ``eval@N`` on the lines of later steps, so old numbers
+    never read as new ones.
+    """
     parts = [f"step {progress.step}" + (f"/{progress.total_steps}" if progress.total_steps else "")]
     if progress.percent is not None:
         parts[0] += f" ({progress.percent:.1f}%)"
@@ -22,11 +27,15 @@ def describe_progress(progress: Progress) -> str:
         parts.append(f"epoch {progress.epoch:.2f}")
     if progress.loss is not None:
         parts.append(f"loss {progress.loss:.4f}")
+    evaluation = []
     if progress.eval_loss is not None:
-        parts.append(f"eval_loss {progress.eval_loss:.4f}")
+        evaluation.append(f"eval_loss {progress.eval_loss:.4f}")
     shown = [(n, v) for n, v in sorted((progress.metrics or {}).items()) if n != "eval_loss"]
     for name, value in shown[:4]:  # eval_loss is already shown above
-        parts.append(f"{name} {value:.4g}")
+        evaluation.append(f"{name} {value:.4g}")
+    if evaluation and eval_step is not None and eval_step != progress.step:
+        evaluation[0] = f"eval@{eval_step}: {evaluation[0]}"
+    parts.extend(evaluation)
     if progress.learning_rate is not None:
         parts.append(f"lr {progress.learning_rate:.2e}")
     if progress.tokens_per_second is not None:
@@ -51,9 +60,9 @@ class ProgressDisplay:
         self._bar: Any = None
         self._use_bar = progress_bar and _stream_is_terminal(stream) and _tqdm() is not None
 
-    def show(self, progress: Progress) -> None:
+    def show(self, progress: Progress, eval_step: int | None = None) -> None:
         if not self._use_bar:
-            self.say(describe_progress(progress))
+            self.say(describe_progress(progress, eval_step))
             return
         tqdm = _tqdm()
         if self._bar is None:

@@ -432,6 +432,7 @@ class Trainer:
         if self.metrics:
             progress["eval_loss"] = self.metrics.get("eval_loss")
             progress["metrics"] = dict(self.metrics)
+            progress["eval_step"] = self.metrics_step  # so a step line never passes them off as new
         if self.ctx.loss_terms:
             progress["loss_terms"] = dict(self.ctx.loss_terms)
         self.reporter.progress(progress)

@@ -129,3 +129,4 @@ def test_data_checks_can_be_skipped_and_remote_sources_are_left_to_the_trainer(t
     assert skipped.returncode == 0 and "quickstart: valid" in skipped.stdout, skipped.stdout + skipped.stderr
     hub = _run("-f", str(_job_with_data(tmp_path, None, source="hf://org/reviews")))
     assert hub.returncode == 0, hub.stdout + hub.stderr
+

@@ -201,3 +201,19 @@ def test_progress_line_shows_eval_loss_once() -> None:
 
     line = describe_progress(Progress(step=5, total_steps=10, loss=0.5, eval_loss=0.4, metrics={"eval_loss": 0.4, "eval_accuracy": 0.9}))
     assert line.count("eval_loss") == 1 and "eval_accuracy 0.9" in line
+
+
+def test_step_lines_mark_eval_metrics_from_an_earlier_step(job: Any, tmp_path: pathlib.Path) -> None:
+    """The loop repeats the latest eval metrics on every line; only the eval's own step shows them
+    unmarked, later lines say which step they are from."""
+    out = io.StringIO()
+    metrics = {"eval_loss": 0.75, "eval_accuracy": 0.5}
+    with make_reporter(job, rank=0, local=True, run_dir=tmp_path, progress_bar=False, stream=out) as reporter:
+        reporter.progress({"step": 10, "total_steps": 30, "loss": 1.0, "eval_loss": 0.75, "metrics": metrics,
+                           "eval_step": 10})
+        reporter.progress({"step": 20, "total_steps": 30, "loss": 0.9, "eval_loss": 0.75, "metrics": metrics,
+                           "eval_step": 10})
+    fresh, stale = out.getvalue().splitlines()[:2]
+    assert "eval_loss 0.7500" in fresh and "eval@" not in fresh, fresh
+    assert stale.startswith("step 20/30") and "eval@10: eval_loss 0.7500" in stale, stale
+    assert stale.count("eval_loss") == 1 and "eval_accuracy 0.5" in stale
