@@ -249,12 +249,16 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     _crds: dict[tuple[str, str], dict[str, Any]] = attrs.field(factory=dict, init=False)
     _deletion_policies: dict[str, str] = attrs.field(factory=dict, init=False)
     _log_texts: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
+    _resource_reaction: Any = attrs.field(default=None, init=False)
+    _own_reactions: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources.load_bundled()
         # Above kmock's own fallbacks (sub-priority +1 within -inf), below any reaction a test adds.
         (self.fallback ** 1)[self._is_resource_request] << self._serve_resource_request
+        self._resource_reaction = self._payloads[-1]
+        self._own_reactions = len(self._payloads)
         for name in ("default", "kube-system"):
             self.create_object("v1/namespaces", None, {"metadata": {"name": name}})
         for crd in default_crds():
@@ -262,6 +266,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     # kmock's own _handle() merges writes into its store before routing; we route directly.
     async def _handle(self, request: kmock.Request) -> Any:
+        # kmock matches a request to a reaction by filtering every request it ever received (quadratic
+        # in the number of requests: most of the CPU at a few thousand objects). While a test has added
+        # no reactions of its own (fault injection), a resource URL goes straight to ours.
+        if len(self._payloads) == self._own_reactions and self._is_resource_request(request):
+            return await self._resource_reaction(request)
         return await kmock.RawHandler._handle(self, request)
 
     def shutdown(self) -> None:
@@ -350,8 +359,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return None
 
     def _live(self, address: Address) -> Iterator[tuple[tuple[kmock.resource, str | None, str], dict[str, Any]]]:
+        resource = address.resource  # built once: a kmock.resource is costly to make (per object, it was most of a LIST)
         for key, obj in list(self.objects.items()):
-            if obj.deleted or key[0] != address.resource:
+            if key[0] != resource or obj.deleted:
                 continue
             if address.namespace is not None and key[1] != address.namespace:
                 continue
@@ -861,8 +871,11 @@ class EmulatorThread:
     events included) and are safe to call from the test's thread.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", **options: Any) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
+                 emulator_class: type[ApiServerEmulator] | None = None, **options: Any) -> None:
         self._host = host
+        self._port = port
+        self._emulator_class = emulator_class or ApiServerEmulator
         self._options = options
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -892,8 +905,8 @@ class EmulatorThread:
 
     async def _serve(self, started: threading.Event) -> None:
         self._stopping = asyncio.Event()
-        async with ApiServerEmulator(**self._options) as emulator:
-            server = aiohttp.test_utils.RawTestServer(emulator, host=self._host)
+        async with self._emulator_class(**self._options) as emulator:
+            server = aiohttp.test_utils.RawTestServer(emulator, host=self._host, port=self._port)
             await server.start_server()
             try:
                 self.emulator = emulator
