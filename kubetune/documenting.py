@@ -383,16 +383,13 @@ METRICS_END = "<!-- end of metrics table -->"
 
 
 def settings_table() -> str:
-    import dataclasses
-
     from kubetune.operator.settings import ENV_PREFIX, Settings
 
     lines = [SETTINGS_BEGIN, "", "| variable | default | meaning |", "|---|---|---|"]
-    defaults = Settings()
-    for f in dataclasses.fields(Settings):
-        value = getattr(defaults, f.name)
+    for name, field in Settings.model_fields.items():
+        value = field.default
         shown = ",".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
-        lines.append(f"| `{ENV_PREFIX}{f.name.upper()}` | `{_cell(shown)}` | {_cell(f.metadata.get('doc', ''))} |")
+        lines.append(f"| `{ENV_PREFIX}{name.upper()}` | `{_cell(shown)}` | {_cell(field.description or '')} |")
     lines += ["", SETTINGS_END]
     return "\n".join(lines)
 

@@ -5,91 +5,113 @@ command-line flags (flags win), the Helm chart sets the same variables on the De
 ``@kopf.on.startup`` handler turns it into kopf's settings. The builders receive the few fields
 they need (trainer image, grace period, rendezvous port) so that ``kubetune render`` shows exactly
 what the operator would create with the same configuration.
+
+The class is a ``pydantic_settings.BaseSettings``: pydantic-settings reads the variables (prefix
+``KUBETUNE_``, empty values ignored) and pydantic converts and checks them. What stays ours is
+small: comma-separated lists (``NoDecode`` + a validator, where pydantic-settings would expect
+JSON) and error messages that name the variable (``KUBETUNE_HEALTH_PORT: must be an integer (got
+'eighty')``) instead of pydantic's field-path report.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "KUBETUNE_"
 
 #: The trainer image used when a FineTuneJob does not name one (spec.resources.image).
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 
+CommaList = Annotated[tuple[str, ...], NoDecode]
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
+# Set by Settings.from_env(environ=...) while it builds: read that mapping instead of os.environ.
+_explicit_environ: ContextVar[Mapping[str, str] | None] = ContextVar("kubetune_settings_environ", default=None)
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Everything an operator deployment can tune. Each field is ``KUBETUNE_<FIELD_IN_CAPITALS>``."""
 
-    namespaces: tuple[str, ...] = field(
-        default=(), metadata=_doc("Namespaces to watch, comma-separated; empty watches the whole cluster.")
-    )
-    trainer_image: str = field(default=DEFAULT_TRAINER_IMAGE, metadata=_doc("Default trainer image."))
-    trainer_image_pull_secrets: tuple[str, ...] = field(
-        default=(), metadata=_doc("Secrets (comma-separated names) the trainer pods pull their image with.")
-    )
-    log_level: str = field(default="INFO", metadata=_doc("DEBUG, INFO, WARNING or ERROR."))
-    health_port: int = field(
-        default=8080, metadata=_doc("Port of the liveness/readiness endpoint (/healthz); 0 turns it off.")
-    )
-    metrics_port: int = field(default=0, metadata=_doc("Port of the Prometheus /metrics endpoint; 0 turns it off."))
-    peering: str = field(
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="ignore",
+                                      case_sensitive=False)
+
+    namespaces: CommaList = Field(default=(), description="Namespaces to watch, comma-separated; empty watches the whole cluster.")
+    trainer_image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Default trainer image.")
+    trainer_image_pull_secrets: CommaList = Field(
+        default=(), description="Secrets (comma-separated names) the trainer pods pull their image with.")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    health_port: int = Field(default=8080, description="Port of the liveness/readiness endpoint (/healthz); 0 turns it off.")
+    metrics_port: int = Field(default=0, description="Port of the Prometheus /metrics endpoint; 0 turns it off.")
+    peering: str = Field(
         default="",
-        metadata=_doc(
-            "kopf peering object name for running several replicas; empty runs standalone (one replica, "
-            "no KopfPeering resource needed)."
-        ),
+        description=("kopf peering object name for running several replicas; empty runs standalone (one replica, "
+                     "no KopfPeering resource needed)."),
     )
-    watch_server_timeout: int = field(
-        default=300, metadata=_doc("Seconds the API server keeps a watch open before the operator reconnects.")
-    )
-    watch_client_timeout: int = field(
-        default=330, metadata=_doc("Seconds without any data after which the operator drops a watch (> server timeout).")
-    )
-    request_timeout: int = field(default=60, metadata=_doc("Seconds for one API request."))
-    termination_grace_seconds: int = field(
-        default=300, metadata=_doc("Grace period of trainer pods: time to write a checkpoint on SIGTERM.")
-    )
-    rendezvous_port: int = field(default=29500, metadata=_doc("Port of the torch distributed rendezvous (MASTER_PORT)."))
-    run_as_user: int = field(default=1000, metadata=_doc("UID of the trainer processes (the pods run as non-root)."))
-    retry_delay: int = field(default=10, metadata=_doc("Seconds before a handler that waits on something retries."))
-    webhook_port: int = field(
-        default=0, metadata=_doc("Port of the validating admission webhook (kopf's webhook server); 0 turns it off.")
-    )
-    webhook_host: str = field(
-        default="", metadata=_doc("Host name the API server calls the webhook by (the Service's DNS name); in the certificate.")
-    )
-    webhook_cert_file: str = field(
-        default="", metadata=_doc("TLS certificate of the webhook (PEM, e.g. from cert-manager); empty: kopf's self-signed one (needs the certbuilder package).")
-    )
-    webhook_key_file: str = field(default="", metadata=_doc("Private key of the webhook certificate (PEM)."))
-    webhook_failure_policy: str = field(
-        default="Fail", metadata=_doc("failurePolicy of the webhook: Fail (refuse when it cannot answer) or Ignore.")
-    )
+    watch_server_timeout: int = Field(
+        default=300, description="Seconds the API server keeps a watch open before the operator reconnects.")
+    watch_client_timeout: int = Field(
+        default=330, description="Seconds without any data after which the operator drops a watch (> server timeout).")
+    request_timeout: int = Field(default=60, description="Seconds for one API request.")
+    termination_grace_seconds: int = Field(
+        default=300, description="Grace period of trainer pods: time to write a checkpoint on SIGTERM.")
+    rendezvous_port: int = Field(default=29500, description="Port of the torch distributed rendezvous (MASTER_PORT).")
+    run_as_user: int = Field(default=1000, description="UID of the trainer processes (the pods run as non-root).")
+    retry_delay: int = Field(default=10, description="Seconds before a handler that waits on something retries.")
+    webhook_port: int = Field(
+        default=0, description="Port of the validating admission webhook (kopf's webhook server); 0 turns it off.")
+    webhook_host: str = Field(
+        default="", description="Host name the API server calls the webhook by (the Service's DNS name); in the certificate.")
+    webhook_cert_file: str = Field(
+        default="", description=("TLS certificate of the webhook (PEM, e.g. from cert-manager); empty: kopf's self-signed "
+                                 "one (needs the certbuilder package)."))
+    webhook_key_file: str = Field(default="", description="Private key of the webhook certificate (PEM).")
+    webhook_failure_policy: str = Field(
+        default="Fail", description="failurePolicy of the webhook: Fail (refuse when it cannot answer) or Ignore.")
+
+    @field_validator("namespaces", "trainer_image_pull_secrets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        self.check()
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init values) win over the environment; no .env or secret files: the chart sets variables.
+        environ = _explicit_environ.get()
+        if environ is not None:
+            return (init_settings, _MappingSource(settings_cls, environ))
+        return (init_settings, env_settings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from ``KUBETUNE_*`` variables; ``overrides`` that are not None win (CLI flags)."""
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _convert(f, raw)
-        for key, value in overrides.items():
-            if value is not None:
-                values[key] = tuple(value) if key == "namespaces" else value  # type: ignore[arg-type]
-        settings = cls(**values)  # type: ignore[arg-type]
-        settings.check()
-        return settings
+        """Settings from ``KUBETUNE_*`` variables (``os.environ`` unless ``environ`` is given);
+        ``overrides`` that are not None win (CLI flags). Bad values raise ValueError naming the variable."""
+        values = {key: value for key, value in overrides.items() if value is not None}
+        token = _explicit_environ.set(environ)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ValueError(_explain(exc)) from None
+        finally:
+            _explicit_environ.reset(token)
 
     def check(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -107,7 +129,7 @@ class Settings:
     @classmethod
     def documentation(cls) -> dict[str, str]:
         """Variable name -> description, for the chart's values and the docs."""
-        return {ENV_PREFIX + f.name.upper(): f.metadata["doc"] for f in dataclasses.fields(cls)}
+        return {ENV_PREFIX + name.upper(): field.description or "" for name, field in cls.model_fields.items()}
 
 
 def webhook_enabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -123,20 +145,36 @@ def webhook_ignores_failures(environ: Mapping[str, str] | None = None) -> bool:
     return env.get(ENV_PREFIX + "WEBHOOK_FAILURE_POLICY", "Fail").strip() == "Ignore"
 
 
-def _convert(f: dataclasses.Field[object], raw: str) -> object:
-    name = ENV_PREFIX + f.name.upper()
-    if f.type in ("int", int):
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{name}: must be an integer (got {raw!r})") from None
-    if f.type in ("bool", bool):
-        lowered = raw.strip().lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
-        raise ValueError(f"{name}: must be true or false (got {raw!r})")
-    if f.name in ("namespaces", "trainer_image_pull_secrets"):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
-    return raw
+class _MappingSource(PydanticBaseSettingsSource):
+    """``KUBETUNE_*`` values from a given mapping (tests, ``from_env(environ)``), empty ones ignored."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = {key.upper(): value for key, value in environ.items()}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._environ.get(ENV_PREFIX + field_name.upper()), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in self.settings_cls.model_fields:
+            raw = self._environ.get(ENV_PREFIX + name.upper())
+            if raw not in (None, ""):
+                values[name] = raw
+        return values
+
+
+def _explain(error: ValidationError) -> str:
+    """One line per bad variable, named as the user set it."""
+    lines = []
+    for problem in error.errors():
+        location = problem.get("loc") or ()
+        if not location:  # a model-level check (check()) already names its variables
+            lines.append(str(problem.get("msg", "")).removeprefix("Value error, "))
+            continue
+        name = ENV_PREFIX + str(location[0]).upper()
+        if problem.get("type") in ("int_parsing", "int_type", "int_from_float"):
+            lines.append(f"{name}: must be an integer (got {problem.get('input')!r})")
+        else:
+            lines.append(f"{name}: {problem.get('msg')} (got {problem.get('input')!r})")
+    return "; ".join(lines)

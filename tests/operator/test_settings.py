@@ -67,3 +67,14 @@ def test_jobs_by_phase_counts_jobs_without_a_phase_until_they_are_deleted(monkey
     running.track_phase("a", "Pending")
     running.track_phase("b", "Running", deleted=True)
     assert seen[-1] == {"Pending": 1}
+
+
+def test_the_process_environment_is_read_by_pydantic_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_NAMESPACES", "a,b")
+    monkeypatch.setenv("KUBETUNE_RETRY_DELAY", "3")
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "")  # empty: the default
+    settings = Settings.from_env(retry_delay=None)
+    assert settings.namespaces == ("a", "b") and settings.retry_delay == 3 and settings.metrics_port == 0
+    monkeypatch.setenv("KUBETUNE_REQUEST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"KUBETUNE_REQUEST_TIMEOUT: must be an integer \(got 'soon'\)"):
+        Settings.from_env()
