@@ -8,6 +8,17 @@ are folded in here: :func:`create` treats 409 AlreadyExists as "already there" a
 existing object, :func:`get` and :func:`delete` treat 404 as "absent". Every failed request is
 counted in ``kubetune.operator.metrics``.
 
+Transient failures — the connection refused or reset, a timeout, 429 Too Many Requests, 502, 503 or
+504 (an API server restarting, overloaded or behind a load balancer) — are retried here with
+tenacity: at most :data:`RETRY_ATTEMPTS` tries, exponential backoff with full jitter between
+:data:`RETRY_WAIT_MIN` and :data:`RETRY_WAIT_MAX` seconds, so a burst of operators does not retry in
+step. Every verb here is safe to repeat (a create that did land answers 409 next time and is then
+read back; merge patches are idempotent). A 500 and every other error go to the caller at once:
+kopf retries the whole handler with its own backoff (``settings.batching.error_delays``), which
+re-reads the world instead of repeating a request that the server refused. What stays hand-written
+is the status decisions' retry (``retrying``, also tenacity): on 409 and 500 too it is not a
+repeat of the same request but a re-read and a recomputed patch.
+
 :data:`REQUIRED_PERMISSIONS` lists every (API group, resource, verbs) the operator needs, its own
 calls plus kopf's watching; each call here checks itself against it, a test compares it with the
 requests the operator really makes, and the Helm chart's ClusterRole is tested against it.
@@ -22,6 +33,7 @@ import os
 from typing import Any
 
 import kubernetes
+import tenacity
 import urllib3.exceptions
 from kubernetes.client import ApiClient, ApiException
 
@@ -71,6 +83,12 @@ MERGE_PATCH = "application/merge-patch+json"
 #: How the operator's own requests show up in API server audit logs.
 USER_AGENT = "kubetune-operator"
 EVENT_SOURCE = "kubetune-operator"
+
+#: Tries of one request that fails transiently (see the module docstring), and the backoff bounds.
+RETRY_ATTEMPTS = 4
+RETRY_WAIT_MIN = 0.2
+RETRY_WAIT_MAX = 5.0
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
 _client: ApiClient | None = None
 
@@ -154,15 +172,33 @@ async def _request(
     if not is_declared(group, resource, verb):
         raise UndeclaredPermission(f"{verb} {group or 'core'}/{resource} is not in REQUIRED_PERMISSIONS")
     method = {"get": "GET", "list": "GET", "create": "POST", "patch": "PATCH", "delete": "DELETE"}[verb]
-    try:
-        return await asyncio.to_thread(_call_sync, method, path, body, query, content_type)
-    except ApiException as exc:
-        if not (exc.status == 404 and verb in ("get", "delete")) and not (exc.status == 409 and verb == "create"):
-            metrics.count_api_error(verb, resource, int(exc.status or 0))
-        raise
-    except Exception:
-        metrics.count_api_error(verb, resource, 0)
-        raise
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception(is_retryable_request),
+        wait=tenacity.wait_random_exponential(multiplier=RETRY_WAIT_MIN, min=RETRY_WAIT_MIN, max=RETRY_WAIT_MAX),
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        before_sleep=lambda state: logger.debug("retrying %s %s after %s", verb, path, state.outcome and state.outcome.exception()),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            try:
+                return await asyncio.to_thread(_call_sync, method, path, body, query, content_type)
+            except ApiException as exc:
+                if not (exc.status == 404 and verb in ("get", "delete")) and not (exc.status == 409 and verb == "create"):
+                    metrics.count_api_error(verb, resource, int(exc.status or 0))
+                raise
+            except Exception:
+                metrics.count_api_error(verb, resource, 0)
+                raise
+    raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+
+def is_retryable_request(exc: BaseException) -> bool:
+    """Whether a failed request is worth repeating as it is, here (see the module docstring);
+    :func:`is_transient` is the wider test for a whole decision that re-reads first (``retrying``)."""
+    if isinstance(exc, ApiException):
+        return int(exc.status or 0) in TRANSIENT_STATUSES
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
 # ------------------------------------------------------------------------------------ verbs

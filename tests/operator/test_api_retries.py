@@ -1,0 +1,67 @@
+"""The API gateway repeats a request that failed transiently (tenacity), and only such a request."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import kmock
+import pytest
+from kubernetes.client import ApiException
+
+from kubetune.operator import kubeapi, metrics
+from tests.support.emulating import EmulatorThread
+
+CONFIGMAPS = kmock.resource("", "v1", "configmaps")
+JOBS = kmock.resource("batch", "v1", "jobs")
+
+
+@pytest.fixture()
+def gateway(k8s_emulator: EmulatorThread, kubeconfig_file: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorThread]:
+    monkeypatch.setattr(kubeapi, "RETRY_WAIT_MIN", 0.01)
+    monkeypatch.setattr(kubeapi, "RETRY_WAIT_MAX", 0.05)
+    kubeapi.connect(str(kubeconfig_file))
+    k8s_emulator.create_object("v1/configmaps", "default", {"metadata": {"name": "cm"}, "data": {"a": "1"}})
+    k8s_emulator.create_object("batch/v1/jobs", "default", {"metadata": {"name": "job"}, "spec": {"suspend": False}})
+    try:
+        yield k8s_emulator
+    finally:
+        kubeapi.close()
+
+
+def _errors(verb: str, status: str, resource: str = "configmaps") -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "kubetune_api_errors_total", {"verb": verb, "resource": resource, "status": status})
+    return value or 0.0
+
+
+async def test_unavailable_server_is_retried_until_it_answers(gateway: EmulatorThread) -> None:
+    emulator = gateway.emulator
+    assert emulator is not None
+    before = _errors("get", "503")
+    emulator["get", CONFIGMAPS][:2] << 503 << {"kind": "Status", "code": 503, "message": "restarting"}
+    found = await kubeapi.get("ConfigMap", "default", "cm")
+    assert found is not None and found["data"] == {"a": "1"}
+    assert _errors("get", "503") - before == 2  # each failed attempt is still counted
+
+
+async def test_retries_stop_after_the_last_attempt(gateway: EmulatorThread) -> None:
+    emulator = gateway.emulator
+    assert emulator is not None
+    emulator["patch", JOBS] << 429 << {"kind": "Status", "code": 429, "message": "slow down"}
+    before = _errors("patch", "429", "jobs")
+    with pytest.raises(ApiException) as raised:
+        await kubeapi.patch("Job", "default", "job", {"spec": {"suspend": True}})
+    assert raised.value.status == 429
+    assert _errors("patch", "429", "jobs") - before == kubeapi.RETRY_ATTEMPTS
+
+
+async def test_a_refused_request_is_not_repeated(gateway: EmulatorThread) -> None:
+    emulator = gateway.emulator
+    assert emulator is not None
+    emulator["patch", JOBS] << 500 << {"kind": "Status", "code": 500, "message": "broken"}
+    before = _errors("patch", "500", "jobs")
+    with pytest.raises(ApiException) as raised:
+        await kubeapi.patch("Job", "default", "job", {"spec": {"suspend": True}})
+    assert raised.value.status == 500
+    assert _errors("patch", "500", "jobs") - before == 1  # kopf retries the handler, not the gateway the request
