@@ -150,8 +150,17 @@ def problems_from(error: ValidationError, root: type[BaseModel], prefix: tuple[s
         if path in seen:
             continue
         seen.add(path)
+        if _names_a_secret(loc):
+            err = {**err, "input": "<hidden>", "ctx": {k: v for k, v in (err.get("ctx") or {}).items() if k != "error"}}
         out.append(Problem(path, _message({**err, "loc": loc}, root)))
     return out
+
+
+def _names_a_secret(loc: tuple[Any, ...]) -> bool:
+    """Whether a field path goes through a Secret reference (``credentialsSecret``, ``…SecretRef``):
+    what a user typed there may be the credential itself, pasted by mistake, and problems end up in
+    status, Events and logs — so its value is never echoed."""
+    return any(isinstance(p, str) and p.lower().endswith(("secret", "secretref")) for p in loc)
 
 
 def validate_manifest(body: Any) -> tuple[FineTuneJob | None, list[Problem]]:
