@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 1 on CPU)")
     p.add_argument("--max-steps", type=int, default=None, help="override spec.training.maxSteps (quick tries)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: remove this run's checkpoints instead of resuming (also after a spec edit)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("operator", help="run the operator")

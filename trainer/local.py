@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _load(path: str) -> tuple[object | None, int]:
@@ -54,6 +55,13 @@ def train_main(args: argparse.Namespace) -> int:
     output = job.spec.output.path
     output_dir = (manifest_dir / output) if output else run_dir / "output"
     paths = RunPaths(base_dir=manifest_dir, output_dir=output_dir.resolve(), checkpoint_dir=run_dir / "checkpoints", run_dir=run_dir)
+    if getattr(args, "restart", False):
+        checkpointing = job.spec.checkpointing.model_copy(update={"resume": False})  # removes the old ones
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"checkpointing": checkpointing})})
+    elif job.spec.checkpointing.resume:
+        refused = _rerun_refused(job, paths, args.max_steps)
+        if refused is not None:
+            return refused
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "job.json"
     config.write_text(json.dumps(job.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2), encoding="utf-8")
@@ -100,6 +108,33 @@ def train_main(args: argparse.Namespace) -> int:
                 continue  # the workers got it too; wait for them to finish their checkpoint
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _rerun_refused(job: Any, paths: Any, max_steps: int | None) -> int | None:
+    """An exit code when the run dir holds a different run (2) or this one, finished (0); else None."""
+    from kubetune.trainer import checkpoints
+    from kubetune.trainer.fingerprinting import changes, run_length, training_spec
+
+    latest = checkpoints.find_latest(paths.checkpoint_dir)
+    if latest is None:
+        return None
+    state = checkpoints.read_state(latest)
+    if max_steps is not None:
+        training = job.spec.training.model_copy(update={"max_steps": max_steps})
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})
+    if "spec" in state:  # checkpoints of older versions carry no fingerprint: resumed as before
+        changed = changes(state["spec"], training_spec(job))
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            print(f"kubetune: {paths.run_dir} holds a run of {job.name} with another spec ({changed[0]}{more}); "
+                  "not resuming it: rerun with --restart to start over, or -o another folder", file=sys.stderr)
+            return 2
+    total = state.get("total_steps")
+    if total and int(state["step"]) >= int(total) and state.get("length") == run_length(job):
+        print(f"kubetune: {job.name} already finished ({state['step']} steps); its model is in {paths.output_dir} "
+              "(--restart trains it again)", flush=True)
+        return 0
+    return None
 
 
 def _default_nproc() -> int:

@@ -43,6 +43,7 @@ from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, mic
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
 from kubetune.trainer.engines import all_reduce, build_engine, default_param_groups, init_distributed, resolve_precision
 from kubetune.trainer.evaluating import evaluate
+from kubetune.trainer.fingerprinting import run_length, training_spec
 from kubetune.trainer.running import RunOptions, RunPaths, make_run_reporter
 from kubetune.trainer.techniques.base import TechniqueContext, enabled_techniques
 
@@ -483,6 +484,8 @@ class Trainer:
             "total_steps": self.total_steps,
             "metrics": metrics,
             "job": self.job.name,
+            "spec": training_spec(self.job),  # a rerun of an edited manifest is refused, not resumed
+            "length": run_length(self.job),
         }
         self.ctx.checkpoint_requested = False
         path, best, deleted = checkpoints.save(

@@ -1,0 +1,55 @@
+"""Rerunning `kubetune train` on a run folder: the same spec resumes (or says it is finished), an
+edited one is refused with one line naming the change, and --restart starts over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.support.tiny_models import manifest, write_dataset
+from tests.trainer.conftest import trainer_env
+
+
+def _train(run_dir, job, *extra):
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+    proc = subprocess.run([sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir),
+                           "--no-progress", "--nproc", "1", *extra], cwd=run_dir, env=trainer_env(),
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_an_edited_manifest_is_not_resumed_and_a_finished_run_is_not_retrained(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=16)
+    job = manifest(tiny_model_dir("llama"), data, "text", overrides={
+        "training.maxSteps": 3, "training.learningRate": 1e-3, "checkpointing.everySteps": 1, "data.eval": None})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rc, out = _train(run_dir, job)
+    assert rc == 0, out[-3000:]
+    log = run_dir / "output" / "trainer_log.jsonl"
+    lines_after_first = log.read_text().count("\n")
+
+    rc, out = _train(run_dir, job)  # the same manifest again
+    assert rc == 0, out[-3000:]
+    assert "already finished (3 steps)" in out and str(run_dir / "output") in out, out[-3000:]
+    assert log.read_text().count("\n") == lines_after_first  # nothing trained again
+
+    # Another GPU count is the same run (resume across GPU counts): still just finished.
+    rc, out = _train(run_dir, {**job, "spec": {**job["spec"], "resources": {"gpusPerNode": 0}}})
+    assert rc == 0 and "already finished" in out, out[-3000:]
+
+    edited = {**job, "spec": {**job["spec"], "training": {**job["spec"]["training"], "learningRate": 5e-4}}}
+    rc, out = _train(run_dir, edited)
+    assert rc == 2, out[-3000:]
+    [said] = [line for line in out.splitlines() if line.startswith("kubetune:")]
+    assert "spec.training.learningRate: 0.001 -> 0.0005" in said and "--restart" in said, said
+    assert "Traceback" not in out
+
+    rc, out = _train(run_dir, edited, "--restart")
+    assert rc == 0, out[-3000:]
+    steps = [yaml.safe_load(line)["step"] for line in log.read_text().splitlines()]
+    assert steps and steps[0] == 1 and steps[-1] == 3 and len(steps) == lines_after_first  # trained anew
