@@ -387,6 +387,9 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
             "allowPrivilegeEscalation": False,
             "privileged": False,
             "runAsNonRoot": True,
+            # Writable only where the trainer writes: /workspace (claim), /tmp (HOME, so every
+            # library cache under ~/.cache), /dev/shm; the image itself cannot be changed.
+            "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },

@@ -205,6 +205,11 @@ class TestJob:
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+        assert {"/workspace", "/tmp", "/dev/shm"} <= writable  # caches live under HOME=/tmp and /workspace/cache
+        env = env_of(built)
+        assert env["HOME"].startswith("/tmp") and env["HF_HOME"].startswith("/workspace/")
         assert pod["terminationGracePeriodSeconds"] == 600
         assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
