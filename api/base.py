@@ -8,7 +8,7 @@ CRD schema in agreement (see ``tests/api/test_crd_agreement.py``).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -27,7 +27,7 @@ class SpecModel(BaseModel):
         use_attribute_docstrings=False,
     )
 
-    def to_manifest(self) -> dict:
+    def to_manifest(self) -> dict[str, Any]:
         """The block as it would appear in YAML: aliases, JSON types, unset defaults left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 

@@ -110,7 +110,8 @@ def model_schema(model: type) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of a pydantic model, descriptions included."""
     raw = model.model_json_schema(by_alias=True, mode="validation")  # type: ignore[attr-defined]
     defs = raw.pop("$defs", {})
-    return _structural(_resolve(raw, defs))
+    schema: dict[str, Any] = _structural(_resolve(raw, defs))
+    return schema
 
 
 def _immutability_rules() -> list[dict[str, str]]:

@@ -9,7 +9,6 @@ against plain logits + cross-entropy at the Llama-3.2-1B vocabulary, with their 
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import torch
@@ -85,8 +84,8 @@ def check_loss() -> None:
         results[backend] = (loss.detach(), gh, gw)
         print(f"loss {backend:8s}: {loss.item():.5f}  {ms:7.2f} ms fwd+bwd  extra peak {peak:.2f} GiB")
     ref = results["torch"]
-    for backend, (l, gh, gw) in results.items():
-        print(f"  {backend} vs torch: loss rel {rel(l, ref[0]):.1e}, dh rel {rel(gh, ref[1]):.1e}, dW rel {rel(gw, ref[2]):.1e}")
+    for backend, (lo, gh, gw) in results.items():
+        print(f"  {backend} vs torch: loss rel {rel(lo, ref[0]):.1e}, dh rel {rel(gh, ref[1]):.1e}, dW rel {rel(gw, ref[2]):.1e}")
 
 
 def check_uniform_attention() -> None:

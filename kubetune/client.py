@@ -477,7 +477,7 @@ class _Seen:
 
         s = state.status
         phase = (s.phase, s.message)
-        if phase != self.phase and not (s.phase in TERMINAL_PHASES):
+        if phase != self.phase and s.phase not in TERMINAL_PHASES:
             self.phase = phase
             yield Update("phase", f"{state.name}: {s.phase or 'Pending'}" + (f": {s.message}" if s.message else ""), state)
         for c in sorted(s.checkpoints, key=lambda c: c.step):

@@ -86,13 +86,13 @@ def api_probe(**_: Any) -> str:
 async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # On create, and on every operator start for jobs that exist (idempotent: nothing is made twice).
     with _reconcile("FineTuneJob"):
-        if searching.is_search(body):
+        if searching.is_search(dict(body)):
             await searching.ensure_trials(dict(body), memo.settings)
         else:
             await creating.ensure_children(dict(body), memo.settings)
 
 
-def admit(body: kopf.Body, operation: str | None, old: kopf.Body | None = None, **_: Any) -> None:
+def admit(body: kopf.Body, operation: str | None = None, old: kopf.Body | None = None, **_: Any) -> None:
     # The validating webhook: refuse with every problem and its field path.
     problems = admitting.review(dict(body), dict(old) if operation == "UPDATE" and old is not None else None)
     if problems:
@@ -110,8 +110,8 @@ if settings.webhook_enabled():
 async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
         await updating.apply_spec_change(dict(body))
-        if searching.is_search(body):  # a search passes runPolicy.suspend on to its trials
-            await searching.reconcile(body.metadata.namespace, body.metadata.name, memo.settings)
+        if searching.is_search(dict(body)):  # a search passes runPolicy.suspend on to its trials
+            await searching.reconcile(body.metadata.namespace or "default", body.metadata.name, memo.settings)
 
 
 @kopf.on.event(*FINETUNEJOBS)
@@ -120,29 +120,29 @@ def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(*FINETUNEJOBS, when=lambda body, **_: statusing.stop_not_shown(dict(body)))
-async def show_early_stop(body: kopf.Body, namespace: str, **_: Any) -> None:
+async def show_early_stop(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
     with _reconcile("FineTuneJob"):
-        await statusing.refresh(namespace, body.metadata.name)
+        await statusing.refresh(namespace or "default", body.metadata.name)
 
 
 @kopf.on.event(*FINETUNEJOBS, labels={SEARCH_LABEL: kopf.PRESENT})
-async def follow_trial(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def follow_trial(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     parent = searching.parent_name(dict(body))
     if parent:
         with _reconcile("Trial"):
-            await searching.reconcile(namespace, parent, memo.settings)
+            await searching.reconcile(namespace or "default", parent, memo.settings)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def follow_job(body: kopf.Body, namespace: str, **_: Any) -> None:
+async def follow_job(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     with _reconcile("Job"):
-        await statusing.refresh(namespace, body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name))
+        await statusing.refresh(namespace or "default", body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def follow_pod(body: kopf.Body, namespace: str, **_: Any) -> None:
+async def follow_pod(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     job_name = body.metadata.annotations.get(naming.ANNOTATION_JOB)
     if job_name:
         with _reconcile("Pod"):
-            await statusing.refresh(namespace, job_name)
+            await statusing.refresh(namespace or "default", job_name)

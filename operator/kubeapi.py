@@ -207,7 +207,8 @@ def is_retryable_request(exc: BaseException) -> bool:
 async def get(kind: str, namespace: str | None, name: str, *, subresource: str | None = None) -> dict[str, Any] | None:
     """The object, or None when it does not exist."""
     try:
-        return await _request("get", kind, namespace, name, subresource=subresource)
+        found: dict[str, Any] = await _request("get", kind, namespace, name, subresource=subresource)
+        return found
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -240,7 +241,9 @@ async def patch(
     """Merge-patch the object (or its status); None when it does not exist. A 409 (stale
     ``metadata.resourceVersion`` in the patch) is raised for the caller to re-read and retry."""
     try:
-        return await _request("patch", kind, namespace, name, subresource=subresource, body=body, content_type=MERGE_PATCH)
+        patched: dict[str, Any] = await _request("patch", kind, namespace, name, subresource=subresource, body=body,
+                                                 content_type=MERGE_PATCH)
+        return patched
     except ApiException as exc:
         if exc.status == 404:
             return None

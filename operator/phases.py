@@ -119,7 +119,7 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, user_susp
     status = job.get("status") or {}
     conds = _conditions(job)
     nodes = int((job.get("spec") or {}).get("completions") or 1)
-    times = {"start_time": status.get("startTime"), "restarts": _restarts(job, pods)}
+    times: dict[str, Any] = {"start_time": status.get("startTime"), "restarts": _restarts(job, pods)}
 
     done = _true(conds, "Complete") or _true(conds, "SuccessCriteriaMet")
     if done:

@@ -27,7 +27,7 @@ import json
 import logging
 import weakref
 from collections import defaultdict
-from typing import Any
+from typing import Any, Literal
 
 import kopf
 
@@ -107,6 +107,7 @@ def trial_record(index: int, trial: dict[str, Any], metric_name: str) -> TrialRe
     status = trial.get("status") or {}
     phase = status.get("phase")
     metric = trial_metric(status, metric_name)
+    state: Literal["Pending", "Running", "Succeeded", "Failed"]
     if phase == "Succeeded":
         state = "Succeeded" if metric is not None else "Failed"  # finished without the metric: no use
     elif phase == "Failed":

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from ``KUBETUNE_*`` variables (``os.environ`` unless ``environ`` is given);
         ``overrides`` that are not None win (CLI flags). Bad values raise ValueError naming the variable."""
-        values = {key: value for key, value in overrides.items() if value is not None}
+        values: dict[str, Any] = {key: value for key, value in overrides.items() if value is not None}
         token = _explicit_environ.set(environ)
         try:
             return cls(**values)

@@ -209,8 +209,6 @@ def peft_config(spec: Any, tokenizer_dir: Path) -> Any:
 
 
 def wrap_peft(spec: Any, model: Any, tokenizer_dir: Path) -> Any:
-    import inspect
-
     import peft
 
     if spec.peft.method == "prefix" and not _accepts_prefix(model, spec.head):

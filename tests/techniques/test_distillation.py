@@ -13,13 +13,13 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from kubetune.api import SpecError
 from kubetune.trainer.techniques.base import TechniqueContext
 from kubetune.trainer.techniques.distillation import Distillation, aligned, distillation_kl
 from tests.techniques.conftest import _train_tokenizer, manifest, parse, train, write_jsonl
-from tests.techniques.reviews import CLASSIFY, LABELS, review_files, review_rows
+from tests.techniques.reviews import CLASSIFY, review_rows
 
 
 def _kl_to_teacher(trainer, teacher_dir) -> float:
