@@ -14,7 +14,7 @@ import yaml
 
 from kubetune.api import ConditionType
 from kubetune.cli import main
-from tests.operator.operating import FTJ, JobController, condition, manifest, wait_phase
+from tests.operator.operating import JobController, condition, manifest, wait_phase
 from tests.support.clusters import Cluster
 
 Operator = Callable[..., Any]
