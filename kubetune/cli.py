@@ -3,10 +3,10 @@
 Subcommands import their layer lazily, so ``kubetune validate`` and ``kubetune operator`` work in
 the operator image, which has no torch.
 
-    kubetune validate -f job.yaml [-f more.yaml | -f -]   check manifests, one line per problem
+    kubetune validate -f job.yaml [-f more.yaml | -f -]   check manifests and their local data, one line per problem
     kubetune crd                                           print the FineTuneJob CRD
     kubetune render -f job.yaml                            print what the operator would create
-    kubetune train -f job.yaml                             train locally from the same manifest
+    kubetune train -f job.yaml [--restart]                 train locally from the same manifest (resumes the same run)
     kubetune operator                                      run the operator
     kubetune submit -f job.yaml [--follow]                 validate and create it in the cluster, follow it
     kubetune status|logs|wait|delete NAME                  a job in the cluster (kubetune.following)
