@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from kubetune.api.base import Fraction, ObjectName, Quantity, SpecModel
 from kubetune.api.techniques import PeftSpec, TechniquesSpec
@@ -241,10 +241,17 @@ class TrainingSpec(SpecModel):
     )
 
 
+def _not_a_bool(value: Any) -> Any:
+    # Literal[0, 1, ...] matches False and True (they equal 0 and 1); the CRD's integer enum does not.
+    if isinstance(value, bool):
+        raise ValueError(f"must be one of 0, 1, 2, 3 (an integer), got {value}")
+    return value
+
+
 class DeepSpeedSpec(SpecModel):
     """DeepSpeed engine settings. The config file is derived from these and the training block."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters sharded.")
+    zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_not_a_bool)] = Field(default=2, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters sharded.")
     offload_optimizer: Literal["none", "cpu"] = Field(default="none", description="Keep optimizer state in CPU memory (ZeRO >= 1).")
     offload_params: Literal["none", "cpu"] = Field(default="none", description="Keep parameters in CPU memory (ZeRO 3 only).")
     config: dict[str, Any] | None = Field(

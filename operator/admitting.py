@@ -21,7 +21,8 @@ from kubetune.api.problems import Problem
 
 def _manifest(body: dict[str, Any]) -> dict[str, Any]:
     """The parts of an admitted object the models judge (server-set metadata and status dropped)."""
-    meta = body.get("metadata") or {}
+    meta = body.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}  # validate_manifest names the bad metadata itself
     kept = {k: meta[k] for k in ("name", "namespace", "labels", "uid", "generation") if meta.get(k) is not None}
     if "name" not in kept and meta.get("generateName"):
         kept["name"] = str(meta["generateName"]).rstrip("-.") or "job"
