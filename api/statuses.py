@@ -157,3 +157,32 @@ def early_stop_condition(progress: Progress | Mapping[str, Any] | None) -> Condi
     why = reason[len(EARLY_STOP_PREFIX):].strip() or "a technique asked to stop"
     return Condition(type=ConditionType.EARLY_STOPPED, status="True", reason=Reason.METRIC_PLATEAU,
                      message=f"training stopped early: {why}")
+
+
+def status_key(name: str) -> str:
+    """The JSON key of the status field ``name`` (``start_time`` -> ``startTime``), from the model."""
+    field = FineTuneJobStatus.model_fields[name]
+    return field.alias or name
+
+
+def condition_key(name: str) -> str:
+    """The JSON key of the condition field ``name`` (``last_transition_time`` -> ...), from the model."""
+    field = Condition.model_fields[name]
+    return field.alias or name
+
+
+def status_fields(**values: Any) -> dict[str, Any]:
+    """Status fields by their model names, validated by :class:`FineTuneJobStatus` and written with
+    its JSON keys: ``status_fields(observed_generation=2)`` -> ``{"observedGeneration": 2}``. Only
+    the fields given are in the result (a None stays None: merge-patch removes it)."""
+    status = FineTuneJobStatus.model_validate(values)
+    dumped = status.model_dump(mode="json", by_alias=True, include=set(values))
+    return {key: _without_none(value) for key, value in dumped.items()}
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value

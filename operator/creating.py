@@ -18,6 +18,7 @@ from typing import Any
 import kopf
 
 from kubetune.api import ConditionType, FineTuneJob, Reason, SpecError, parse_job
+from kubetune.api.statuses import status_fields
 from kubetune.operator import building, kubeapi, naming, statusing
 from kubetune.operator.settings import Settings
 
@@ -91,11 +92,8 @@ async def ensure_children(body: dict[str, Any], settings: Settings) -> dict[str,
         job.namespace, job.name,
         [(ConditionType.CREATED, "True", Reason.RESOURCES_CREATED,
           f"created the trainer Job {naming.names_for(job.name).job} and its ConfigMap, Service, claim and RBAC")],
-        extra={
-            "techniques": building.techniques_summary(job),
-            "observedGeneration": job.metadata.generation,
-        },
-        defaults={"phase": "Pending", "message": "resources created"},
+        extra=status_fields(techniques=building.techniques_summary(job), observed_generation=job.metadata.generation),
+        defaults=status_fields(phase="Pending", message="resources created"),
     )
     if made:
         await kubeapi.post_event(statusing.involved(body), reason=Reason.RESOURCES_CREATED,

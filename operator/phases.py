@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import TERMINAL_PHASES, ConditionType, Reason
-from kubetune.api.statuses import early_stop_condition
+from kubetune.api.statuses import Condition, condition_key, early_stop_condition, status_fields, status_key
 
 #: Conditions that follow the lifecycle: the current one is True, the others that exist turn False.
 LIFECYCLE_CONDITIONS = (ConditionType.INITIALIZING, ConditionType.RUNNING, ConditionType.SUSPENDED)
@@ -177,18 +177,22 @@ def set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reas
             continue
         found = True
         changed = cond.get("status") != status
-        new = {**cond, "status": status, "reason": reason, "message": message[:_MESSAGE_MAX]}
-        if changed or not cond.get("lastTransitionTime"):
-            new["lastTransitionTime"] = timestamp
-        if generation is not None:
-            new["observedGeneration"] = generation
+        transition = timestamp if changed or not cond.get(_LAST_TRANSITION) else cond[_LAST_TRANSITION]
+        new = {**cond, **_condition(kind, status, reason, message, generation, transition)}
         out.append(new)
     if not found:
-        new = {"type": kind, "status": status, "reason": reason, "message": message[:_MESSAGE_MAX], "lastTransitionTime": timestamp}
-        if generation is not None:
-            new["observedGeneration"] = generation
-        out.append(new)
+        out.append(_condition(kind, status, reason, message, generation, timestamp))
     return out
+
+
+_LAST_TRANSITION = condition_key("last_transition_time")
+
+
+def _condition(kind: str, status: str, reason: str, message: str, generation: int | None, transition: str) -> dict[str, Any]:
+    """A condition as the status model writes it (its JSON keys, unset fields left out)."""
+    model = Condition(type=kind, status=status, reason=reason, message=message[:_MESSAGE_MAX],  # type: ignore[arg-type]
+                      last_transition_time=transition, observed_generation=generation)
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def conditions_for(current: list[dict[str, Any]], obs: Observation, generation: int | None, timestamp: str) -> list[dict[str, Any]]:
@@ -218,24 +222,27 @@ def status_patch(status: dict[str, Any] | None, obs: Observation | None, *, gene
         return {}  # a finished job stays finished (e.g. its Job was removed by ttlSecondsAfterFinished)
     timestamp = timestamp or now()
     patch: dict[str, Any] = {}
-    if status.get("phase") != obs.phase:
-        patch["phase"] = obs.phase
-    if status.get("message") != obs.message:
-        patch["message"] = obs.message
+    fields: dict[str, Any] = {}
+    if status.get(status_key("phase")) != obs.phase:
+        fields["phase"] = obs.phase
+    if status.get(status_key("message")) != obs.message:
+        fields["message"] = obs.message
     conditions = conditions_for(status.get("conditions") or [], obs, generation, timestamp)
     stopped = early_stop_condition(status.get("progress"))  # the trainer's stop reason, shown as a condition
     if stopped is not None:
         conditions = set_condition(conditions, stopped.type, stopped.status, stopped.reason, stopped.message,
                                    generation, timestamp)
+    current_start = status.get(status_key("start_time"))
+    start = current_start or obs.start_time
+    if start and start != current_start:
+        fields["start_time"] = start
+    if obs.completion_time and not status.get(status_key("completion_time")):
+        fields["completion_time"] = obs.completion_time
+    if obs.restarts != (status.get(status_key("restarts")) or 0):
+        fields["restarts"] = obs.restarts
+    patch.update(status_fields(**fields))
     if conditions != (status.get("conditions") or []):
-        patch["conditions"] = conditions
-    start = status.get("startTime") or obs.start_time
-    if start and start != status.get("startTime"):
-        patch["startTime"] = start
-    if obs.completion_time and not status.get("completionTime"):
-        patch["completionTime"] = obs.completion_time
-    if obs.restarts != (status.get("restarts") or 0):
-        patch["restarts"] = obs.restarts
+        patch["conditions"] = conditions  # already in the model's keys (set_condition)
     return patch
 
 

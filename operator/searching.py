@@ -42,7 +42,7 @@ from kubetune.api.searching import (
     trial_manifest,
     trial_metric,
 )
-from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, TrialRecord
+from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, Progress, TrialRecord, status_fields, status_key
 from kubetune.api.techniques import HyperparameterSearchSpec
 from kubetune.operator import building, creating, kubeapi, phases, retrying, statusing
 from kubetune.operator.settings import Settings
@@ -161,20 +161,17 @@ def search_status_patch(status: dict[str, Any], records: list[TrialRecord], tota
                                           generation, timestamp)
     conditions = phases.conditions_for(conditions, obs, generation, timestamp)
     finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
-    wanted: dict[str, Any] = {
-        "phase": obs.phase,
-        "message": obs.message,
-        "techniques": techniques,
-        "observedGeneration": generation,
-        "trials": [r.model_dump(mode="json", by_alias=True) for r in kept_trials(records, search.mode, MAX_TRIALS_IN_STATUS)],
-        "bestTrial": best.model_dump(mode="json", by_alias=True) if best else None,
-        "progress": {"step": finished, "totalSteps": total, "percent": round(100.0 * finished / max(total, 1), 1)},
-        "startTime": status.get("startTime") or timestamp,
+    fields: dict[str, Any] = {
+        "phase": obs.phase, "message": obs.message, "techniques": techniques, "observed_generation": generation,
+        "trials": kept_trials(records, search.mode, MAX_TRIALS_IN_STATUS), "best_trial": best,
+        "progress": Progress(step=finished, total_steps=total, percent=round(100.0 * finished / max(total, 1), 1)),
+        "start_time": status.get(status_key("start_time")) or timestamp,
     }
     if obs.phase in TERMINAL_PHASES:
-        wanted["completionTime"] = status.get("completionTime") or timestamp
+        fields["completion_time"] = status.get(status_key("completion_time")) or timestamp
         if obs.phase == "Succeeded":
-            wanted["outputPath"] = best_output
+            fields["output_path"] = best_output
+    wanted = status_fields(**fields)
     patch = {k: v for k, v in wanted.items() if v is not None and status.get(k) != v}
     if conditions != (status.get("conditions") or []):
         patch["conditions"] = conditions
@@ -214,7 +211,7 @@ def output_location(trial: dict[str, Any]) -> str | None:
     ``/workspace/…`` — its own claim, or its own folder of a shared one — so a path there becomes
     ``pvc://<claim>/[<trial>/]…`` (a source a
     next FineTuneJob can start from); any other path is kept as the trainer reported it."""
-    path = (trial.get("status") or {}).get("outputPath")
+    path = (trial.get("status") or {}).get(status_key("output_path"))
     if not path or not str(path).startswith(building.WORKSPACE_DIR + "/"):
         return path
     try:

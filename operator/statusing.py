@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason
-from kubetune.api.statuses import early_stop_condition
+from kubetune.api.statuses import early_stop_condition, status_fields
 from kubetune.operator import kubeapi, naming, phases, retrying
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def involved(job: FineTuneJob | dict[str, Any]) -> dict[str, Any]:
 async def reject_spec(body: dict[str, Any], reason: str, message: str, *, fail: bool) -> None:
     """Mark the spec as refused: a SpecRejected condition, a Warning Event, and phase Failed when nothing runs."""
     meta = body["metadata"]
-    extra = {"phase": "Failed", "message": message} if fail else None
+    extra = status_fields(phase="Failed", message=message) if fail else None
     await update_conditions(meta.get("namespace") or "default", meta["name"],
                             [(ConditionType.SPEC_REJECTED, "True", reason, message)], extra)
     await kubeapi.post_event(body, reason=reason, message=message, type="Warning")

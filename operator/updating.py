@@ -18,6 +18,7 @@ from typing import Any
 
 from kubetune.api import KUEUE_QUEUE_LABEL, FineTuneJob, Reason, SpecError, parse_spec
 from kubetune.api.crds import IMMUTABLE_SPEC_FIELDS
+from kubetune.api.statuses import status_fields
 from kubetune.operator import building, creating, kubeapi, naming, statusing
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ async def apply_spec_change(body: dict[str, Any]) -> dict[str, Any]:
         else:
             await statusing.accept_spec(body)
     result = await apply_run_policy(job, body)
-    await statusing.update_conditions(job.namespace, job.name, [], extra={"observedGeneration": job.metadata.generation})
+    await statusing.update_conditions(job.namespace, job.name, [], extra=status_fields(observed_generation=job.metadata.generation))
     await statusing.refresh(job.namespace, job.name)
     return result
 
