@@ -35,6 +35,10 @@ STATE_TAG = "state"
 TRAINER_STATE = "trainer.json"
 
 
+class CheckpointStorageError(RuntimeError):
+    """The checkpoint volume refused a write (full, read-only, gone); the message names it in one line."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -109,17 +113,24 @@ def save(
     final = root / name
     tmp = root / f".tmp-{name}"
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise _storage_error(exc, root, name) from None
     _barrier()
     if final.exists():  # the same step saved twice (e.g. the end right after a periodic save)
         _barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         return final, False, []
-    engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
-    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    try:
+        engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
+        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint taking the space
+        raise _storage_error(exc, root, name) from None
     _barrier()
     best, deleted = False, []
     if rank == 0:
@@ -132,6 +143,15 @@ def save(
         deleted = rotate(root, keep_last, keep_best)
     _barrier()
     return final, best, deleted
+
+
+def _storage_error(exc: OSError, root: Path, name: str) -> CheckpointStorageError:
+    previous = find_latest(root)
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointStorageError(
+        f"checkpointing: cannot write {name} to {root}: {exc.strerror or exc} (errno {exc.errno}); {kept}. "
+        "Free or enlarge the checkpoint volume (spec.checkpointing.storage), then the run resumes from there"
+    )
 
 
 def _fsync_dir(path: Path) -> None:

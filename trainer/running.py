@@ -154,6 +154,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     if options.max_steps is not None:
         training = job.spec.training.model_copy(update={"max_steps": options.max_steps})
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})
+    from kubetune.trainer.checkpoints import CheckpointStorageError
     from kubetune.trainer.engines import RendezvousError
     from kubetune.trainer.models import ModelError
     from kubetune.trainer.training import Terminated, Trainer
@@ -177,7 +178,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted (Ctrl-C) before training started; nothing to save")
         return EXIT_INTERRUPTED
-    except RendezvousError as exc:  # one line, no traceback: the address is the whole story
+    except (RendezvousError, CheckpointStorageError) as exc:  # one line, no traceback: it says it all
         log.error("%s", exc)
         write_termination_message(str(exc))
         return EXIT_FAILED

@@ -200,3 +200,38 @@ def test_ctrl_c_saves_a_checkpoint_in_one_line_and_exits_130(tiny_model_dir, tra
     assert signalled_at <= step < 200
     said = [line for line in output.splitlines() if "interrupted" in line]
     assert len(said) == 1 and f"checkpoint saved at step {step}" in said[0], output[-3000:]
+
+
+def test_full_checkpoint_storage_fails_with_a_clear_reason_and_keeps_the_previous_checkpoint(
+        tiny_model_dir, train_job, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 6, "checkpointing.everySteps": 2, "data.eval": None})
+    run_dir = tmp_path / "run"
+    real_save = torch.save
+    written: list[str] = []
+
+    def save(obj, f, *args, **kwargs):  # the volume fills up during the second checkpoint
+        if ".tmp-step-00000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        written.append(str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    message = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(message))
+    run = train_job(job, run_dir)
+    assert run.rc == 1
+    reason = message.read_text()
+    assert "checkpointing: cannot write step-00000004" in reason and "No space left on device" in reason
+    assert "the previous checkpoint step-00000002 is intact" in reason and "\n" not in reason
+    assert checkpoints.find_latest(run.checkpoint_dir).name == "step-00000002"
+    assert run.steps() == [2] and not list(run.checkpoint_dir.glob(".tmp-*"))  # the partial write is gone
+    _assert_intact(run.checkpoint_dir)
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes from step 2
+    again = train_job(job, run_dir)
+    assert again.rc == 0 and again.checkpoint_state(6)["step"] == 6
+    assert [e["step"] for e in again.log()][-4:] == [3, 4, 5, 6]
