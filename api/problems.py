@@ -22,6 +22,10 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
+#: A key longer than this is shortened in a path: a hostile 100 kB key is not echoed back whole.
+MAX_PATH_PART = 100
+
+
 def format_path(loc: Sequence[str | int]) -> str:
     """('spec', 'data', 'datasets', 0, 'format') -> 'spec.data.datasets[0].format'."""
     out = ""
@@ -29,7 +33,10 @@ def format_path(loc: Sequence[str | int]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part)
+            if len(text) > MAX_PATH_PART:
+                text = f"{text[:60]}…({len(text)} characters)"
+            out += f".{text}" if out else text
     return out or "(root)"
 
 
