@@ -29,6 +29,7 @@ IMMUTABLE_SPEC_FIELDS = (
     "resources",
     "checkpointing",
     "output",
+    "s3",
 )
 MUTABLE_SPEC_FIELDS = ("runPolicy",)
 

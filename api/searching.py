@@ -54,7 +54,7 @@ def resolve_search_path(path: str) -> str | None:
         model = _unwrap(found[1].annotation)
     if isinstance(model, type) and issubclass(model, BaseModel):
         return f"{path} is a block; name one of its scalar fields"
-    if path.split(".")[0] in {"model", "data", "resources", "checkpointing", "output", "runPolicy"}:
+    if path.split(".")[0] in {"model", "data", "resources", "checkpointing", "output", "s3", "runPolicy"}:
         return f"{path} is not a training hyperparameter; tune training, peft, deepspeed or techniques fields"
     return None
 

@@ -100,7 +100,12 @@ class ModelSpec(SpecModel):
     )
     credentials_secret: SecretKeyRef | None = Field(
         default=None,
-        description="Secret holding the access token (HF_TOKEN) for a gated or private model; never inline a token.",
+        description=(
+            "Secret holding the credentials of the job's sources, never inlined: its `key` (default `token`) is "
+            "the Hugging Face token (HF_TOKEN) for hf:// sources; for s3:// sources its keys "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, if present) are used. Without "
+            "it, s3:// is read with the pod's workload identity."
+        ),
     )
     head: ModelHead | None = Field(
         default=None,
@@ -354,6 +359,20 @@ class OutputSpec(SpecModel):
     export_best: bool = Field(default=True, description="Export the best checkpoint (by checkpointing.metric), not the last, when one is known.")
 
 
+class S3Spec(SpecModel):
+    """How s3:// sources are reached (credentials come from model.credentialsSecret)."""
+
+    endpoint_url: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^https?://[^\s]+$",
+        description="Endpoint of an S3-compatible store (MinIO, Ceph, R2…), e.g. `http://minio.storage:9000`. Unset: AWS S3.",
+    )
+    region: str | None = Field(
+        default=None, max_length=64, pattern=r"^[a-z0-9-]+$", description="Region of the bucket(s), e.g. `eu-west-1`."
+    )
+
+
 class RunPolicySpec(SpecModel):
     """How the run is governed. These fields may change while the job exists."""
 
@@ -380,6 +399,7 @@ class FineTuneJobSpec(SpecModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, nodes, GPUs and scheduling.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints and the volume they live on.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="The final model.")
+    s3: S3Spec | None = Field(default=None, description="Endpoint and region for s3:// sources.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Suspend, retries, deadlines, clean-up.")
 
     @model_validator(mode="after")

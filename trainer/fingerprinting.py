@@ -6,7 +6,7 @@ techniques, training, DeepSpeed) as flat ``spec.<path>: value`` pairs, and the r
 with the manifest before it starts: an edited field refuses the resume with one line naming it
 (``--restart`` starts over); a finished run of the same spec and length is not trained again.
 Left out on purpose: ``resources`` and ``runPolicy`` (a run may resume on another number of GPUs
-or nodes), ``checkpointing`` and ``output`` (where things go), ``training.logEverySteps`` (only
+or nodes), ``checkpointing``, ``output`` and ``s3`` (where things go, how the store is reached), ``training.logEverySteps`` (only
 what is shown), and the length (a run may be extended; ``--max-steps`` does that).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-NOT_FINGERPRINTED = ("resources", "runPolicy", "checkpointing", "output",
+NOT_FINGERPRINTED = ("resources", "runPolicy", "checkpointing", "output", "s3",
                      "training.logEverySteps", "training.maxSteps", "training.epochs")
 LENGTH = ("training.maxSteps", "training.epochs")
 

@@ -9,6 +9,7 @@ like ``kubetune validate``), then trained with the very code the pods run
     runs/<name>/checkpoints/   checkpoints (running the same command again resumes from them)
     runs/<name>/status.json    the status a cluster would show (progress, checkpoints)
     runs/<name>/job.json       the validated manifest handed to the trainer processes
+    runs/<name>/cache/         s3:// sources fetched before training (``KUBETUNE_FETCH_DIR`` overrides)
 
 Relative sources resolve against the manifest's folder. ``spec.output.path``, when set, is
 where the final model goes (relative to the manifest's folder).
@@ -63,6 +64,9 @@ def train_main(args: argparse.Namespace) -> int:
         if refused is not None:
             return refused
     run_dir.mkdir(parents=True, exist_ok=True)
+    code = _fetch(job, run_dir)
+    if code:
+        return code
     config = run_dir / "job.json"
     config.write_text(json.dumps(job.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2), encoding="utf-8")
     nproc = args.nproc or _default_nproc()
@@ -108,6 +112,23 @@ def train_main(args: argparse.Namespace) -> int:
                 continue  # the workers got it too; wait for them to finish their checkpoint
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _fetch(job: Any, run_dir: Path) -> int:
+    """Fetch the s3:// and hf:// sources into the run's cache (one line of what came); 2 when one cannot be."""
+    from kubetune.trainer import fetching
+    from kubetune.trainer.sources import SourceError
+
+    os.environ.setdefault(fetching.FETCH_DIR_VARIABLE, str(run_dir / "cache"))
+    if not fetching.remote_sources(job.spec):
+        return 0
+    try:
+        summary = fetching.fetch_all(job.spec)
+    except SourceError as exc:
+        print(f"kubetune: {exc}", file=sys.stderr)
+        return 2
+    print(f"kubetune: {summary.line()} (cache {os.environ[fetching.FETCH_DIR_VARIABLE]})", flush=True)
+    return 0
 
 
 def _rerun_refused(job: Any, paths: Any, max_steps: int | None) -> int | None:

