@@ -102,7 +102,7 @@ class ModelSpec(SpecModel):
         default=None,
         description=(
             "Secret holding the credentials of the job's sources, never inlined: its `key` (default `token`) is "
-            "the Hugging Face token (HF_TOKEN) for hf:// sources; for s3:// sources its keys "
+            "the Hugging Face token (HF_TOKEN) for hf:// sources; for s3:// sources and output its keys "
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, if present) are used. Without "
             "it, s3:// is read with the pod's workload identity."
         ),
@@ -352,7 +352,12 @@ class OutputSpec(SpecModel):
     path: str | None = Field(
         default=None,
         max_length=1024,
-        description="Directory for the final model; default `/workspace/output` in pods, `./runs/<name>/output` locally.",
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$",
+        description=(
+            "Directory for the final model; default `/workspace/output` in pods, `./runs/<name>/output` locally. "
+            "An s3://bucket/prefix uploads the exported model there when training ends (resumably: objects "
+            "already uploaded are skipped)."
+        ),
     )
     merge_adapters: bool = Field(default=False, description="Merge LoRA/DoRA/IA3 weights into the base model before saving.")
     save_tokenizer: bool = Field(default=True, description="Save the tokenizer beside the model.")
@@ -360,7 +365,7 @@ class OutputSpec(SpecModel):
 
 
 class S3Spec(SpecModel):
-    """How s3:// sources are reached (credentials come from model.credentialsSecret)."""
+    """How s3:// sources and output are reached (credentials come from model.credentialsSecret)."""
 
     endpoint_url: str | None = Field(
         default=None,
@@ -399,7 +404,7 @@ class FineTuneJobSpec(SpecModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, nodes, GPUs and scheduling.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints and the volume they live on.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="The final model.")
-    s3: S3Spec | None = Field(default=None, description="Endpoint and region for s3:// sources.")
+    s3: S3Spec | None = Field(default=None, description="Endpoint and region for s3:// sources and output.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Suspend, retries, deadlines, clean-up.")
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
-"""Reading ``s3://bucket/key`` sources through boto3.
+"""Reading and writing ``s3://bucket/key`` sources and output through boto3.
 
-Called by :mod:`kubetune.trainer.fetching` (which downloads a source once into the job's cache). boto3
+Called by :mod:`kubetune.trainer.fetching` (which downloads a source once into the job's cache)
+and by the end of a run whose ``spec.output.path`` is ``s3://…`` (:func:`upload_folder`). boto3
 is the maintained AWS client; S3-compatible stores (MinIO, Ceph, R2…) are reached through
 ``spec.s3.endpointUrl`` (set as ``AWS_ENDPOINT_URL_S3`` for boto3 by :func:`use_spec`; locally
 ``AWS_ENDPOINT_URL`` in the environment works too).
@@ -10,10 +11,15 @@ Credentials are never read from the manifest: boto3's default chain finds them �
 that the operator maps from the keys of ``spec.model.credentialsSecret``, or the pod's workload
 identity (IRSA web identity token, EKS pod identity, instance profile). Every failure becomes one
 :class:`~kubetune.trainer.sources.SourceError` line naming the spec field, never a traceback.
+
+An upload is resumable: an object already in the bucket with the same size and ETag (the MD5 of
+the file, or of its parts for a multipart upload with :data:`PART_SIZE` parts) is skipped, so a
+rerun after an interrupted upload sends only what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,10 @@ from typing import Any
 
 from kubetune.trainer.sources import SourceError
 
+#: Entries of the output folder that are the run's logs, not the model: not uploaded.
+NOT_UPLOADED = ("tensorboard", "trainer_log.jsonl")
+#: Files larger than this go up in parts of this size (and their ETag is computed the same way).
+PART_SIZE = 64 * 1024 * 1024
 CREDENTIAL_HINT = ("set spec.model.credentialsSecret to a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                    "(or give the pod a workload identity)")
 
@@ -141,3 +151,77 @@ def download(source: str, dest: Path, where: str) -> tuple[Path, int]:
         raise explain(exc, where, location) from None
     single = len(objects) == 1 and objects[0]["Key"] == location.key
     return (dest / objects[0]["name"] if single else dest), total
+
+
+def check_writable(target: str, where: str) -> None:
+    """Fail early (before training) when the output bucket is missing or the credentials are refused."""
+    location = parse_s3(target)
+    try:
+        client().head_bucket(Bucket=location.bucket)
+    except Exception as exc:
+        raise explain(exc, where, location) from None
+
+
+def etag_of(path: Path, part_size: int | None = None) -> str:
+    """The ETag S3 gives ``path`` when uploaded with :func:`upload_folder` (MD5, or MD5 of part MD5s)."""
+    part_size = part_size or PART_SIZE
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= part_size:
+            return hashlib.md5(handle.read(), usedforsecurity=False).hexdigest()
+        digests = []
+        while chunk := handle.read(part_size):
+            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    return hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest() + f"-{len(digests)}"
+
+
+@dataclass
+class UploadReport:
+    uploaded: list[str]
+    skipped: list[str]
+    bytes_uploaded: int
+
+
+def upload_folder(folder: Path, target: str, where: str) -> UploadReport:
+    """Upload the model files under ``folder`` (not :data:`NOT_UPLOADED`) to ``target`` (a prefix),
+    skipping objects already there with the same size and ETag."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import ClientError
+
+    location = parse_s3(target)
+    prefix = location.key.rstrip("/") + "/" if location.key else ""
+    transfer = TransferConfig(multipart_threshold=PART_SIZE + 1, multipart_chunksize=PART_SIZE)
+    report = UploadReport([], [], 0)
+    try:
+        s3 = client()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if rel.split("/", 1)[0] in NOT_UPLOADED:
+                continue
+            key = prefix + rel
+            size = path.stat().st_size
+            try:
+                head = s3.head_object(Bucket=location.bucket, Key=key)
+                if head["ContentLength"] == size and head["ETag"].strip('"') == etag_of(path):
+                    report.skipped.append(key)
+                    continue
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code", "")) not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+            s3.upload_file(str(path), location.bucket, key, Config=transfer)
+            report.uploaded.append(key)
+            report.bytes_uploaded += size
+    except Exception as exc:
+        raise explain(exc, where, location) from None
+    return report
+
+
+def upload_output(folder: Path, target: str) -> str:
+    """Upload the exported model to ``spec.output.path`` (an s3:// prefix), logging one line; returns ``target``."""
+    import logging
+
+    report = upload_folder(folder, target, "spec.output.path")
+    again = f"; {len(report.skipped)} already there" if report.skipped else ""
+    logging.getLogger("kubetune.trainer").info("uploaded %d files (%d bytes) to %s%s", len(report.uploaded),
+                                               report.bytes_uploaded, target, again)
+    return target

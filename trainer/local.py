@@ -12,7 +12,8 @@ like ``kubetune validate``), then trained with the very code the pods run
     runs/<name>/cache/         s3:// sources fetched before training (``KUBETUNE_FETCH_DIR`` overrides)
 
 Relative sources resolve against the manifest's folder. ``spec.output.path``, when set, is
-where the final model goes (relative to the manifest's folder).
+where the final model goes (relative to the manifest's folder); an ``s3://`` one is uploaded from
+``runs/<name>/output`` when training ends (a rerun of a finished run completes an interrupted upload).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def train_main(args: argparse.Namespace) -> int:
     manifest_dir = Path(args.file).resolve().parent
     run_dir = Path(args.output_dir or Path("runs") / job.name).resolve()
     output = job.spec.output.path
-    output_dir = (manifest_dir / output) if output else run_dir / "output"
+    output_dir = (manifest_dir / output) if output and not output.startswith("s3://") else run_dir / "output"
     paths = RunPaths(base_dir=manifest_dir, output_dir=output_dir.resolve(), checkpoint_dir=run_dir / "checkpoints", run_dir=run_dir)
     if getattr(args, "restart", False):
         checkpointing = job.spec.checkpointing.model_copy(update={"resume": False})  # removes the old ones
@@ -131,6 +132,22 @@ def _fetch(job: Any, run_dir: Path) -> int:
     return 0
 
 
+def _upload_finished(job: Any, paths: Any) -> int:
+    """A finished run whose output goes to s3://: finish an upload that was interrupted (0, or 2)."""
+    from kubetune.trainer import buckets
+    from kubetune.trainer.sources import SourceError
+
+    buckets.use_spec(job.spec)
+    try:
+        report = buckets.upload_folder(paths.output_dir, job.spec.output.path, "spec.output.path")
+    except SourceError as exc:
+        print(f"kubetune: {exc}", file=sys.stderr)
+        return 2
+    print(f"kubetune: uploaded {len(report.uploaded)} files to {job.spec.output.path} "
+          f"({len(report.skipped)} already there)", flush=True)
+    return 0
+
+
 def _rerun_refused(job: Any, paths: Any, max_steps: int | None) -> int | None:
     """An exit code when the run dir holds a different run (2) or this one, finished (0); else None."""
     from kubetune.trainer import checkpoints
@@ -152,9 +169,11 @@ def _rerun_refused(job: Any, paths: Any, max_steps: int | None) -> int | None:
             return 2
     total = state.get("total_steps")
     if total and int(state["step"]) >= int(total) and state.get("length") == run_length(job):
-        print(f"kubetune: {job.name} already finished ({state['step']} steps); its model is in {paths.output_dir} "
+        s3_output = (job.spec.output.path or "").startswith("s3://")
+        where = job.spec.output.path if s3_output else paths.output_dir
+        print(f"kubetune: {job.name} already finished ({state['step']} steps); its model is in {where} "
               "(--restart trains it again)", flush=True)
-        return 0
+        return _upload_finished(job, paths) if s3_output else 0
     return None
 
 

@@ -7,7 +7,8 @@ the run directory) — the same :func:`run` either way. Environment read in pods
 ===========================  ==============================================================================
 KUBETUNE_JOB_NAME            the FineTuneJob's name (the config's metadata wins if set)
 KUBETUNE_NAMESPACE           its namespace
-KUBETUNE_OUTPUT_DIR          final model (default ``spec.output.path``, else /workspace/output)
+KUBETUNE_OUTPUT_DIR          final model (default ``spec.output.path``, else /workspace/output); an
+                             s3:// ``spec.output.path`` is uploaded from here when training ends
 KUBETUNE_FETCH_DIR           cache of fetched s3:// sources (see ``kubetune.trainer.fetching``)
 KUBETUNE_CHECKPOINT_DIR      checkpoints (default /workspace/checkpoints)
 KUBETUNE_BASE_DIR            relative model/data paths resolve against it (default: cwd)
@@ -63,7 +64,8 @@ class RunOptions:
 
 def pod_paths(job: Any) -> RunPaths:
     env = os.environ
-    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or job.spec.output.path or "/workspace/output")
+    local_output = job.spec.output.path if not (job.spec.output.path or "").startswith("s3://") else None
+    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or local_output or "/workspace/output")
     checkpoints = Path(env.get("KUBETUNE_CHECKPOINT_DIR") or "/workspace/checkpoints")
     base = Path(env.get("KUBETUNE_BASE_DIR") or os.getcwd())
     return RunPaths(base, output, checkpoints, output.parent)
@@ -155,6 +157,13 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     from kubetune.trainer import buckets
 
     buckets.use_spec(job.spec)
+    if rank == 0 and buckets.is_s3(job.spec.output.path):
+        try:  # a missing bucket or refused credentials fail now, not after training
+            buckets.check_writable(job.spec.output.path, "spec.output.path")
+        except SourceError as exc:
+            log.error("%s", exc)
+            write_termination_message(str(exc))
+            return EXIT_BAD_INPUT
     if options.max_steps is not None:
         training = job.spec.training.model_copy(update={"max_steps": options.max_steps})
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})

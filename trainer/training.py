@@ -360,7 +360,11 @@ class Trainer:
             if self.eval_set is not None and self.metrics_step != self.step:
                 self._evaluate()
             self.save_checkpoint()
-            output = self._export()
+            output: Path | str = self._export()
+            if self.rank == 0 and (spec.output.path or "").startswith("s3://"):
+                from kubetune.trainer.buckets import upload_output
+
+                output = upload_output(Path(output), spec.output.path)
             if self.rank == 0:
                 if self.initial_metrics is not None:
                     log.info("eval before training: %s", _fmt(self.initial_metrics))

@@ -1,7 +1,8 @@
-"""``s3://`` sources against a local S3-compatible server (moto's server mode).
+"""``s3://`` sources and output against a local S3-compatible server (moto's server mode).
 
-End to end: a tiny model and its data in buckets, ``kubetune train -f`` reading them; a rerun
-fetches nothing. Bad credentials and missing buckets are one line naming the field, exit 2.
+End to end: a tiny model and its data in buckets, ``kubetune train -f`` reading them and writing
+the exported model back to a bucket; a rerun fetches and uploads nothing, and completes an upload
+that was cut short. Bad credentials and missing buckets are one line naming the field, exit 2.
 The cache: several fetchers of one source at once leave one whole copy, downloaded once.
 """
 
@@ -64,12 +65,12 @@ def _s3_job(s3: S3, model: str, data: str, output: str | None = None, **override
 
 
 @pytest.mark.slow
-def test_model_and_data_from_buckets(s3: S3, tiny_model_dir, tmp_path: Path) -> None:
-    _bucket(s3, "models"), _bucket(s3, "data")
+def test_model_and_data_from_buckets_and_the_model_written_back(s3: S3, tiny_model_dir, tmp_path: Path) -> None:
+    _bucket(s3, "models"), _bucket(s3, "data"), _bucket(s3, "results")
     s3.put_folder(tiny_model_dir("llama"), "models", "tiny-llama")
     data = write_dataset(tmp_path / "train.jsonl", "text", n=16)
     s3.client().upload_file(str(data), "data", "corpus/train.jsonl")
-    job = _s3_job(s3, "s3://models/tiny-llama", "s3://data/corpus/train.jsonl")
+    job = _s3_job(s3, "s3://models/tiny-llama", "s3://data/corpus/train.jsonl", "s3://results/runs/tiny")
     env = s3.env()  # the endpoint comes from spec.s3.endpointUrl, the keys from the "Secret"
     run_dir = tmp_path / "run"
 
@@ -77,16 +78,37 @@ def test_model_and_data_from_buckets(s3: S3, tiny_model_dir, tmp_path: Path) -> 
     assert rc == 0, out[-3000:]
     [fetched] = [line for line in out.splitlines() if line.startswith("kubetune: fetched")]
     assert "fetched 2 sources" in fetched and "s3://models/tiny-llama" in fetched, fetched
-    assert (run_dir / "output" / "model.safetensors").exists()
+    uploaded = s3.objects("results", "runs/tiny/")
+    local = {f"runs/tiny/{p.relative_to(run_dir / 'output').as_posix()}": p.stat().st_size
+             for p in (run_dir / "output").rglob("*")
+             if p.is_file() and p.relative_to(run_dir / "output").parts[0] not in ("tensorboard", "trainer_log.jsonl")}
+    assert uploaded == local, (uploaded, local)
+    assert {"runs/tiny/config.json", "runs/tiny/model.safetensors", "runs/tiny/tokenizer.json"} <= set(uploaded)
+    # What came back is a model: it loads from a fresh download of the bucket.
+    import transformers
+
+    back = tmp_path / "back"
+    for key in uploaded:
+        (back / key).parent.mkdir(parents=True, exist_ok=True)
+        s3.client().download_file("results", key, str(back / key))
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(back / "runs" / "tiny")).config.model_type == "llama"
 
     # Extended by a step: the sources are in the run's cache, nothing is fetched again.
     rc, out = _train(run_dir, job, env, "--max-steps", "3")
     assert rc == 0, out[-3000:]
     assert "kubetune: 2 already in the cache" in out and "kubetune: fetched" not in out, out[-2000:]
 
+    # An upload cut short (an object missing): the rerun of the finished run sends just that one.
+    s3.client().delete_object(Bucket="results", Key="runs/tiny/model.safetensors")
+    rc, out = _train(run_dir, job, env, "--max-steps", "3")
+    assert rc == 0, out[-3000:]
+    assert "already finished" in out and "s3://results/runs/tiny" in out, out[-2000:]
+    assert f"uploaded 1 files to s3://results/runs/tiny ({len(local) - 1} already there)" in out, out[-2000:]
+    assert set(s3.objects("results", "runs/tiny/")) == set(local)
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["wrong-key", "missing-bucket", "no-objects"])
+@pytest.mark.parametrize("case", ["wrong-key", "missing-bucket", "missing-output-bucket", "no-objects"])
 def test_an_s3_source_that_cannot_be_read_is_one_line_naming_the_field(case: str, s3: S3, tiny_model_dir,
                                                                          tmp_path: Path) -> None:
     _bucket(s3, "models"), _bucket(s3, "data")
@@ -101,6 +123,9 @@ def test_an_s3_source_that_cannot_be_read_is_one_line_naming_the_field(case: str
     elif case == "missing-bucket":
         source = "s3://no-such-bucket/train.jsonl"
         expected = "spec.data.datasets[0].source: bucket 'no-such-bucket' does not exist"
+    elif case == "missing-output-bucket":
+        output = "s3://no-such-results/out"
+        expected = "spec.output.path: bucket 'no-such-results' does not exist"
     else:
         source = "s3://data/nothing-here/"
         expected = "spec.data.datasets[0].source: no objects at 's3://data/nothing-here/'"
@@ -145,6 +170,26 @@ def test_fetchers_of_one_source_at_once_leave_one_whole_copy_fetched_once(s3: S3
     assert [p.name for p in cache.iterdir() if p.name.endswith(".partial")] == []  # no half copies left
     again = fetching.fetched_s3("s3://shared/model", "spec.model.source", cache)
     assert again.reused and again.bytes_fetched == 0 and again.path == copy
+
+
+def test_an_upload_skips_what_is_there_and_sends_what_changed_multipart_too(s3: S3, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.trainer import buckets
+
+    monkeypatch.setattr(buckets, "PART_SIZE", 5 * 1024 * 1024)  # S3's smallest part: a 6 MiB file goes in 2 parts
+    _bucket(s3, "uploads")
+    folder = tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "weights.bin").write_bytes(b"w" * (6 * 1024 * 1024))
+    first = buckets.upload_folder(folder, "s3://uploads/model", "spec.output.path")
+    assert sorted(first.uploaded) == ["model/config.json", "model/sub/weights.bin"] and first.skipped == []
+    assert s3.client().head_object(Bucket="uploads", Key="model/sub/weights.bin")["ETag"].strip('"').endswith("-2")
+    second = buckets.upload_folder(folder, "s3://uploads/model", "spec.output.path")
+    assert second.uploaded == [] and sorted(second.skipped) == ["model/config.json", "model/sub/weights.bin"]
+    (folder / "config.json").write_text('{"changed": 1}')
+    third = buckets.upload_folder(folder, "s3://uploads/model", "spec.output.path")
+    assert third.uploaded == ["model/config.json"] and third.skipped == ["model/sub/weights.bin"]
 
 
 def test_a_single_object_source_is_the_file_itself(s3: S3, tmp_path: Path) -> None:
