@@ -2,7 +2,7 @@
 
 Two writers share it and never overwrite each other's parts: the operator owns ``phase``,
 ``conditions``, times, ``restarts`` and ``observedGeneration``; the trainer (rank 0) owns
-``progress``, ``checkpoints``, ``latestCheckpoint``, ``bestCheckpoint``, ``trials`` and
+``initialization`` (the fetch step), ``progress``, ``checkpoints``, ``latestCheckpoint``, ``bestCheckpoint``, ``trials`` and
 ``bestTrial``. Lists are bounded so that status stays small for a million-step run.
 """
 
@@ -118,6 +118,18 @@ class TrialRecord(SpecModel):
     state: Literal["Pending", "Running", "Succeeded", "Failed", "Pruned"] = Field(default="Pending", description="Trial state.")
 
 
+class Initialization(SpecModel):
+    """What the fetch step (the trainer pods' init container) has fetched into the job's cache."""
+
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    sources_total: int = Field(default=0, description="Remote sources (s3://, hf://) the job reads.")
+    sources_fetched: int = Field(default=0, description="Of those, how many are in the cache now.")
+    bytes_fetched: int = Field(default=0, description="Bytes downloaded so far (0 when every source was already cached).")
+    current: str | None = Field(default=None, max_length=1024, description="The source being fetched now.")
+    done: bool = Field(default=False, description="Every source is in the cache.")
+
+
 class FineTuneJobStatus(SpecModel):
     """Observed state of a FineTuneJob."""
 
@@ -127,6 +139,7 @@ class FineTuneJobStatus(SpecModel):
     message: str | None = Field(default=None, description="One line on the current state.")
     techniques: str | None = Field(default=None, description="Techniques in use, comma-separated (for kubectl get).")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions keyed by type.")
+    initialization: Initialization | None = Field(default=None, description="Model and data fetched before training (phase Initializing).")
     progress: Progress | None = Field(default=None, description="Training progress from the trainer.")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, description=f"Newest checkpoints (at most {MAX_CHECKPOINTS_IN_STATUS}).")
     latest_checkpoint: str | None = Field(default=None, description="Path of the newest checkpoint.")

@@ -9,8 +9,12 @@ Contract with the trainer pods (``kubetune.trainer`` reads these):
 the validated manifest as JSON at ``/etc/kubetune/job.json`` (parse it with
 ``kubetune.api.parse_job``), ``KUBETUNE_*`` variables for identity and directories (see
 :data:`TRAINER_ENV_DOC`), the torch distributed variables for ``torchrun``, ``HF_TOKEN`` only from
-the Secret named in ``spec.model.credentialsSecret``, the workspace volume at ``/workspace`` and
-every ``pvc://claim/path`` source mounted read-only at ``/mnt/pvc/<claim>``.
+the Secret named in ``spec.model.credentialsSecret`` (and, when the job reads or writes ``s3://``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN`` from the keys of that name in
+the same Secret), the workspace volume at ``/workspace`` and every ``pvc://claim/path`` source
+mounted read-only at ``/mnt/pvc/<claim>``. A job with ``s3://`` or ``hf://`` sources gets an init
+container (``python -m kubetune.trainer.fetching``) that fetches them once into the workspace
+volume; the trainer always runs with ``HF_HUB_OFFLINE=1`` and reads the copies.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ WORKSPACE_DIR = "/workspace"
 OUTPUT_DIR = f"{WORKSPACE_DIR}/output"
 CHECKPOINT_DIR = f"{WORKSPACE_DIR}/checkpoints"
 CACHE_DIR = f"{WORKSPACE_DIR}/cache"
+#: Where the fetch step keeps s3:// sources (hf:// ones go to HF_HOME): on the job's volume.
+FETCH_DIR = f"{CACHE_DIR}/sources"
 #: Where the trainer image ships a copy of examples/: relative paths in a manifest resolve here.
 BASE_DIR = "/opt/kubetune/examples"
 PVC_ROOT = "/mnt/pvc"
 CONTAINER_NAME = "trainer"
+FETCH_CONTAINER_NAME = "fetch"
+FETCH_MODULE = "kubetune.trainer.fetching"
 RENDEZVOUS_PORT_NAME = "rendezvous"
 TRAINER_MODULE = "kubetune.trainer"
 JOB_COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -53,6 +61,8 @@ TRAINER_ENV_DOC: dict[str, str] = {
     "KUBETUNE_PVC_ROOT": f"pvc://claim/path sources are mounted read-only at {PVC_ROOT}/<claim>/path",
     "KUBETUNE_POD_NAME": "the pod's name (downward API)",
     "HF_HOME": f"Hugging Face cache on the workspace volume ({CACHE_DIR}/huggingface)",
+    "KUBETUNE_FETCH_DIR": f"s3:// sources fetched once per job by the init container ({FETCH_DIR})",
+    "HF_HUB_OFFLINE": "1 on the trainer: hf:// sources were fetched into HF_HOME by the init container",
     "HOME": "a writable home (/tmp) for libraries that write dotfiles",
     "OMP_NUM_THREADS": "CPU threads per process (CPU request / processes, at least 1)",
     "MASTER_ADDR": "node 0's stable hostname <job>-0.<service>",
@@ -155,6 +165,33 @@ def _pvc_sources(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _pvc_sources(item)
+
+
+def _strings(value: Any, skip: str | None = None) -> Iterator[str]:
+    """Every string anywhere in ``value`` (a manifest), leaving out the top-level key ``skip``."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key != skip:
+                yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+#: Secret keys read for s3:// (the variable and the key share the name); optional ones may be absent.
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_SESSION_TOKEN": True}
+
+
+def uses_s3(job: FineTuneJob) -> bool:
+    """Whether any source, or the output, is s3://."""
+    return any(s.startswith("s3://") for s in _strings(job.spec.to_manifest()))
+
+
+def fetched_sources(job: FineTuneJob) -> bool:
+    """Whether the job reads s3:// or hf:// sources, which the init container fetches once."""
+    return any(s.startswith(("s3://", "hf://")) for s in _strings(job.spec.to_manifest(), skip="output"))
 
 
 def source_claims(job: FineTuneJob) -> list[str]:
@@ -304,6 +341,7 @@ def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> lis
         {"name": "KUBETUNE_BASE_DIR", "value": BASE_DIR},
         {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "KUBETUNE_FETCH_DIR", "value": FETCH_DIR},
         {"name": "HOME", "value": "/tmp"},
         {"name": "OMP_NUM_THREADS", "value": str(_omp_threads(job))},
         {"name": "MASTER_ADDR", "value": names.master_addr()},
@@ -313,8 +351,16 @@ def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> lis
         {"name": "NPROC_PER_NODE", "value": str(processes_per_node(job))},
     ]
     secret = job.spec.model.credentials_secret
-    if secret is not None:
+    s3 = uses_s3(job)
+    hub = any(v.startswith("hf://") for v in _strings(job.spec.to_manifest()))
+    if secret is not None and (hub or not s3):
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    if secret is not None and s3:
+        for key, optional in S3_SECRET_KEYS.items():
+            ref: dict[str, Any] = {"name": secret.name, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 
@@ -373,32 +419,56 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
         volumes.append({"name": f"source-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": f"source-{index}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
 
+    security = {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "runAsNonRoot": True,
+        # Writable only where the trainer writes: /workspace (claim), /tmp (HOME, so every
+        # library cache under ~/.cache), /dev/shm; the image itself cannot be changed.
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    env = trainer_env(job, options)
+    fetching = fetched_sources(job)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": resources.image or options.trainer_image,
         "command": trainer_command(job),
-        "env": trainer_env(job, options),
+        # Hub sources were fetched by the init container (or there are none): the trainer stays offline.
+        "env": [*env, {"name": "HF_HUB_OFFLINE", "value": "1"}],
         "ports": [{"name": RENDEZVOUS_PORT_NAME, "containerPort": options.rendezvous_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "workingDir": WORKSPACE_DIR,
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "runAsNonRoot": True,
-            # Writable only where the trainer writes: /workspace (claim), /tmp (HOME, so every
-            # library cache under ~/.cache), /dev/shm; the image itself cannot be changed.
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": security,
     }
     if resources.image_pull_policy:
         container["imagePullPolicy"] = resources.image_pull_policy
     container_resources = _container_resources(job)
     if container_resources:
         container["resources"] = container_resources
+
+    init_containers: list[dict[str, Any]] = []
+    if fetching:
+        fetch: dict[str, Any] = {
+            "name": FETCH_CONTAINER_NAME,
+            "image": container["image"],
+            "command": ["python", "-m", FETCH_MODULE, "--config", CONFIG_PATH],
+            "env": env,
+            "volumeMounts": [m for m in mounts if m["name"] != "dshm"],
+            "workingDir": WORKSPACE_DIR,
+            "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": security,
+        }
+        if resources.image_pull_policy:
+            fetch["imagePullPolicy"] = resources.image_pull_policy
+        amounts = {k: v for k, v in (container_resources.get("requests") or {}).items() if k != "nvidia.com/gpu"}
+        if amounts:  # downloads need no GPU
+            fetch["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
+        init_containers.append(fetch)
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -416,6 +486,8 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
         "containers": [container],
         "volumes": volumes,
     }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     if options.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in options.image_pull_secrets]
     if resources.node_selector:
@@ -459,7 +531,8 @@ def build_job(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[
         "suspend": job_suspended(job),
         # Bad input fails the Job at once: a retry would read the same spec and data again.
         "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": CONTAINER_NAME, "operator": "In", "values": [TRAINER_EXIT_BAD_INPUT]}}]},
+            "containerName": name, "operator": "In", "values": [TRAINER_EXIT_BAD_INPUT]}}
+            for name in (CONTAINER_NAME, *([FETCH_CONTAINER_NAME] if fetched_sources(job) else []))]},
         "template": build_pod_template(job, options),
     }
     if policy.active_deadline_seconds is not None:

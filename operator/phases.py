@@ -62,10 +62,12 @@ def _tail(text: str, limit: int = 400) -> str:
 
 
 def _terminations(pods: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """(pod name, terminated state) of every terminated trainer container, newest pods first."""
+    """(pod name, terminated state) of every terminated trainer or fetch container, newest pods first."""
     found = []
     for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", reverse=True):
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        pod_status = pod.get("status") or {}
+        # The fetch init container's exit (a source it cannot read) counts like the trainer's.
+        for status in (pod_status.get("initContainerStatuses") or []) + (pod_status.get("containerStatuses") or []):
             for key in ("state", "lastState"):
                 terminated = (status.get(key) or {}).get("terminated")
                 if terminated:

@@ -1,15 +1,19 @@
-"""Fetching a job's remote sources (``s3://``, ``hf://``) once into its cache.
+"""Fetching a job's remote sources (``s3://``, ``hf://``) once per job into its cache.
 
-Run two ways, always with the same cache:
+Run three ways, always with the same cache:
 
+* as the init container of every trainer pod (``python -m kubetune.trainer.fetching --config …``,
+  built by ``kubetune.operator.building``): it downloads every remote source of the spec into the
+  job's volume (``KUBETUNE_FETCH_DIR``, ``/workspace/cache/sources``; ``hf://`` into ``HF_HOME``
+  on the same volume) and reports ``status.initialization`` (bytes fetched) through the trainer's
+  status client; the trainer then reads the local copies and never fetches again;
 * by ``kubetune train`` before training (cache ``runs/<name>/cache/``), printing one line;
 * by the trainer itself (:func:`fetched_s3` from ``kubetune.trainer.sources``), which finds the
-  copy made before, or fetches it (in pods: into ``KUBETUNE_FETCH_DIR``, else
-  ``~/.cache/kubetune/sources``).
+  copy the init step made, or fetches it when there was no init step.
 
 An ``s3://`` source is kept at ``<cache>/s3-<bucket>-<hash of source and endpoint>/``; ``hf://``
 sources go through huggingface_hub's own cache, keyed by repository and revision, with its own
-locks. Several processes (the ranks of a run, several runs) may fetch at once: each s3 download goes to a private staging
+locks. Several pods' init containers may run at once: each s3 download goes to a private staging
 folder that is renamed into place atomically (a reader sees nothing or the whole copy), and a lock
 file (``flock``; where the volume does not support it the rename alone keeps the copy whole) makes
 the others wait instead of downloading the same bytes again. The cache entry holds
@@ -18,6 +22,7 @@ the others wait instead of downloading the same bytes again. The cache entry hol
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -25,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -244,3 +250,68 @@ def fetch_all(spec: Any, on_progress: Callable[[Summary, Wanted | None], None] |
     if on_progress is not None:
         on_progress(summary, None)
     return summary
+
+
+# ---------------------------------------------------------------------- the init container
+
+
+def _publisher(job: Any) -> Callable[[Any], None] | None:
+    """Patches ``status.initialization`` in a cluster (the trainer's status client); None locally."""
+    name = os.environ.get("KUBETUNE_JOB_NAME") or job.metadata.name
+    namespace = os.environ.get("KUBETUNE_NAMESPACE") or job.namespace
+    if not os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        return None
+    from kubetune.api.statuses import Initialization, status_fields
+    from kubetune.trainer.publishing import StatusClient, describe_failure
+
+    client = StatusClient(name, namespace)
+
+    def publish(initialization: Initialization) -> None:
+        try:
+            fields = status_fields(initialization=initialization)
+            if initialization.current is None:
+                fields["initialization"]["current"] = None  # merge patch: null removes the last one
+            client.patch({"status": fields}, timeout=10.0)
+        except Exception as exc:  # status is a window: fetching goes on without it
+            print(f"kubetune: cannot report fetch progress ({describe_failure(exc)})", file=sys.stderr)
+
+    return publish
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kubetune.api import SpecError, parse_job
+
+    parser = argparse.ArgumentParser(prog="python -m kubetune.trainer.fetching",
+                                     description="Fetch a FineTuneJob's s3:// and hf:// sources into its cache.")
+    parser.add_argument("--config", default=os.environ.get("KUBETUNE_CONFIG"), required=not os.environ.get("KUBETUNE_CONFIG"))
+    args = parser.parse_args(argv)
+    try:
+        job = parse_job(json.loads(Path(args.config).read_text(encoding="utf-8")))
+    except (OSError, ValueError, SpecError) as exc:
+        print(f"kubetune: cannot read {args.config}: {exc}", file=sys.stderr)
+        return 2
+    publish = _publisher(job)
+    total = len(remote_sources(job.spec))
+
+    def progress(summary: Summary, item: Wanted | None) -> None:
+        if publish is not None:
+            from kubetune.api.statuses import Initialization
+
+            publish(Initialization(sources_total=total, sources_fetched=len(summary.fetched),
+                                   bytes_fetched=summary.bytes_fetched, current=item.source if item else None,
+                                   done=item is None))
+
+    from kubetune.trainer.running import EXIT_BAD_INPUT, write_termination_message
+
+    try:
+        summary = fetch_all(job.spec, progress)
+    except SourceError as exc:
+        print(f"kubetune: {exc}", file=sys.stderr)
+        write_termination_message(str(exc))
+        return EXIT_BAD_INPUT
+    print(f"kubetune: {summary.line()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
