@@ -19,6 +19,7 @@ from kubetune.operator.building import trainer_config
 from kubetune.trainer import fetching
 from tests.support.s3server import S3
 from tests.support.tiny_models import write_dataset
+from tests.trainer.test_hub_sources import V1, hub_cache  # noqa: F401 - a Hub-layout cache, offline
 from tests.trainer.test_s3_sources import _aws_env, _bucket, s3  # noqa: F401 - fixtures shared with the s3 tests
 
 RESOURCE = "kubetune.io/v1alpha1/finetunejobs"
@@ -91,3 +92,16 @@ def test_a_source_the_fetch_step_cannot_read_exits_2_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kubetune: spec.model.source: bucket 'not-a-bucket' does not exist (from 's3://not-a-bucket/m')"]
     assert termination.read_text() == "spec.model.source: bucket 'not-a-bucket' does not exist (from 's3://not-a-bucket/m')"
+
+
+def test_hub_models_are_fetched_into_the_hub_cache_by_revision(hub_cache: pathlib.Path) -> None:  # noqa: F811
+    """An hf:// model goes through huggingface_hub's cache (HF_HOME on the job's volume in pods),
+    keyed by revision; one already there is reused, nothing is downloaded (offline here)."""
+    manifest = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "hub"},
+                "spec": {"model": {"source": "hf://kubetune-test/tiny-llama@v1"},
+                         "data": {"datasets": [{"source": "d.jsonl", "format": "text"}]}}}
+    summary = fetching.fetch_all(parse_job(manifest).spec)
+    [model] = summary.fetched
+    assert model.field == "spec.model.source" and model.reused and model.bytes_fetched == 0
+    assert model.path == hub_cache / "models--kubetune-test--tiny-llama" / "snapshots" / V1
+    assert summary.line() == "1 already in the cache"
