@@ -17,7 +17,9 @@ locks. Several pods' init containers may run at once: each s3 download goes to a
 folder that is renamed into place atomically (a reader sees nothing or the whole copy), and a lock
 file (``flock``; where the volume does not support it the rename alone keeps the copy whole) makes
 the others wait instead of downloading the same bytes again. The cache entry holds
-``fetched.json`` (source, bytes, the path inside the entry) next to the files.
+``fetched.json`` (source, bytes, the path inside the entry) next to the files. This small cache is
+our own rather than fsspec's ``filecache``: that one keys files per process and does not guard a
+copy shared by several pods on one volume, which is the whole point here.
 """
 
 from __future__ import annotations
