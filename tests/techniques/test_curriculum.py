@@ -79,7 +79,8 @@ def test_curriculum_beats_shuffled_on_every_seed(tiny_models, tmp_path):
     annotator disagreement would score them. The curriculum on that score starts on the clean two
     thirds and paces the hard rows in linearly over the run (``startFraction`` 0.67, ``fullAt`` 1),
     so the cue rule is learned before they arrive; a shuffled run meets them in every batch from
-    the first step and, within the same 90 steps on the same rows, mostly stays near chance.
+    the first step and, within the same 90 steps on the same rows, mostly stays near chance. (Pacing
+    also means fewer mislabelled draws in the budget: about 166 of the 720 against 240 shuffled.)
 
     Measured held-out accuracy / loss, shuffled → curriculum: seed 0 0.47/0.692 → 1.00/0.367,
     seed 1 0.47/0.695 → 1.00/0.419, seed 2 0.50/0.695 → 0.88/0.448. Seeds 3-9 (not run here) were
