@@ -211,6 +211,29 @@ def _anchor(text: str) -> str:
 # --- the pages --------------------------------------------------------------------------------
 
 
+#: What a technique was measured to do, for the techniques whose effect test compares it with the
+#: same run without it; each names that test (``tests/docs`` checks that it exists). Update the
+#: numbers together with the test's docstring.
+MEASURED_EFFECTS: dict[str, str] = {
+    "domainAdaptation": (
+        "A tiny causal LM that knows general text, trained 40 more steps: held-out domain loss 1.59 on the domain "
+        "corpus vs 6.11 on general text only (the same run without the domain corpus); held-out general loss 2.41 "
+        "after domain-only training (1.37 before) but 0.88 with `generalData` mixed in at half the documents "
+        "(tests/techniques/test_domain_adaptation.py::test_the_domain_corpus_beats_the_same_run_without_it_and_the_general_mix_limits_forgetting)."
+    ),
+    "augmentation": (
+        "32 training reviews whose only cue words are \"good\"/\"bad\", held-out reviews using their synonyms too: "
+        "held-out accuracy 0.56/0.61/0.52 plain vs 0.95/0.88/0.92 with `synonyms` (seeds 0/1/2, same 60 steps) "
+        "(tests/techniques/test_augmentation.py::test_synonym_augmentation_lifts_held_out_accuracy_on_small_data)."
+    ),
+    "curriculum": (
+        "A third of the training rows mislabelled and scored hard: with `difficulty: score`, `startFraction: 0.67`, "
+        "`fullAt: 1` held-out accuracy 1.00/1.00/0.88 vs 0.47/0.47/0.50 shuffled (seeds 0/1/2, same 90 steps and rows) "
+        "(tests/techniques/test_curriculum.py::test_curriculum_beats_shuffled_on_every_seed)."
+    ),
+}
+
+
 def techniques_page() -> str:
     """docs/techniques.md: every technique and PEFT method, every field."""
     techniques = sorted(TECHNIQUES.values(), key=lambda t: t.number)
@@ -241,6 +264,7 @@ def techniques_page() -> str:
             "",
             f"`spec.techniques.{info.name}` — {_cell((info.config.__doc__ or '').strip().partition(' · ')[2])}",
             "",
+            *([f"**Measured effect** (tiny random-init models, CPU): {MEASURED_EFFECTS[info.name]}", ""] if info.name in MEASURED_EFFECTS else []),
             *_table(info.config),
             "",
             "```yaml",

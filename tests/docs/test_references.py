@@ -159,3 +159,13 @@ def test_docs_index_lists_every_page() -> None:
     for page in (ROOT / "docs").glob("*.md"):
         if page.name != "README.md":
             assert f"]({page.name})" in index, page.name
+
+
+def test_every_effect_on_the_techniques_page_names_a_test_that_exists() -> None:
+    """The measured effects quoted in docs/techniques.md each name the test that measures them."""
+    page = (ROOT / documenting.TECHNIQUES_PAGE).read_text(encoding="utf-8")
+    named = re.findall(r"\((tests/[\w/]+\.py)::(\w+)\)", page)
+    assert len(named) == len(documenting.MEASURED_EFFECTS) >= 3
+    for path, name in named:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} named in docs/techniques.md does not exist"

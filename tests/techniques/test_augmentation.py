@@ -1,4 +1,5 @@
-"""Technique 12 · augmentation: deterministic for a seed, labels preserved, applied at the configured rate."""
+"""Technique 12 · augmentation: deterministic for a seed, labels preserved, applied at the configured rate,
+and it lifts held-out accuracy on a small-data task, seed by seed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 
 from kubetune.trainer.techniques.augmentation import Augmentation, delete_words, swap_words
-from tests.techniques.conftest import manifest, parse, write_jsonl
+from tests.techniques.conftest import manifest, parse, train, write_jsonl
 
 WORDS = "the red movie was good and the blue film was bad but the day is nice".split()
 
@@ -142,3 +143,60 @@ def test_a_bad_synonym_file_names_the_field(tiny_models, tmp_path):
     with pytest.raises(ValueError, match=r"spec.techniques.augmentation.synonyms.file"):
         Augmentation(parse(doc).spec.techniques.augmentation, parse(doc).spec).transform_examples(
             __import__("kubetune.trainer.techniques.base", fromlist=["TechniqueContext"]).TechniqueContext(spec=None, base_dir=tmp_path), [], "train")
+
+
+SENTIMENT_SETS = {"positive": ["good", "great", "nice", "lovely", "happy"], "negative": ["bad", "awful", "terrible", "boring", "sad"]}
+REVIEW_FILLER = "the a of is was it this that day night big small hot cold movie film book food".split()
+
+
+def _small_data_reviews(n: int, cue_words: int, seed: int) -> list[dict]:
+    """``n`` reviews, classes alternating: five filler words and one cue word drawn from the first
+    ``cue_words`` members of its class's synonym set."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ["positive", "negative"][i % 2]
+        words = [rng.choice(REVIEW_FILLER) for _ in range(5)]
+        words.insert(rng.randrange(6), rng.choice(SENTIMENT_SETS[label][:cue_words]))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.mark.slow
+def test_synonym_augmentation_lifts_held_out_accuracy_on_small_data(tiny_models, tmp_path):
+    """32 training reviews whose only cue words are "good" and "bad"; held-out reviews use all five
+    words of each synonym set (as users write). Trained the same 60 steps on the same rows, once
+    plain and once with ``synonyms`` (p 0.9) from a user file of those sets: without augmentation
+    the unseen cue words are noise to the model, with it they are learned from the same 32 rows.
+
+    Measured held-out accuracy, plain → augmented: seed 0 0.56 → 0.95, seed 1 0.61 → 0.88,
+    seed 2 0.52 → 0.92 (not run here: seed 3 0.62 → 0.89, 4 0.58 → 0.94, 5 0.54 → 0.94). Token masking
+    (p 0.5, rate 0.3) with random deletion (p 0.3, rate 0.2) instead, on 16 reviews that use every cue
+    word, did not help (0.69/0.73/0.57 → 0.61/0.64/0.66): this test claims the effect of synonyms only.
+    """
+    synonyms = "".join(", ".join(words) + "\n" for words in SENTIMENT_SETS.values())
+    results: dict[int, dict[str, float]] = {}
+    for seed in (0, 1, 2):
+        results[seed] = {}
+        for name, techniques in (("plain", {}), ("augmented", {"augmentation": {"synonyms": {"file": "synonyms.txt", "p": 0.9, "rate": 1.0}}})):
+            folder = tmp_path / f"seed-{seed}" / name
+            write_jsonl(folder / "train.jsonl", _small_data_reviews(32, cue_words=1, seed=seed))
+            write_jsonl(folder / "eval.jsonl", _small_data_reviews(100, cue_words=5, seed=seed + 1000))
+            (folder / "synonyms.txt").write_text(synonyms)
+            doc = manifest(
+                tiny_models["encoder"], [],
+                data={"datasets": [{"source": "train.jsonl", "format": "classification"}],
+                      "eval": {"datasets": [{"source": "eval.jsonl", "format": "classification"}]}},
+                techniques={"task": {"type": "classification"}, **techniques},
+                training={"maxSteps": 60, "seed": seed},
+            )
+            t = train(doc, folder)
+            results[seed][name] = t.metrics["eval_accuracy"]
+            if name == "augmented":  # the plugin really edited the stream (about 0.9 of what was drawn)
+                plugin = next(x for x in t.techniques if x.name == "augmentation")
+                assert plugin.stats["augmented"] > 0.8 * plugin.stats["seen"], plugin.stats
+    print(results)
+    for seed, r in results.items():
+        assert r["augmented"] >= r["plain"] + 0.2, (seed, r)
+        assert r["augmented"] >= 0.85, (seed, r)
+        assert r["plain"] <= 0.7, (seed, r)  # the baseline really cannot read the unseen cue words

@@ -1,5 +1,5 @@
-"""Technique 15 · curriculum: the trainer's batches follow the pacing; a curriculum run ends at least
-as good as a shuffled one on a task built to reward it."""
+"""Technique 15 · curriculum: the trainer's batches follow the pacing; a curriculum run beats a
+shuffled one, seed by seed, on a task where the order of the examples decides the outcome."""
 
 from __future__ import annotations
 
@@ -74,36 +74,53 @@ def test_the_batches_the_trainer_sees_follow_the_pacing(tiny_models, tmp_path, p
 
 
 @pytest.mark.slow
-def test_curriculum_ends_at_least_as_good_as_shuffled(tiny_models, tmp_path):
-    # A third of the training rows are mislabelled (the cue says the opposite) and scored hard. A
-    # curriculum on that score brings them in only gradually, so the run sees far fewer of them
-    # than a shuffled run, which meets them in every third batch from the start.
-    rng = random.Random(1)
+def test_curriculum_beats_shuffled_on_every_seed(tiny_models, tmp_path):
+    """A third of the training rows are mislabelled (the cue says the opposite) and scored hard, as
+    annotator disagreement would score them. The curriculum on that score starts on the clean two
+    thirds and paces the hard rows in linearly over the run (``startFraction`` 0.67, ``fullAt`` 1),
+    so the cue rule is learned before they arrive; a shuffled run meets them in every batch from
+    the first step and, within the same 90 steps on the same rows, mostly stays near chance. (Pacing
+    also means fewer mislabelled draws in the budget: about 166 of the 720 against 240 shuffled.)
+
+    Measured held-out accuracy / loss, shuffled → curriculum: seed 0 0.47/0.692 → 1.00/0.367,
+    seed 1 0.47/0.695 → 1.00/0.419, seed 2 0.50/0.695 → 0.88/0.448. Seeds 3-9 (not run here) were
+    also strictly better on both, the closest 0.84 → 0.87 accuracy (seed 3) and 0.707 → 0.693
+    loss (seed 4).
+    """
     cues = {"positive": ["good", "great", "love"], "negative": ["bad", "awful", "hate"]}
     flip = {"positive": "negative", "negative": "positive"}
-
-    def row(noisy: bool) -> dict:
-        label = rng.choice(sorted(cues))
-        words = [rng.choice(FILLER) for _ in range(4)]
-        words.insert(rng.randrange(5), rng.choice(cues[label]))
-        return {"text": " ".join(words), "label": flip[label] if noisy else label, "score": 1.0 if noisy else 0.0}
-
-    write_jsonl(tmp_path / "train.jsonl", [row(noisy=i % 3 == 2) for i in range(240)])
-    write_jsonl(tmp_path / "eval.jsonl", [row(noisy=False) for _ in range(80)])
     curriculum = {"difficulty": "score", "scoreField": "score", "startFraction": 0.67, "fullAt": 1.0}
-    results = {}
-    for name, techniques in (("shuffled", {}), ("curriculum", {"curriculum": curriculum})):
-        doc = manifest(
-            tiny_models["encoder"], [],
-            data={"datasets": [{"source": "train.jsonl", "format": "classification"}],
-                  "eval": {"datasets": [{"source": "eval.jsonl", "format": "classification"}]}},
-            techniques={"task": {"type": "classification"}, **techniques},
-            training={"maxSteps": STEPS},
-        )
-        (tmp_path / name).mkdir()
-        for f in ("train.jsonl", "eval.jsonl"):
-            (tmp_path / name / f).write_text((tmp_path / f).read_text())
-        results[name] = train(doc, tmp_path / name).metrics
-    print(results)
-    assert results["curriculum"]["eval_accuracy"] >= results["shuffled"]["eval_accuracy"]
-    assert results["curriculum"]["eval_accuracy"] >= 0.75
+    results: dict[int, dict[str, dict]] = {}
+    for seed in (0, 1, 2):
+        rng = random.Random(seed)
+
+        def row(noisy: bool) -> dict:
+            label = rng.choice(sorted(cues))
+            words = [rng.choice(FILLER) for _ in range(4)]
+            words.insert(rng.randrange(5), rng.choice(cues[label]))
+            return {"text": " ".join(words), "label": flip[label] if noisy else label, "score": 1.0 if noisy else 0.0}
+
+        folder = tmp_path / f"seed-{seed}"
+        write_jsonl(folder / "train.jsonl", [row(noisy=i < 80) for i in range(240)])
+        write_jsonl(folder / "eval.jsonl", [row(noisy=False) for _ in range(100)])
+        results[seed] = {}
+        for name, techniques in (("shuffled", {}), ("curriculum", {"curriculum": curriculum})):
+            doc = manifest(
+                tiny_models["encoder"], [],
+                data={"datasets": [{"source": "train.jsonl", "format": "classification"}],
+                      "eval": {"datasets": [{"source": "eval.jsonl", "format": "classification"}]}},
+                techniques={"task": {"type": "classification"}, **techniques},
+                training={"maxSteps": STEPS, "seed": seed},
+            )
+            (folder / name).mkdir()
+            for f in ("train.jsonl", "eval.jsonl"):
+                (folder / name / f).write_text((folder / f).read_text())
+            results[seed][name] = train(doc, folder / name).metrics
+    print({seed: {name: (round(m["eval_accuracy"], 3), round(m["eval_loss"], 3)) for name, m in r.items()} for seed, r in results.items()})
+    for seed, r in results.items():
+        shuffled, paced = r["shuffled"], r["curriculum"]
+        assert paced["eval_accuracy"] > shuffled["eval_accuracy"], (seed, r)
+        assert paced["eval_loss"] < shuffled["eval_loss"], (seed, r)
+        assert paced["eval_accuracy"] >= 0.75, (seed, r)
+    mean = {name: sum(r[name]["eval_accuracy"] for r in results.values()) / len(results) for name in ("shuffled", "curriculum")}
+    assert mean["curriculum"] >= mean["shuffled"] + 0.2, mean
