@@ -67,6 +67,7 @@ SEARCH_SUCCEEDED = "SearchSucceeded"
 ALL_TRIALS_FAILED = "AllTrialsFailed"
 TRIAL_CREATED = "TrialCreated"
 TRIAL_REJECTED = "TrialRejected"
+PRUNING_NOT_APPLIED = "PruningNotApplied"
 
 # One lock per search (per event loop, as in statusing): trial events and handlers take turns.
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
@@ -254,6 +255,10 @@ async def ensure_trials(body: dict[str, Any], settings: Settings) -> None:
     job = await creating.parse_or_reject(body, fail=True)
     if statusing.is_finished(body):
         return
+    search = job.spec.techniques.hyperparameter_search
+    if search is not None and search.pruner != "none" and not (body.get("status") or {}).get("trials"):
+        await kubeapi.post_event(statusing.involved(body), reason=PRUNING_NOT_APPLIED, type="Warning", message=(
+            f"pruner {search.pruner!r} is applied by `kubetune train` only: in a cluster every trial runs to its end"))
     await reconcile(job.namespace, job.name, settings)
 
 

@@ -24,13 +24,13 @@ RATES = [1e-4, 3e-4, 1e-3]
 LOSSES = {0: 2.0, 1: 1.5, 2: 1.8}  # what each trial's trainer reports: trial 1 is the best
 
 
-def search_job(name: str, values: list[float], parallelism: int = 2) -> dict[str, Any]:
+def search_job(name: str, values: list[float], parallelism: int = 2, **search: Any) -> dict[str, Any]:
     return manifest(
         name,
         data={"datasets": [{"source": "data/tiny.jsonl", "format": "text"}], "eval": {"holdoutFraction": 0.2}},
         techniques={"hyperparameterSearch": {
             "sampler": "grid", "parallelism": parallelism, "metric": "eval_loss", "mode": "min", "maxStepsPerTrial": 3,
-            "parameters": [{"path": "training.learningRate", "type": "float", "values": values}],
+            "parameters": [{"path": "training.learningRate", "type": "float", "values": values}], **search,
         }},
     )
 
@@ -137,7 +137,7 @@ def test_when_every_trial_fails_the_search_fails(
         emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
     cluster = emulated_cluster
     with operator_process(cluster.namespace):
-        cluster.create(search_job("doomed", [1e-4, 1e-3]))
+        cluster.create(search_job("doomed", [1e-4, 1e-3], pruner="median"))
         cluster.wait_for(lambda: sorted(trials(cluster, "doomed")) == [0, 1])
         for name in ("doomed-trial-000", "doomed-trial-001"):
             cluster.wait_for(lambda: cluster.find("batch/v1", "Job", name))
@@ -147,6 +147,9 @@ def test_when_every_trial_fails_the_search_fails(
     assert [t["state"] for t in failed["trials"]] == ["Failed", "Failed"]
     assert "bestTrial" not in failed and "outputPath" not in failed
     assert condition(cluster, "doomed", ConditionType.FAILED)["reason"] == searching.ALL_TRIALS_FAILED  # type: ignore[index]
+    # Pruning needs the metric at every evaluation, which only `kubetune train` sees: the user is told.
+    [warning] = [(t, m) for t, r, m in events(cluster, "doomed") if r == searching.PRUNING_NOT_APPLIED]
+    assert warning[0] == "Warning" and "kubetune train" in warning[1]
 
 
 def test_suspending_a_search_suspends_its_trials_and_starts_none(
