@@ -254,9 +254,8 @@ def should_prune(search: HyperparameterSearchSpec, history: History, values: dic
         return False, dict(pruner_state or {})
     study, distributions = _study(search, history)
     study.add_trial(_frozen(search, PastTrial(values, None, "Running", intermediate, dict(pruner_state or {})), distributions))
-    trial = study.trials[-1]
-    pruned = bool(study.pruner.prune(study, trial))
-    return pruned, dict(study._storage.get_trial_system_attrs(trial._trial_id))
+    pruned = bool(study.pruner.prune(study, study.trials[-1]))
+    return pruned, dict(study.trials[-1].system_attrs)  # read again: the pruner noted its rungs in the study
 
 
 def trial_count(search: HyperparameterSearchSpec) -> int:
