@@ -131,8 +131,18 @@ def grid_points(space: list[SearchParameter]) -> list[dict[str, Any]]:
     return [dict(zip([p.path for p in space], combo)) for combo in itertools.product(*axes)]
 
 
-def _grid_size(space: list[SearchParameter]) -> int:
-    return math.prod(len(_axis(p)) for p in space)
+#: The most points a grid may have: optuna's GridSampler holds every point in memory (the operator's).
+MAX_GRID_POINTS = 100_000
+
+
+def grid_size(space: list[SearchParameter]) -> int:
+    """How many points a grid search's space has, counted without listing them."""
+    def length(p: SearchParameter) -> int:
+        if p.type == "int" and not p.values and p.low is not None and p.high is not None:
+            return max(0, math.floor(p.high) - math.ceil(p.low) + 1)
+        return len(_axis(p))
+
+    return math.prod(length(p) for p in space)
 
 
 def _distribution(p: SearchParameter, grid: bool) -> Any:
@@ -261,7 +271,7 @@ def should_prune(search: HyperparameterSearchSpec, history: History, values: dic
 def trial_count(search: HyperparameterSearchSpec) -> int:
     """How many trials run: ``trials``, capped at the grid size for grid search."""
     if search.sampler == "grid":
-        return min(search.trials, _grid_size(search.parameters))
+        return min(search.trials, grid_size(search.parameters))
     return search.trials
 
 
