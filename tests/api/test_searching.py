@@ -180,3 +180,23 @@ def test_trial_manifest_applies_values_and_drops_the_search() -> None:
     assert child.spec.techniques.hyperparameter_search is None
     long = trial_name("x" * 80, 12)
     assert len(long) <= 63 and long.endswith("-trial-012") and long != trial_name("x" * 79 + "y", 12)
+
+
+def test_a_grid_too_big_to_hold_is_refused_by_validation_not_by_the_operator_running_out_of_memory() -> None:
+    """optuna's GridSampler lists every point; a grid of 10^9 points is a spec error naming the field."""
+    import time
+
+    from kubetune.api import SpecError, parse_job
+
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "g"}, "spec": {
+        "model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "d.jsonl", "format": "text"}], "eval": {"holdoutFraction": 0.1}},
+        "techniques": {"hyperparameterSearch": {"sampler": "grid", "parameters": [
+            {"path": "peft.r", "type": "int", "low": 1, "high": 1e9}]}}}}
+    start = time.monotonic()
+    with pytest.raises(SpecError) as err:
+        parse_job(job)
+    assert time.monotonic() - start < 2
+    [problem] = err.value.problems
+    assert problem.path == "spec.techniques.hyperparameterSearch.parameters" and "1000000000 points, at most 100000" in problem.message
+    job["spec"]["techniques"]["hyperparameterSearch"]["parameters"][0]["high"] = 64
+    assert trial_count(parse_job(job).spec.techniques.hyperparameter_search) == 8  # trials (8) < 64 points
