@@ -344,7 +344,9 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
             return
         if index in trials or index in rejected:
             continue
-        values = propose_trial(search, index, past_trials(index, trials, search.metric), seed=job.spec.training.seed)
+        # In a thread: rebuilding the study costs about a second per thousand trials before this
+        # one (TPE), which must not stall the operator's event loop (the search's lock is held).
+        values = await asyncio.to_thread(propose_trial, search, index, past_trials(index, trials, search.metric), job.spec.training.seed)
         try:
             manifest = trial_body(job, index, values)
         except SpecError as exc:
