@@ -80,9 +80,10 @@ def apply_trial(spec: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 # optuna proposes the values (GridSampler, RandomSampler, TPESampler) and decides pruning
 # (MedianPruner, SuccessiveHalvingPruner), in ask/tell style: the trials run elsewhere (child
 # FineTuneJobs in a cluster, one after another under `kubetune train`), so there is no optuna
-# storage. Each proposal rebuilds an in-memory study from the trials proposed before (their values,
-# states, metrics and intermediate metrics, which the cluster keeps on the trial FineTuneJobs and the
-# local search in its run folder) with `study.add_trial(create_trial(...))`, then asks it once.
+# storage. Each proposal rebuilds an in-memory study from the trials proposed before with
+# `study.add_trial(create_trial(...))`, then asks it once: their values, states and metrics, which
+# the cluster keeps on the trial FineTuneJobs (kubetune.operator.searching.past_trials), and, under
+# `kubetune train`, the metric at each evaluation and the pruner's notes, kept in the run folder.
 # What remains hand-written here is that translation: the spec's search space into optuna
 # distributions, and stored trials into optuna trials. The sampler's seed is derived from the
 # job's seed and the trial's index, so trial i is a function of (seed, i, the trials before it):
