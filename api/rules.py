@@ -218,6 +218,14 @@ def _search_space(spec: FineTuneJobSpec) -> Iterator[Problem]:
             yield Problem(f"{where}.choices", f"choices are for categorical parameters; a {p.type} parameter takes low/high or values")
         if hs.sampler == "grid" and p.type == "float" and not p.values:
             yield Problem(f"{where}.values", "grid search needs explicit values for float parameters")
+    from kubetune.api.searching import MAX_GRID_POINTS, grid_size
+
+    complete = all(p.values or p.choices or (p.low is not None and p.high is not None) for p in hs.parameters)
+    if hs.sampler == "grid" and complete and not any(p.type == "float" and not p.values for p in hs.parameters):
+        points = grid_size(hs.parameters)
+        if points > MAX_GRID_POINTS:
+            yield Problem("spec.techniques.hyperparameterSearch.parameters",
+                          f"the grid has {points} points, at most {MAX_GRID_POINTS}: give fewer values, or sample with random or tpe")
 
 
 @rule

@@ -1,5 +1,10 @@
-"""Hyperparameter search: which spec fields a search may tune, the samplers that propose trial
-values (grid, random, TPE), and how a trial's values are written into a copy of the spec.
+"""Hyperparameter search: which spec fields a search may tune, how trials are proposed (optuna's
+grid, random and TPE samplers) and pruned (optuna's median and successive-halving pruners), and
+how a trial's values are written into a copy of the spec.
+
+Called by the operator (``kubetune.operator.searching``: trials as child FineTuneJobs) and by
+``kubetune train`` (``kubetune.trainer.searching``: trials one after another). Why some of it is
+still written here, not taken from optuna, is said above the samplers.
 
 A path is dotted camelCase under ``spec`` (``training.learningRate``, ``peft.r``). It must name a
 scalar field; the trial's spec is re-validated, so a value out of a field's bounds is caught.
@@ -9,10 +14,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import itertools
 import math
-import random
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, NamedTuple, Sequence, get_args, get_origin
 
 import yaml
 
@@ -72,9 +77,37 @@ def apply_trial(spec: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- samplers ---------------------------------------------------------------------------------
-# Pure Python and deterministic for a seed, so that the operator (trials as child FineTuneJobs)
-# and `kubetune train` (trials one after another) propose the very same trials.
+# optuna proposes the values (GridSampler, RandomSampler, TPESampler) and decides pruning
+# (MedianPruner, SuccessiveHalvingPruner), in ask/tell style: the trials run elsewhere (child
+# FineTuneJobs in a cluster, one after another under `kubetune train`), so there is no optuna
+# storage. Each proposal rebuilds an in-memory study from the trials proposed before with
+# `study.add_trial(create_trial(...))`, then asks it once: their values, states and metrics, which
+# the cluster keeps on the trial FineTuneJobs (kubetune.operator.searching.past_trials), and, under
+# `kubetune train`, the metric at each evaluation and the pruner's notes, kept in the run folder.
+# What remains hand-written here is that translation: the spec's search space into optuna
+# distributions, and stored trials into optuna trials. The sampler's seed is derived from the
+# job's seed and the trial's index, so trial i is a function of (seed, i, the trials before it):
+# the operator (after a restart, too) and `kubetune train` propose the very same trials.
+# optuna is imported inside the functions: an operator that never runs a search never loads it.
 
+#: Trial states (those of TrialRecord.state).
+TrialState = Literal["Pending", "Running", "Succeeded", "Failed", "Pruned"]
+
+
+class PastTrial(NamedTuple):
+    """A trial proposed before, as the sampler and pruner learn from it. A plain
+    ``(values, metric)`` pair in a history means a trial that succeeded with that metric."""
+
+    values: dict[str, Any]
+    metric: float | None = None
+    state: TrialState = "Succeeded"
+    #: The metric at each evaluation (optimizer step -> value), for pruning.
+    intermediate: dict[int, float] = {}
+    #: What a pruner recorded on the trial (successive halving's rungs), to be given back.
+    pruner_state: dict[str, Any] = {}
+
+
+History = Sequence["PastTrial | tuple[dict[str, Any], float]"]
 
 
 def choice_value(text: str) -> Any:
@@ -82,105 +115,164 @@ def choice_value(text: str) -> Any:
     return yaml.safe_load(text) if text.strip() else text
 
 
+def _axis(p: SearchParameter) -> list[Any]:
+    """The values of one grid axis (categorical choices as their text)."""
+    if p.type == "categorical":
+        return list(p.choices or [])
+    if p.values:
+        return [int(v) if p.type == "int" else float(v) for v in p.values]
+    if p.type == "int" and p.low is not None and p.high is not None:
+        return list(range(math.ceil(p.low), math.floor(p.high) + 1))
+    raise ValueError(f"{p.path}: grid search needs values")  # rules.py refuses float grids without values
+
+
 def grid_points(space: list[SearchParameter]) -> list[dict[str, Any]]:
     """Every combination of a grid search, in a stable order."""
-    axes: list[list[Any]] = []
-    for p in space:
-        if p.type == "categorical":
-            axes.append([choice_value(c) for c in p.choices or []])
-        elif p.values:
-            axes.append([int(v) if p.type == "int" else float(v) for v in p.values])
-        elif p.type == "int" and p.low is not None and p.high is not None:
-            axes.append(list(range(int(p.low), int(p.high) + 1)))
-        else:  # rules.py refuses float grids without values
-            raise ValueError(f"{p.path}: grid search needs values")
+    axes = [[choice_value(v) if p.type == "categorical" else v for v in _axis(p)] for p in space]
     return [dict(zip([p.path for p in space], combo)) for combo in itertools.product(*axes)]
 
 
-def _sample_uniform(p: SearchParameter, rng: random.Random) -> Any:
-    if p.type == "categorical":
-        return choice_value(rng.choice(p.choices or [""]))
-    if p.values:
-        return int(rng.choice(p.values)) if p.type == "int" else float(rng.choice(p.values))
+#: The most points a grid may have: optuna's GridSampler holds every point in memory (the operator's).
+MAX_GRID_POINTS = 100_000
+
+
+def grid_size(space: list[SearchParameter]) -> int:
+    """How many points a grid search's space has, counted without listing them."""
+    def length(p: SearchParameter) -> int:
+        if p.type == "int" and not p.values and p.low is not None and p.high is not None:
+            return max(0, math.floor(p.high) - math.ceil(p.low) + 1)
+        return len(_axis(p))
+
+    return math.prod(length(p) for p in space)
+
+
+def _distribution(p: SearchParameter, grid: bool) -> Any:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if grid or p.type == "categorical" or p.values:
+        return CategoricalDistribution(_axis(p))
     low, high = float(p.low), float(p.high)  # type: ignore[arg-type]
-    x = math.exp(rng.uniform(math.log(low), math.log(high))) if p.log else rng.uniform(low, high)
-    return int(round(x)) if p.type == "int" else x
+    if p.type == "int":
+        return IntDistribution(math.ceil(low), max(math.ceil(low), math.floor(high)), log=p.log)
+    return FloatDistribution(low, high, log=p.log)
 
 
-def _to_unit(p: SearchParameter, x: float) -> float:
-    low, high = float(p.low), float(p.high)  # type: ignore[arg-type]
-    if p.log:
-        return (math.log(x) - math.log(low)) / (math.log(high) - math.log(low))
-    return (x - low) / (high - low)
+def _seed(seed: int, index: int) -> int:
+    # Each proposal gets a sampler of its own (the study is rebuilt every time), seeded by the
+    # trial's index: a sampler seeded by the job's seed alone would propose trial 0 again and again.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big")
 
 
-def _from_unit(p: SearchParameter, u: float) -> Any:
-    low, high = float(p.low), float(p.high)  # type: ignore[arg-type]
-    u = min(1.0, max(0.0, u))
-    x = math.exp(math.log(low) + u * (math.log(high) - math.log(low))) if p.log else low + u * (high - low)
-    return int(round(x)) if p.type == "int" else x
+def _startup_trials(search: HyperparameterSearchSpec) -> int:
+    """Trials TPE proposes at random before it models the results (and the median pruner waits for)."""
+    return max(3, search.trials // 4)
 
 
-def _parzen(points: list[float], x: float, bandwidth: float) -> float:
-    # A Gaussian mixture over observed points plus a flat prior component (keeps exploring).
-    total = 1.0  # the prior: uniform density 1 on [0, 1]
-    for c in points:
-        total += math.exp(-0.5 * ((x - c) / bandwidth) ** 2) / (bandwidth * math.sqrt(2 * math.pi))
-    return total / (len(points) + 1)
+def _sampler(search: HyperparameterSearchSpec, seed: int, index: int) -> Any:
+    import optuna
 
-
-def _tpe_one(p: SearchParameter, good: list[Any], bad: list[Any], rng: random.Random, candidates: int = 24) -> Any:
-    if p.type == "categorical" or p.values:
-        options = [choice_value(c) for c in p.choices] if p.type == "categorical" and p.choices else list(p.values or [])
-
-        def weight(v: Any, seen: list[Any]) -> float:
-            return (sum(1 for s in seen if s == v) + 1.0) / (len(seen) + len(options))
-
-        return max(options, key=lambda v: (weight(v, good) / weight(v, bad), -options.index(v)))
-    g = [_to_unit(p, float(v)) for v in good]
-    b = [_to_unit(p, float(v)) for v in bad]
-    bw_g = max(0.05, 1.0 / (1 + len(g)) ** 0.5 / 2)
-    bw_b = max(0.05, 1.0 / (1 + len(b)) ** 0.5 / 2)
-    best_u, best_score = 0.5, -math.inf
-    for _ in range(candidates):
-        centre = rng.choice(g) if g else rng.random()
-        u = min(1.0, max(0.0, rng.gauss(centre, bw_g)))
-        score = math.log(_parzen(g, u, bw_g)) - math.log(_parzen(b, u, bw_b))
-        if score > best_score:
-            best_u, best_score = u, score
-    return _from_unit(p, best_u)
-
-
-def propose_trial(
-    search: HyperparameterSearchSpec,
-    index: int,
-    history: list[tuple[dict[str, Any], float]],
-    seed: int,
-) -> dict[str, Any]:
-    """Values for trial ``index`` given the finished trials' (values, metric) so far.
-
-    grid: the index-th grid point; random: independent uniform draws; tpe: random for the first
-    few trials, then a tree-structured Parzen estimator per parameter over the better quarter of
-    the history versus the rest.
-    """
-    rng = random.Random(f"{seed}:{index}")
-    space = search.parameters
     if search.sampler == "grid":
-        points = grid_points(space)
-        return points[index % len(points)]
-    startup = max(3, search.trials // 4)
-    if search.sampler == "random" or len(history) < startup:
-        return {p.path: _sample_uniform(p, rng) for p in space}
-    ordered = sorted(history, key=lambda h: h[1], reverse=search.mode == "max")
-    n_good = max(1, math.ceil(0.25 * len(ordered)))
-    good, bad = ordered[:n_good], ordered[n_good:]
-    return {p.path: _tpe_one(p, [v[p.path] for v, _ in good], [v[p.path] for v, _ in bad], rng) for p in space}
+        return optuna.samplers.GridSampler({p.path: _axis(p) for p in search.parameters}, seed=seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=_seed(seed, index))
+    # constant_liar: trials still running count as bad ones, so parallel trials spread out.
+    return optuna.samplers.TPESampler(seed=_seed(seed, index), n_startup_trials=_startup_trials(search), constant_liar=True)
+
+
+def _pruner(search: HyperparameterSearchSpec) -> Any:
+    import optuna
+
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, search.trials // 4)), n_warmup_steps=0)
+    if search.pruner == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+_STATES = {"Succeeded": "COMPLETE", "Pruned": "PRUNED", "Failed": "FAIL", "Running": "RUNNING", "Pending": "RUNNING"}
+
+
+def _frozen(search: HyperparameterSearchSpec, past: PastTrial, distributions: dict[str, Any]) -> Any:
+    """``past`` as an optuna trial; a trial whose values are not in the space (or lost) as a failed one."""
+    import optuna
+
+    state = optuna.trial.TrialState[_STATES[past.state]]
+    if past.state == "Succeeded" and past.metric is None:
+        state = optuna.trial.TrialState.FAIL
+    params: dict[str, Any] = {}
+    for p in search.parameters:
+        if p.path not in past.values:
+            return optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
+        value = past.values[p.path]
+        if p.type == "categorical":  # optuna holds the choice's text
+            value = next((c for c in distributions[p.path].choices if choice_value(c) == value), None)
+        params[p.path] = value
+    try:
+        return optuna.trial.create_trial(
+            state=state,
+            value=past.metric if state == optuna.trial.TrialState.COMPLETE else None,
+            params=params, distributions=distributions,
+            intermediate_values={int(k): float(v) for k, v in past.intermediate.items()},
+            system_attrs=dict(past.pruner_state),
+        )
+    except ValueError:  # values outside the space: nothing to learn from them
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
+
+
+def _study(search: HyperparameterSearchSpec, history: History, sampler: Any = None) -> tuple[Any, dict[str, Any]]:
+    """An in-memory optuna study holding ``history`` as its trials 0, 1, …, and the distributions."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    grid = search.sampler == "grid"
+    distributions = {p.path: _distribution(p, grid) for p in search.parameters}
+    study = optuna.create_study(direction="maximize" if search.mode == "max" else "minimize",
+                                sampler=sampler, pruner=_pruner(search))
+    for past in history:
+        study.add_trial(_frozen(search, past if isinstance(past, PastTrial) else PastTrial(*past), distributions))
+    return study, distributions
+
+
+def propose_trial(search: HyperparameterSearchSpec, index: int, history: History, seed: int) -> dict[str, Any]:
+    """Values for trial ``index``, given the trials proposed before it (by index; a pair
+    ``(values, metric)`` is a trial that succeeded; earlier indices missing from a shorter history
+    count as failed trials).
+
+    grid: the grid's points in an order shuffled by the seed, trial i the i-th; random: independent
+    uniform draws; tpe: random for the first ``max(3, trials // 4)`` finished trials, then optuna's
+    tree-structured Parzen estimator over the finished (and pruned) trials, running ones counting
+    as bad (constant liar).
+    """
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study, distributions = _study(search, history, _sampler(search, seed, index))
+        for _ in range(len(history), index):  # GridSampler gives trial number i the i-th point
+            study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+        trial = study.ask(distributions)
+    return {p.path: choice_value(trial.params[p.path]) if p.type == "categorical" else trial.params[p.path]
+            for p in search.parameters}
+
+
+def should_prune(search: HyperparameterSearchSpec, history: History, values: dict[str, Any],
+                 intermediate: dict[int, float], pruner_state: dict[str, Any] | None = None) -> tuple[bool, dict[str, Any]]:
+    """Whether a running trial (its values and its metric at each evaluation so far) should stop,
+    given the other trials; and what the pruner records on the trial (pass it back next time)."""
+    if search.pruner == "none" or not intermediate:
+        return False, dict(pruner_state or {})
+    study, distributions = _study(search, history)
+    study.add_trial(_frozen(search, PastTrial(values, None, "Running", intermediate, dict(pruner_state or {})), distributions))
+    pruned = bool(study.pruner.prune(study, study.trials[-1]))
+    return pruned, dict(study.trials[-1].system_attrs)  # read again: the pruner noted its rungs in the study
 
 
 def trial_count(search: HyperparameterSearchSpec) -> int:
     """How many trials run: ``trials``, capped at the grid size for grid search."""
     if search.sampler == "grid":
-        return min(search.trials, len(grid_points(search.parameters)))
+        return min(search.trials, grid_size(search.parameters))
     return search.trials
 
 
@@ -224,6 +316,16 @@ def trial_manifest(parent: dict[str, Any], index: int, values: dict[str, Any]) -
     if meta.get("namespace"):
         metadata["namespace"] = meta["namespace"]
     return {"apiVersion": parent["apiVersion"], "kind": parent["kind"], "metadata": metadata, "spec": spec}
+
+
+def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
+    """The search metric from an evaluation's metrics (``eval_loss``, ``accuracy``, …)."""
+    if metric in metrics and metrics[metric] is not None:
+        return float(metrics[metric])
+    for alias in ({"eval_loss", "evalLoss"} if metric in {"eval_loss", "evalLoss"} else set()):
+        if metrics.get(alias) is not None:
+            return float(metrics[alias])
+    return None
 
 
 def trial_metric(status: dict[str, Any], metric: str) -> float | None:

@@ -201,6 +201,14 @@ class HyperparameterSearchSpec(SpecModel):
     mode: Literal["min", "max"] = Field(default="min", description="Minimise or maximise the metric.")
     parameters: list[SearchParameter] = Field(min_length=1, max_length=64, description="The search space.")
     max_steps_per_trial: int | None = Field(default=None, ge=1, le=10**9, description="Cap each trial's steps.")
+    pruner: Literal["none", "median", "successive-halving"] = Field(
+        default="none",
+        description=(
+            "Stop unpromising trials early from the metric at each evaluation (`data.eval.everySteps`): "
+            "`median` stops a trial whose best value so far is worse than the median of the finished trials at the same step; "
+            "`successive-halving` keeps the best third at each rung. Applied by `kubetune train`; in a cluster trials run to their end."
+        ),
+    )
 
 
 class ControlCodesSpec(SpecModel):

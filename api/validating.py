@@ -214,10 +214,16 @@ def validate_text(text: str, filename: str) -> tuple[list[FineTuneJob], list[Pro
 def validate_file(path: str) -> tuple[str, list[FineTuneJob], list[str]]:
     """Read and validate one manifest file (``-`` is stdin), as every command that takes ``-f``
     does: its display name, the valid FineTuneJobs, and one line per problem, each starting with
-    the file's name (``job.yaml: spec.peft.r: must be >= 1 (got -4)``). An unreadable file raises
-    OSError for the caller to report."""
+    the file's name (``job.yaml: spec.peft.r: must be >= 1 (got -4)``). An unreadable file is one
+    such problem (``job.yaml: cannot read: No such file or directory``), so every caller reports it
+    as it reports the others."""
     name = "<stdin>" if path == "-" else path
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        return name, [], [f"{name}: cannot read: {exc.strerror or exc}"]
+    except UnicodeDecodeError as exc:
+        return name, [], [f"{name}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"]
     try:
         jobs, problems = validate_text(text, name)
     except SpecError as exc:  # YAML syntax: the path already names the file, line and column

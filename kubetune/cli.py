@@ -60,17 +60,17 @@ def _data_problems(name: str, jobs: list) -> list[str]:
             for job in jobs for problem in check_data(job.spec, base)]
 
 
+def _base_dir(name: str) -> Path:
+    """The folder relative data paths of a manifest resolve against."""
+    return Path(name).resolve().parent if name != "<stdin>" else Path.cwd()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from kubetune.api.validating import validate_file
 
     failed = False
     for path in _files(args):
-        try:
-            name, jobs, problems = validate_file(path)
-        except OSError as exc:
-            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
-            failed = True
-            continue
+        name, jobs, problems = validate_file(path)
         if not problems and not args.no_data_check:
             problems = _data_problems(name, jobs)
         for line in problems:
@@ -81,8 +81,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 techniques = ", ".join(job.spec.techniques.enabled()) or "none"
                 print(f"{name}: {job.name}: valid (peft {job.spec.peft.method}; techniques: {techniques})")
                 if args.preview:
-                    base = Path(name).resolve().parent if name != "<stdin>" else Path.cwd()
-                    for line in preview_lines(job, base, args.preview):
+                    for line in preview_lines(job, _base_dir(name), args.preview):
                         print(f"  {line}")
     return 1 if failed else 0
 
@@ -99,9 +98,37 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from kubetune.operator.rendering import render_main
+    """``kubetune render``: what the operator would create (``kubetune.operator.rendering``), each
+    job's output prefixed with its first training examples as comments with ``--preview N``."""
+    from kubetune.api.validating import validate_file
+    from kubetune.operator.building import BuildOptions
+    from kubetune.operator.rendering import render_job, with_namespace
+    from kubetune.operator.settings import Settings
 
-    return render_main(args)
+    files = _files(args)
+    try:
+        settings = Settings.from_env(trainer_image=args.image)
+    except ValueError as exc:
+        print(f"kubetune render: {exc}", file=sys.stderr)
+        return 2
+    options = BuildOptions.from_settings(settings)
+    rendered: list[str] = []
+    failed = False
+    for path in files:
+        name, jobs, problems = validate_file(path)
+        for line in problems:
+            print(line, file=sys.stderr)
+        failed = failed or bool(problems)
+        for job in jobs:
+            text = render_job(with_namespace(job, args.namespace), options)
+            if args.preview:
+                lines = [f"preview of {job.name}:", *preview_lines(job, _base_dir(name), args.preview)]
+                text = "".join(f"# {line}\n" for line in lines) + text
+            rendered.append(text)
+    if failed:
+        return 1
+    sys.stdout.write("---\n".join(rendered))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -7,8 +7,13 @@ and on every event of a trial — a FineTuneJob labelled ``kubetune.io/search`` 
 FineTuneJob (``kubetune.api.searching.trial_manifest``: the parent's spec with the trial's values,
 no search block, ``maxStepsPerTrial`` applied) owned by the parent, so the usual machinery trains
 it and deleting the parent removes its trials. At most ``parallelism`` trials run at once; when one
-finishes, the sampler proposes the next from the finished trials' values (kept on each trial in
-the ``kubetune.io/trial-parameters`` annotation) and metrics (``trial_metric`` of their status).
+finishes, optuna's sampler proposes the next (``kubetune.api.searching.propose_trial``, ask/tell):
+its study is rebuilt in memory for every proposal from the trials before it — their values, kept
+on each trial in the ``kubetune.io/trial-parameters`` annotation, and their state and metric
+(``trial_metric`` of their status) — so nothing but the FineTuneJobs holds the search's state,
+and a restarted operator continues it as if it had never stopped. No pruning here: the trainer
+reports only the latest evaluation, not the metric at each step a pruner compares trials at;
+``kubetune train`` prunes (``kubetune.trainer.searching``).
 
 Idempotent by construction: trial ``i`` is always named ``<parent>-trial-00i``, the trials that
 exist are listed from the API server before anything is proposed, and creating one that exists is
@@ -34,6 +39,7 @@ import kopf
 from kubetune.api import GROUP, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason, SpecError, parse_job
 from kubetune.api.searching import (
     SEARCH_LABEL,
+    PastTrial,
     TRIAL_INDEX_LABEL,
     kept_trials,
     propose_trial,
@@ -61,6 +67,7 @@ SEARCH_SUCCEEDED = "SearchSucceeded"
 ALL_TRIALS_FAILED = "AllTrialsFailed"
 TRIAL_CREATED = "TrialCreated"
 TRIAL_REJECTED = "TrialRejected"
+PRUNING_NOT_APPLIED = "PruningNotApplied"
 
 # One lock per search (per event loop, as in statusing): trial events and handlers take turns.
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
@@ -118,6 +125,22 @@ def trial_record(index: int, trial: dict[str, Any], metric_name: str) -> TrialRe
         state = "Pending"
     return TrialRecord(index=index, parameters=_shown(trial_values(trial)),
                        metric=metric if state == "Succeeded" else None, state=state)
+
+
+def past_trials(index: int, trials: dict[int, dict[str, Any]], metric: str) -> list[PastTrial]:
+    """What the sampler learns before proposing trial ``index``: trials 0 … index-1 as the trial
+    FineTuneJobs say (values from their annotation, state and metric from their status), one that
+    was rejected (its values made an invalid spec) or is gone as failed. Read from the cluster every time, so a restarted operator rebuilds
+    the same study, and the same trials in the same order give the same proposal, whichever event
+    got here first."""
+    out: list[PastTrial] = []
+    for i in range(index):
+        if i not in trials:
+            out.append(PastTrial({}, None, "Failed"))
+            continue
+        record = trial_record(i, trials[i], metric)
+        out.append(PastTrial(trial_values(trials[i]), record.metric, record.state))
+    return out
 
 
 def best_of(records: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -232,6 +255,10 @@ async def ensure_trials(body: dict[str, Any], settings: Settings) -> None:
     job = await creating.parse_or_reject(body, fail=True)
     if statusing.is_finished(body):
         return
+    search = job.spec.techniques.hyperparameter_search
+    if search is not None and search.pruner != "none" and not (body.get("status") or {}).get("trials"):
+        await kubeapi.post_event(statusing.involved(body), reason=PRUNING_NOT_APPLIED, type="Warning", message=(
+            f"pruner {search.pruner!r} is applied by `kubetune train` only: in a cluster every trial runs to its end"))
     await reconcile(job.namespace, job.name, settings)
 
 
@@ -317,14 +344,9 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
             return
         if index in trials or index in rejected:
             continue
-        # The history is every finished trial so far, in index order: the same trials in the
-        # same order give the same proposal, whichever event got here first.
-        history = []
-        for i in sorted(trials):
-            record = trial_record(i, trials[i], search.metric)
-            if record.state == "Succeeded" and record.metric is not None:
-                history.append((trial_values(trials[i]), record.metric))
-        values = propose_trial(search, index, history, seed=job.spec.training.seed)
+        # In a thread: rebuilding the study costs about a second per thousand trials before this
+        # one (TPE), which must not stall the operator's event loop (the search's lock is held).
+        values = await asyncio.to_thread(propose_trial, search, index, past_trials(index, trials, search.metric), job.spec.training.seed)
         try:
             manifest = trial_body(job, index, values)
         except SpecError as exc:

@@ -8,6 +8,9 @@ functions, which are how the CLI keeps heavy layers lazy.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,32 +19,56 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"api": "kubetune.api", "operator": "kubetune.operator", "trainer": "kubetune.trainer", "kubetune": "kubetune"}
 ML = {"torch", "transformers", "deepspeed", "peft", "datasets", "accelerate", "safetensors", "tokenizers", "tensorboard"}
 
+#: The command-line layer (the ``kubetune`` folder's modules): it may import every other layer, none imports it.
+CLI = {"kubetune.cli", "kubetune.following", "kubetune.client", "kubetune.documenting", "kubetune.__main__"}
+
 FORBIDDEN = {
-    "api": {"kubetune.operator", "kubetune.trainer", "kubetune.cli", "kopf", "kubernetes"} | ML,
-    "operator": {"kubetune.trainer"} | ML,
-    "trainer": {"kubetune.operator", "kopf"},
+    "api": {"kubetune.operator", "kubetune.trainer", "kopf", "kubernetes"} | CLI | ML,
+    # `kubetune render` is operator code driven by the CLI: the operator must not reach the trainer
+    # through the CLI either (it once did, for --preview).
+    "operator": {"kubetune.trainer"} | CLI | ML,
+    "trainer": {"kubetune.operator", "kopf"} | CLI,
 }
 
 
-def _imports(path: Path) -> set[str]:
+def _package(path: Path) -> list[str]:
+    """The dotted package a file's relative imports start from (``operator/x.py`` -> kubetune.operator)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return [*LAYERS[parts[0]].split("."), *parts[1:-1]]
+
+
+def _imports(path: Path, package: list[str] | None = None) -> set[str]:
+    """Every module a file imports: at the top or inside functions, absolute or relative, ``from
+    kubetune import cli`` as ``kubetune.cli``, and ``importlib.import_module("…")`` with a literal."""
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package if package is not None else _package(path)
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id in {"import_module", "__import__"}))):
+            found.add(node.args[0].value)
     return found
 
 
+def _forbidden(folder: str, names: set[str]) -> list[str]:
+    return sorted(name for name in names for forbidden in FORBIDDEN[folder] if name == forbidden or name.startswith(forbidden + "."))
+
+
 def _violations(folder: str) -> list[str]:
-    bad = []
-    for path in sorted((ROOT / folder).rglob("*.py")):
-        for name in _imports(path):
-            for forbidden in FORBIDDEN[folder]:
-                if name == forbidden or name.startswith(forbidden + "."):
-                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
-    return bad
+    return [f"{path.relative_to(ROOT)} imports {name}"
+            for path in sorted((ROOT / folder).rglob("*.py")) for name in _forbidden(folder, _imports(path))]
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
@@ -52,4 +79,37 @@ def test_layer_imports_point_one_way(folder: str) -> None:
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    import torch\n    from kubetune.trainer import x\n")
-    assert _imports(module) == {"torch", "kubetune.trainer"}
+    assert _imports(module) == {"torch", "kubetune.trainer", "kubetune.trainer.x"}
+
+
+def test_the_checker_sees_every_way_the_operator_could_reach_the_cli_or_the_trainer(tmp_path: Path) -> None:
+    """What rendering.py did (a lazy ``from kubetune.cli import preview_lines``) and its variants."""
+    sneaky = tmp_path / "sneaky.py"
+    sneaky.write_text(
+        "def preview(job):\n"
+        "    from kubetune.cli import preview_lines\n"
+        "    from kubetune import following\n"
+        "    from ..trainer.techniques import prompt_engineering\n"
+        "    import importlib\n"
+        "    return importlib.import_module('kubetune.trainer.local')\n"
+    )
+    found = _forbidden("operator", _imports(sneaky, package=["kubetune", "operator"]))
+    assert found == ["kubetune.cli", "kubetune.cli.preview_lines", "kubetune.following", "kubetune.trainer.local",
+                     "kubetune.trainer.techniques", "kubetune.trainer.techniques.prompt_engineering"]
+
+
+def test_render_and_the_operator_load_nothing_of_the_trainer_or_the_cli() -> None:
+    """At run time too: every operator module imported, and ``kubetune render`` (without --preview,
+    which shows examples through the trainer's data code) run, load no trainer module; the operator's
+    modules load no CLI module."""
+    code = (
+        "import sys, json, pkgutil, importlib, io, contextlib\n"
+        "import kubetune.operator\n"
+        "for m in pkgutil.iter_modules(kubetune.operator.__path__): importlib.import_module('kubetune.operator.' + m.name)\n"
+        "operator = sorted(m for m in sys.modules if m.startswith(('kubetune.trainer', 'kubetune.cli', 'kubetune.client', 'kubetune.following')))\n"
+        "from kubetune.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): rc = main(['render', '-f', 'examples/hyperparameter-search.yaml', '-f', 'examples/quickstart.yaml'])\n"
+        "print(json.dumps([operator, rc, sorted(m for m in sys.modules if m.startswith('kubetune.trainer'))]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [[], 0, []]

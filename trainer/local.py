@@ -31,11 +31,7 @@ from typing import Any
 def _load(path: str) -> tuple[object | None, int]:
     from kubetune.api.validating import validate_file
 
-    try:
-        _, jobs, problems = validate_file(path)
-    except OSError as exc:
-        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
-        return None, 2
+    _, jobs, problems = validate_file(path)
     if problems:
         for line in problems:
             print(line, file=sys.stderr)

@@ -34,7 +34,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -60,6 +60,9 @@ class RunOptions:
     local: bool = False
     progress: bool = True
     max_steps: int | None = None
+    #: Called in this process after each evaluation during training with (step, metrics); a
+    #: returned reason stops the run there, as early stopping does (a search's pruner; one process only).
+    after_evaluation: Callable[[int, dict[str, float]], str | None] | None = None
 
 
 def pod_paths(job: Any) -> RunPaths:

@@ -469,6 +469,10 @@ class Trainer:
         for technique in self.techniques:
             technique.on_evaluate(self.ctx, metrics)
         self.reporter.evaluated(dict(metrics))
+        if self.options.after_evaluation is not None and self.step > 0:
+            reason = self.options.after_evaluation(self.step, dict(metrics))
+            if reason:
+                self.ctx.should_stop, self.ctx.stop_reason = True, reason
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(name if "/" in name else f"eval/{name[len('eval_'):] if name.startswith('eval_') else name}", value, self.step)

@@ -73,9 +73,20 @@ def test_multi_document_file_names_the_document(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
-    result = _run("-f", str(tmp_path / "nope.yaml"))
+    """One line like any other problem, the same from validate, render and train (all read the file
+    through kubetune.api.validating.validate_file); the other files are still checked."""
+    missing = tmp_path / "nope.yaml"
+    result = _run("-f", str(missing), "-f", "examples/quickstart.yaml")
     assert result.returncode == 1
-    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert f"{missing}: cannot read: No such file or directory" in result.stdout.splitlines()
+    assert "quickstart: valid" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    assert f"{binary}: cannot read: not UTF-8 text" in _run("-f", str(binary)).stdout
+    for command, code in (["render"], 1), (["train", "--no-progress"], 2):
+        other = subprocess.run([sys.executable, "-m", "kubetune", *command, "-f", str(missing)], capture_output=True, text=True, cwd=ROOT)
+        assert other.returncode == code, other.stderr
+        assert other.stderr.strip().splitlines() == [f"{missing}: cannot read: No such file or directory"], command
 
 
 def test_wrong_kind_is_reported() -> None:

@@ -33,3 +33,26 @@ def test_cli_validate_imports_nothing_heavy(tmp_path) -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [0, []]
+
+
+def test_optuna_loads_only_when_a_search_proposes_a_trial() -> None:
+    """The operator imports its search module and validates searches without optuna (clusters
+    without searches never load it); the first proposal loads it."""
+    code = (
+        "import sys, json\n"
+        "import kubetune.operator.handlers, kubetune.operator.searching, kubetune.operator.rendering\n"
+        "from kubetune.api import parse_job\n"
+        "from kubetune.api.searching import propose_trial, trial_count\n"
+        "job = parse_job({'apiVersion': 'kubetune.io/v1alpha1', 'kind': 'FineTuneJob', 'metadata': {'name': 's'}, 'spec': {\n"
+        "    'model': {'source': 'hf://o/m'}, 'data': {'datasets': [{'source': 'd.jsonl', 'format': 'text'}], 'eval': {'holdoutFraction': 0.1}},\n"
+        "    'techniques': {'hyperparameterSearch': {'sampler': 'grid', 'parameters': [\n"
+        "        {'path': 'training.learningRate', 'type': 'float', 'values': [0.001, 0.01]}]}}}})\n"
+        "search = job.spec.techniques.hyperparameter_search\n"
+        "before = 'optuna' in sys.modules\n"
+        "n = trial_count(search)\n"
+        "counted = 'optuna' in sys.modules\n"
+        "propose_trial(search, 0, [], 0)\n"
+        "print(json.dumps([before, counted, n, 'optuna' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [False, False, 2, True]

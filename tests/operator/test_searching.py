@@ -24,15 +24,27 @@ RATES = [1e-4, 3e-4, 1e-3]
 LOSSES = {0: 2.0, 1: 1.5, 2: 1.8}  # what each trial's trainer reports: trial 1 is the best
 
 
-def search_job(name: str, values: list[float], parallelism: int = 2) -> dict[str, Any]:
+def search_job(name: str, values: list[float], parallelism: int = 2, **search: Any) -> dict[str, Any]:
     return manifest(
         name,
         data={"datasets": [{"source": "data/tiny.jsonl", "format": "text"}], "eval": {"holdoutFraction": 0.2}},
         techniques={"hyperparameterSearch": {
             "sampler": "grid", "parallelism": parallelism, "metric": "eval_loss", "mode": "min", "maxStepsPerTrial": 3,
-            "parameters": [{"path": "training.learningRate", "type": "float", "values": values}],
+            "parameters": [{"path": "training.learningRate", "type": "float", "values": values}], **search,
         }},
     )
+
+
+def grid_order(job: dict[str, Any]) -> list[float]:
+    """The learning rates in the order the search proposes them: optuna's GridSampler shuffles the
+    grid by the job's seed (the operator and ``kubetune train`` alike)."""
+    from kubetune.api import parse_job
+    from kubetune.api.searching import propose_trial, trial_count
+
+    spec = parse_job(job).spec
+    search = spec.techniques.hyperparameter_search
+    assert search is not None
+    return [propose_trial(search, i, [], spec.training.seed)["training.learningRate"] for i in range(trial_count(search))]
 
 
 def trials(cluster: Cluster, parent: str) -> dict[int, dict[str, Any]]:
@@ -53,6 +65,8 @@ def test_grid_search_runs_trials_as_children_and_keeps_the_best(
         emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
     cluster = emulated_cluster
     with operator_process(cluster.namespace):
+        order = grid_order(search_job("hps", RATES))
+        assert sorted(order) == sorted(RATES)
         parent = cluster.create(search_job("hps", RATES))
         cluster.wait_for(lambda: "0/3 trials finished, 2 running" in (status(cluster, "hps").get("message") or ""),
                          what="two trials started")
@@ -60,11 +74,11 @@ def test_grid_search_runs_trials_as_children_and_keeps_the_best(
         assert sorted(first) == [0, 1]  # parallelism 2: the third waits
         for index, trial in first.items():
             assert trial["metadata"]["name"] == f"hps-trial-00{index}"
-            assert trial["spec"]["training"]["learningRate"] == RATES[index]
+            assert trial["spec"]["training"]["learningRate"] == order[index]
             assert trial["spec"]["training"]["maxSteps"] == 3
             assert "hyperparameterSearch" not in (trial["spec"].get("techniques") or {})
             assert json.loads(trial["metadata"]["annotations"][searching.PARAMETERS_ANNOTATION]) == {
-                "training.learningRate": RATES[index]}
+                "training.learningRate": order[index]}
             owner, = trial["metadata"]["ownerReferences"]
             assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
                 "FineTuneJob", "hps", parent["metadata"]["uid"], True)
@@ -82,7 +96,7 @@ def test_grid_search_runs_trials_as_children_and_keeps_the_best(
         cluster.wait_for(lambda: 2 in trials(cluster, "hps"), what="the third trial after a restart")
         third = trials(cluster, "hps")
         assert sorted(third) == [0, 1, 2]
-        assert third[2]["spec"]["training"]["learningRate"] == RATES[2]
+        assert third[2]["spec"]["training"]["learningRate"] == order[2]
         assert third[0]["status"]["phase"] == "Succeeded"
         finish_trial(cluster, job_controller, "hps-trial-001", LOSSES[1])
         finish_trial(cluster, job_controller, "hps-trial-002", LOSSES[2])
@@ -91,7 +105,7 @@ def test_grid_search_runs_trials_as_children_and_keeps_the_best(
     assert sorted(trials(cluster, "hps")) == [0, 1, 2]
     assert [(t["index"], t["state"], t["metric"]) for t in done["trials"]] == [
         (i, "Succeeded", LOSSES[i]) for i in range(3)]
-    assert [float(t["parameters"]["training.learningRate"]) for t in done["trials"]] == RATES
+    assert [float(t["parameters"]["training.learningRate"]) for t in done["trials"]] == order
     assert done["bestTrial"]["index"] == 1 and done["bestTrial"]["metric"] == min(LOSSES.values())
     assert done["outputPath"] == "pvc://hps-trial-001-workspace/output"
     assert done["progress"]["step"] == 3 and done["progress"]["totalSteps"] == 3
@@ -104,23 +118,26 @@ def test_grid_search_runs_trials_as_children_and_keeps_the_best(
 def test_a_trial_with_invalid_values_counts_as_failed_and_the_search_goes_on(
         emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
     cluster = emulated_cluster
+    job = search_job("bad-values", [50.0, 1e-3], parallelism=1)  # learningRate must be <= 10
+    bad = grid_order(job).index(50.0)
+    good = 1 - bad
     with operator_process(cluster.namespace):
-        cluster.create(search_job("bad-values", [50.0, 1e-3], parallelism=1))  # learningRate must be <= 10
-        cluster.wait_for(lambda: 1 in trials(cluster, "bad-values"), what="trial 1 started after trial 0 was refused")
-        assert sorted(trials(cluster, "bad-values")) == [1]
+        cluster.create(job)
+        cluster.wait_for(lambda: good in trials(cluster, "bad-values"), what="the valid trial started")
+        finish_trial(cluster, job_controller, f"bad-values-trial-00{good}", 0.9)
+        done = wait_phase(cluster, "bad-values", "Succeeded")
+        assert sorted(trials(cluster, "bad-values")) == [good]  # the invalid one was never created
         warning = next(m for t, r, m in events(cluster, "bad-values") if r == searching.TRIAL_REJECTED)
         assert "spec.training.learningRate" in warning and "must be <= 10" in warning
-        finish_trial(cluster, job_controller, "bad-values-trial-001", 0.9)
-        done = wait_phase(cluster, "bad-values", "Succeeded")
-    assert [(t["index"], t["state"]) for t in done["trials"]] == [(0, "Failed"), (1, "Succeeded")]
-    assert done["bestTrial"]["index"] == 1
+    assert [(t["index"], t["state"]) for t in done["trials"]] == sorted([(bad, "Failed"), (good, "Succeeded")])
+    assert done["bestTrial"]["index"] == good
 
 
 def test_when_every_trial_fails_the_search_fails(
         emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
     cluster = emulated_cluster
     with operator_process(cluster.namespace):
-        cluster.create(search_job("doomed", [1e-4, 1e-3]))
+        cluster.create(search_job("doomed", [1e-4, 1e-3], pruner="median"))
         cluster.wait_for(lambda: sorted(trials(cluster, "doomed")) == [0, 1])
         for name in ("doomed-trial-000", "doomed-trial-001"):
             cluster.wait_for(lambda: cluster.find("batch/v1", "Job", name))
@@ -130,6 +147,9 @@ def test_when_every_trial_fails_the_search_fails(
     assert [t["state"] for t in failed["trials"]] == ["Failed", "Failed"]
     assert "bestTrial" not in failed and "outputPath" not in failed
     assert condition(cluster, "doomed", ConditionType.FAILED)["reason"] == searching.ALL_TRIALS_FAILED  # type: ignore[index]
+    # Pruning needs the metric at every evaluation, which only `kubetune train` sees: the user is told.
+    [warning] = [(t, m) for t, r, m in events(cluster, "doomed") if r == searching.PRUNING_NOT_APPLIED]
+    assert warning[0] == "Warning" and "kubetune train" in warning[1]
 
 
 def test_suspending_a_search_suspends_its_trials_and_starts_none(
@@ -159,6 +179,7 @@ def test_suspending_a_search_suspends_its_trials_and_starts_none(
 def test_render_shows_the_trials_a_search_starts_with() -> None:
     """``kubetune render`` of the example: the first ``parallelism`` trials, no trainer objects."""
     from kubetune.api import load_documents, parse_job
+    from kubetune.api.searching import propose_trial
     from kubetune.operator.building import BuildOptions
     from kubetune.operator.rendering import render_job
     from tests.operator.operating import REPO
@@ -168,7 +189,11 @@ def test_render_shows_the_trials_a_search_starts_with() -> None:
     docs = [d.body for d in load_documents(render_job(job, BuildOptions()), "rendered")]
     assert [d["kind"] for d in docs] == ["FineTuneJob", "FineTuneJob"]
     assert [d["metadata"]["name"] for d in docs] == ["lr-search-trial-000", "lr-search-trial-001"]
-    assert [d["spec"]["training"]["learningRate"] for d in docs] == [1e-6, 1e-4]
+    search = job.spec.techniques.hyperparameter_search
+    assert search is not None
+    first = [propose_trial(search, i, [], job.spec.training.seed)["training.learningRate"] for i in range(2)]
+    assert [d["spec"]["training"]["learningRate"] for d in docs] == first
+    assert set(first) < {1e-6, 1e-4, 5e-4}  # two different points of the example's grid
     for doc in docs:
         trial = parse_job(doc)  # each trial is a valid job of its own, without the search
         assert trial.spec.techniques.hyperparameter_search is None and trial.spec.training.max_steps == 15

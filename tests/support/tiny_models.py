@@ -1,17 +1,25 @@
 """Tiny random-init models, tokenizers and datasets for trainer and technique tests (no hub, CPU).
 
-Used by ``tests/trainer`` (through the fixtures in ``tests/trainer/conftest.py``) and by the
-technique tests, which import these factories directly:
+The one place tests get a model from. Used by ``tests/trainer`` (through the fixtures in
+``tests/trainer/conftest.py``), by ``tests/techniques`` (the ``tiny_models`` fixture in
+``tests/techniques/conftest.py`` builds its causal/encoder/seq2seq trio with :func:`tiny_model`
+over a :func:`word_tokenizer`) and by ``tests/e2e``:
 
 * :func:`tiny_tokenizer` — a WordPiece tokenizer trained here with ``tokenizers`` on
   :data:`CORPUS`, saved as a fast tokenizer with a chat template; ``style`` "bert" wraps
   sequences in [CLS] … [SEP], "causal" adds nothing (bos ``<s>``, eos ``</s>``), "t5" appends
   ``</s>``.
+* :func:`word_tokenizer` — a cased WordPiece tokenizer whose vocabulary is written out, not
+  trained: every word of :data:`WORDS` is one token, anything else falls back to characters, and
+  every sequence is wrapped in [CLS] … [SEP]. The technique tests read their effects in words
+  (augmentation swaps and masks words, prompt templates are decoded back to text), so they use
+  this one; the trainer tests were written against the trained one. Both stay: moving either suite
+  to the other tokenizer changes every number its effect tests were checked with.
 * :func:`tiny_model` — a 2-layer, hidden-64 model of an architecture (``llama``, ``gpt2``,
   ``bert``, ``t5``) saved with its tokenizer into a folder, ready to be ``spec.model.source``.
-* :func:`write_dataset` — a small jsonl dataset of a format (text, instruction, chat,
-  classification, token-classification, seq2seq, preference, question-answering) with a pattern
-  a tiny model can pick up within a few dozen steps.
+* :func:`write_dataset` / :func:`write_jsonl` — a small jsonl dataset of a format (text,
+  instruction, chat, classification, token-classification, seq2seq, preference,
+  question-answering) with a pattern a tiny model can pick up within a few dozen steps / any rows.
 * :func:`manifest` — a FineTuneJob manifest (dict) training such a model on such data, with
   fast defaults (zero stage 0, fp32, a few steps) and overrides by dotted camelCase path.
 
@@ -80,47 +88,106 @@ def tiny_tokenizer(folder: Path, style: str = "bert") -> Path:
     return folder
 
 
-def _config(arch: str, vocab: int, tok: Any) -> Any:
+#: The words of :func:`word_tokenizer` (each one token of it).
+WORDS = (
+    "the a an of to and is was it this that good bad great awful fine poor happy sad love hate movie film book "
+    "food day night red blue green yellow black white cat dog bird fish horse cow apple banana cherry grape lemon "
+    "one two three four five six seven eight nine ten zero yes no up down left right big small hot cold "
+    "alice bob carol dave paris london rome berlin tokyo person city other review sentiment label positive negative "
+    "text answer question context translate summarise instruction input response output task copy reverse "
+    "sum count color animal fruit number name where who what says said likes lives in at on with from "
+    "sunny rainy weather today tomorrow very really quite nice terrible lovely boring fun dull bright dark "
+    "topic sports music politics game team song vote win lose play sing tune beat law court "
+    "happy joyful glad sad unhappy gloomy quick fast rapid slow sluggish"
+).split()
+
+_WORD_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
+
+
+def word_tokenizer(folder: Path, words: list[str] | None = None) -> Path:
+    """Save in ``folder`` the written-out-vocabulary tokenizer of ``words`` (default :data:`WORDS`;
+    see the module doc); returns it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # The vocabulary is written out rather than trained: trainers break frequency ties in hash order,
+    # which differs between processes, and the tests' numbers should not.
+    words = WORDS if words is None else words
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()[]{}<>-_/#=+*&%$@")
+    cased = list(dict.fromkeys(words + [w.capitalize() for w in words]))
+    tokens = list(dict.fromkeys(_WORD_SPECIALS + chars + [f"##{c}" for c in chars] + cased))
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", bos_token="[BOS]", eos_token="[EOS]",
+    )
+    fast.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def _config(arch: str, vocab: int, tok: Any, **overrides: Any) -> Any:
     import transformers
 
     common = dict(vocab_size=vocab, pad_token_id=tok.pad_token_id)
     if arch == "llama":
-        return transformers.LlamaConfig(
+        kind, fields = transformers.LlamaConfig, dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **common,
         )
-    if arch == "gpt2":
-        return transformers.GPT2Config(
+    elif arch == "gpt2":
+        kind, fields = transformers.GPT2Config, dict(
             n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **common,
         )
-    if arch == "bert":
-        return transformers.BertConfig(
+    elif arch == "bert":
+        kind, fields = transformers.BertConfig, dict(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=512, **common,
         )
-    if arch == "t5":
-        return transformers.T5Config(
+    elif arch == "t5":
+        kind, fields = transformers.T5Config, dict(
             d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
             decoder_start_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **common,
         )
-    raise ValueError(f"arch: one of {ARCHITECTURES}; got {arch!r}")
+    else:
+        raise ValueError(f"arch: one of {ARCHITECTURES}; got {arch!r}")
+    return kind(**{**fields, **overrides})
 
 
 _MODEL_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel", "t5": "T5ForConditionalGeneration"}
 _STYLE = {"llama": "causal", "gpt2": "causal", "bert": "bert", "t5": "t5"}
 
 
-def tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer, hidden-64 random-init model of ``arch`` and its tokenizer, saved in ``folder``."""
+def tiny_model(folder: Path, arch: str = "llama", seed: int | None = 0, *, tokenizer: Path | None = None, **config: Any) -> Path:
+    """A 2-layer, hidden-64 random-init model of ``arch`` and its tokenizer, saved in ``folder``.
+
+    ``tokenizer``: a saved tokenizer folder to use (default: :func:`tiny_tokenizer` in the style of
+    ``arch``); ``config``: fields of the model config that differ from the defaults here;
+    ``seed=None`` draws the weights from torch's generator as it stands (several models from one seed).
+    """
+    import shutil
+
     import torch
     import transformers
 
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
-    tiny_tokenizer(folder, _STYLE[arch])
+    if tokenizer is None:
+        tiny_tokenizer(folder, _STYLE[arch])
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in Path(tokenizer).iterdir():
+            shutil.copy(f, folder / f.name)
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(seed)
-    model = getattr(transformers, _MODEL_CLASS[arch])(_config(arch, len(tok), tok))
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = getattr(transformers, _MODEL_CLASS[arch])(_config(arch, len(tok), tok, **config))
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
@@ -162,11 +229,16 @@ def dataset_rows(fmt: str, n: int = 32, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def write_dataset(path: Path, fmt: str, n: int = 32, seed: int = 0) -> Path:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` as a jsonl file at ``path`` (folders made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in dataset_rows(fmt, n, seed)), encoding="utf-8")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def write_dataset(path: Path, fmt: str, n: int = 32, seed: int = 0) -> Path:
+    return write_jsonl(path, dataset_rows(fmt, n, seed))
 
 
 #: The head each format trains by default in these tests, and the task type that selects it.

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from kubetune.api import SpecError
 from kubetune.trainer.techniques.base import TechniqueContext
 from kubetune.trainer.techniques.distillation import Distillation, aligned, distillation_kl
-from tests.techniques.conftest import _train_tokenizer, manifest, parse, train, write_jsonl
+from tests.support.tiny_models import WORDS, word_tokenizer
+from tests.techniques.conftest import manifest, parse, train, write_jsonl
 from tests.techniques.reviews import CLASSIFY, review_rows
 
 
@@ -80,16 +81,7 @@ def _spec(tiny_models, teacher_source):
 def test_a_teacher_with_another_tokenizer_is_refused(tiny_models, tokenizer, tmp_path):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_models["encoder"], teacher)
-    other = tmp_path / "other-tokenizer"
-    other.mkdir()
-    import tests.techniques.conftest as fixtures
-
-    words = fixtures.WORDS
-    try:
-        fixtures.WORDS = [w + "x" for w in words]  # a tokenizer trained on other words
-        _train_tokenizer(other)
-    finally:
-        fixtures.WORDS = words
+    other = word_tokenizer(tmp_path / "other-tokenizer", words=[w + "x" for w in WORDS])  # a tokenizer of other words
     for f in other.iterdir():
         shutil.copy(f, teacher / f.name)
     spec = _spec(tiny_models, teacher)

@@ -44,6 +44,17 @@ def search_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _grid_order(path: Path) -> list[float]:
+    """The learning rates in the order the search proposes them (its trials 0, 1, …)."""
+    from kubetune.api import parse_job
+    from kubetune.api.searching import propose_trial, trial_count
+
+    spec = parse_job(yaml.safe_load(path.read_text())).spec
+    search = spec.techniques.hyperparameter_search
+    assert search is not None
+    return [propose_trial(search, i, [], spec.training.seed)["training.learningRate"] for i in range(trial_count(search))]
+
+
 def _train(path: Path, run_dir: Path) -> int:
     return kubetune(["train", "-f", str(path), "-o", str(run_dir), "--no-progress"])
 
@@ -60,11 +71,14 @@ def test_grid_search_keeps_the_trial_with_the_lowest_eval_loss(search_file: Path
     assert status["phase"] == "Succeeded"
     trials = {t["index"]: t for t in status["trials"]}
     assert sorted(trials) == [0, 1]
-    assert [float(trials[i]["parameters"]["training.learningRate"]) for i in (0, 1)] == RATES
+    order = _grid_order(search_file)  # optuna's GridSampler: every point once, shuffled by the seed
+    assert sorted(order) == RATES
+    assert [float(trials[i]["parameters"]["training.learningRate"]) for i in (0, 1)] == order
     assert all(t["state"] == "Succeeded" and t["metric"] is not None for t in trials.values())
-    slow, fast = trials[0]["metric"], trials[1]["metric"]
+    fast_index = order.index(3e-3)
+    slow, fast = trials[1 - fast_index]["metric"], trials[fast_index]["metric"]
     assert fast < slow - 0.5, (slow, fast)  # 3e-3 clearly learns, 1e-6 does not move
-    assert status["bestTrial"]["index"] == 1 and status["bestTrial"]["metric"] == fast
+    assert status["bestTrial"]["index"] == fast_index and status["bestTrial"]["metric"] == fast
 
     # Each trial is its own run, capped at maxStepsPerTrial, and the output is the best trial's model.
     trial_dirs = sorted((run_dir / "trials").iterdir())
@@ -73,9 +87,9 @@ def test_grid_search_keeps_the_trial_with_the_lowest_eval_loss(search_file: Path
         assert json.loads((d / "status.json").read_text())["progress"]["step"] == 12
     output = Path(status["outputPath"])
     assert output == run_dir / "output"
-    best_weights = (trial_dirs[1] / "output" / "model.safetensors").read_bytes()
+    best_weights = (trial_dirs[fast_index] / "output" / "model.safetensors").read_bytes()
     assert (output / "model.safetensors").read_bytes() == best_weights
-    assert best_weights != (trial_dirs[0] / "output" / "model.safetensors").read_bytes()
+    assert best_weights != (trial_dirs[1 - fast_index] / "output" / "model.safetensors").read_bytes()
 
     # Running the command again finds both trials finished: nothing is trained again.
     stamps = {d.name: (d / "output" / "model.safetensors").stat().st_mtime_ns for d in trial_dirs}
@@ -95,3 +109,45 @@ def test_the_trainer_entry_point_refuses_a_search(search_file: Path, tmp_path: P
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "spec.techniques.hyperparameterSearch" in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones(tmp_path: Path) -> None:
+    """A grid of a learning rate that learns (3e-3) and one that does not (1e-6), each twice (the
+    second axis, logEverySteps, changes nothing in training). The median pruner compares each
+    trial's eval loss at every evaluation with the finished trials' at the same step: a 1e-6 trial
+    that runs after a 3e-3 trial finished is stopped at its first evaluation (step 2 of 12) and
+    counts as Pruned; every other trial runs to the end."""
+    model = tiny_model(tmp_path / "model", "llama")
+    data = write_dataset(tmp_path / "text.jsonl", "text", n=48)
+    body = manifest(model, data, "text", name="pruned", overrides={
+        "training.microBatchSize": 8,
+        "checkpointing.everySteps": 1000,
+        "data.eval.everySteps": 2,
+        "techniques": {"hyperparameterSearch": {
+            "sampler": "grid", "pruner": "median", "metric": "eval_loss", "mode": "min", "maxStepsPerTrial": 12, "trials": 4,
+            "parameters": [{"path": "training.learningRate", "type": "float", "values": RATES},
+                           {"path": "training.logEverySteps", "type": "int", "values": [5, 10]}],
+        }},
+    })
+    path = tmp_path / "pruned.yaml"
+    path.write_text(yaml.safe_dump(body), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    assert _train(path, run_dir) == 0
+
+    status = _status(run_dir)
+    trials = sorted(status["trials"], key=lambda t: t["index"])
+    rates = [float(t["parameters"]["training.learningRate"]) for t in trials]
+    expected = ["Pruned" if rate == 1e-6 and 3e-3 in rates[:i] else "Succeeded" for i, rate in enumerate(rates)]
+    assert [t["state"] for t in trials] == expected
+    assert "Pruned" in expected, rates  # the seed's grid order has a good trial before a bad one
+    for t, state in zip(trials, expected):
+        checkpoints = sorted(p.name for p in (run_dir / "trials" / f"pruned-trial-00{t['index']}" / "checkpoints").glob("step-*"))
+        assert checkpoints[-1] == f"step-{2 if state == 'Pruned' else 12:08d}", (t, checkpoints)  # where training stopped
+    assert status["bestTrial"]["state"] == "Succeeded" and float(status["bestTrial"]["parameters"]["training.learningRate"]) == 3e-3
+
+    # Re-running the command continues the same study: nothing is trained again, pruned trials included.
+    stamps = sorted(p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/trial.json"))
+    assert _train(path, run_dir) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/trial.json")) == stamps
+    assert _status(run_dir)["trials"] == status["trials"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import Problem, SpecError
+from kubetune.trainer.grouping import split_groups
 from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
 from kubetune.trainer.techniques.layers import anatomy, describe_names, matching, resolve_index
 
@@ -110,19 +111,8 @@ class LayerSelection(Technique):
         ]
         if problems:
             raise SpecError(problems)
-        out: list[dict] = []
-        for group in groups:
-            names = group.get("param_names") or [names_of[id(p)] for p in group["params"]]
-            buckets: dict[int, list[tuple[str, Any]]] = {}
-            for name, param in zip(names, group["params"]):
-                index = next((i for i, r in enumerate(rates) if matching([name], r.pattern)), -1)
-                buckets.setdefault(index, []).append((name, param))
-            for index, members in sorted(buckets.items()):
-                out.append({
-                    **group,
-                    "params": [p for _, p in members],
-                    "param_names": [n for n, _ in members],
-                    "lr": rates[index].learning_rate if index >= 0 else group["lr"],
-                    "name": f"{group.get('name', 'default')}" + (f"/lr[{index}]" if index >= 0 else ""),
-                })
-        return out
+        return split_groups(
+            model, groups, lambda name: next((i for i, r in enumerate(rates) if matching([name], r.pattern)), -1),
+            range(-1, len(rates)), lambda group, index: {
+                "lr": rates[index].learning_rate if index >= 0 else group["lr"],
+                "name": f"{group.get('name', 'default')}" + (f"/lr[{index}]" if index >= 0 else "")})

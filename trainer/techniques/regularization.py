@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kubetune.trainer.grouping import split_groups
 from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
 from kubetune.trainer.techniques.layers import anatomy, plain_name
 
@@ -97,21 +98,8 @@ class Regularization(Technique):
         c = self.config
         if not c.weight_decay:
             return groups
-        names_of = {id(p): n for n, p in model.named_parameters()}
-        out: list[dict] = []
-        for group in groups:
-            names = group.get("param_names") or [names_of[id(p)] for p in group["params"]]
-            for decays in (True, False):
-                members = [(n, p) for n, p in zip(names, group["params"]) if no_decay(n, c.no_decay_patterns) != decays]
-                if members:
-                    out.append({
-                        **group,
-                        "params": [p for _, p in members],
-                        "param_names": [n for n, _ in members],
-                        "weight_decay": c.weight_decay if decays else 0.0,
-                        "name": f"{group.get('name', 'default')}/{'decay' if decays else 'no-decay'}",
-                    })
-        return out
+        return split_groups(model, groups, lambda n: not no_decay(n, c.no_decay_patterns), (True, False), lambda group, decays: {
+            "weight_decay": c.weight_decay if decays else 0.0, "name": f"{group.get('name', 'default')}/{'decay' if decays else 'no-decay'}"})
 
     def compute_loss(self, ctx: TechniqueContext, model: Any, batch: dict, outputs: Any, loss: Any) -> Any:
         c = self.config

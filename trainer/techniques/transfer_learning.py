@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from kubetune.api import Problem, SpecError
+from kubetune.trainer.grouping import split_groups
 from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
 from kubetune.trainer.techniques.layers import Anatomy, anatomy, unwrap
 
@@ -105,21 +106,9 @@ class TransferLearning(Technique):
         if c.head_learning_rate is None and c.base_learning_rate is None:
             return groups
         head = set(self.parts.head if self.parts else [])
-        names_of = {id(p): n for n, p in model.named_parameters()}
-        out: list[dict] = []
-        for group in groups:
-            names = group.get("param_names") or [names_of[id(p)] for p in group["params"]]
-            for part, lr in (("head", c.head_learning_rate), ("base", c.base_learning_rate)):
-                chosen = [(n, p) for n, p in zip(names, group["params"]) if (n in head) == (part == "head")]
-                if chosen:
-                    out.append({
-                        **group,
-                        "params": [p for _, p in chosen],
-                        "param_names": [n for n, _ in chosen],
-                        "lr": lr if lr is not None else group["lr"],
-                        "name": f"{group.get('name', 'default')}/{part}",
-                    })
-        return out
+        rates = {"head": c.head_learning_rate, "base": c.base_learning_rate}
+        return split_groups(model, groups, lambda n: "head" if n in head else "base", rates, lambda group, part: {
+            "lr": rates[part] if rates[part] is not None else group["lr"], "name": f"{group.get('name', 'default')}/{part}"})
 
     # -- gradual unfreezing
     def stages(self) -> list[list[str]]:
