@@ -410,3 +410,62 @@ def test_two_nodes_rendezvous_through_the_headless_service(emulated_cluster: Clu
     assert done["progress"]["step"] == done["progress"]["totalSteps"] == 4
     assert "2 processes" in runs[0].log()  # one trainer process per pod, one process group across both
     assert_each_side_writes_its_own_status(cluster, "pair")
+
+
+# ---------------------------------------------------------------------------------- sources in a bucket
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[Any]:
+    from tests.support.s3server import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+def test_bucket_sources_are_fetched_once_per_job_by_the_init_container_and_the_model_goes_back(
+        emulated_cluster: Cluster, node: LocalNode, s3: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    """s3:// model and data: the pod's fetch init container downloads them into the job's volume
+    (phase Initializing, bytes in status), the trainer reads that copy; a replacement pod after a
+    kill fetches nothing; the exported model lands in the output bucket."""
+    import base64
+
+    cluster = emulated_cluster
+    bucket = s3.client()
+    for name in ("models", "data", "results"):
+        bucket.create_bucket(Bucket=name)
+    s3.put_folder(tiny_llama, "models", "tiny-llama")
+    bucket.upload_file(str(write_dataset(tmp_path / "train.jsonl", "text", n=32)), "data", "corpus/train.jsonl")
+    cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-keys"}, "data": {
+        key: base64.b64encode(value.encode()).decode() for key, value in
+        {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}.items()}})
+    cluster.create(tiny_manifest("s3://models/tiny-llama", "s3://data/corpus/train.jsonl", "text", name="bucket", overrides={
+        "training.microBatchSize": 2, "training.maxSeqLength": 32, "training.maxSteps": 6, "checkpointing.everySteps": 2,
+        "model.credentialsSecret": {"name": "s3-keys"}, "s3.endpointUrl": s3.endpoint, "output.path": "s3://results/runs/bucket"}))
+
+    first = wait(cluster, node, lambda: (p := node.pods_of("bucket")) and p[0], "the first pod")
+    wait(cluster, node, lambda: ftj_status(cluster, "bucket").get("latestCheckpoint"), "a first checkpoint", timeout=120)
+    node.kill(first, signal.SIGKILL)
+    done = wait_phase(cluster, node, "bucket", "Succeeded", timeout=150)
+
+    seen = phases_seen(cluster, "bucket")
+    assert "Initializing" in seen and seen.index("Initializing") < seen.index("Running"), seen
+    init = done["initialization"]
+    assert init["done"] and init["sourcesTotal"] == init["sourcesFetched"] == 2, init
+    model_bytes = sum(s3.objects("models", "tiny-llama/").values())
+    # The first pod downloaded both sources; its replacement found them on the volume.
+    runs = node.pods_of("bucket")
+    assert len(runs) == 2, [r.name for r in runs]
+    fetch_logs = [r.log_path.with_name("fetch.log").read_text() for r in runs]
+    assert "kubetune: fetched 2 sources" in fetch_logs[0] and "s3://models/tiny-llama" in fetch_logs[0], fetch_logs[0]
+    assert "kubetune: 2 already in the cache" in fetch_logs[1] and "fetched" not in fetch_logs[1], fetch_logs[1]
+    assert init["bytesFetched"] == 0  # the last report is the replacement's: nothing new
+    cached = node.claim_dir(naming.names_for("bucket").claim) / "cache" / "sources"
+    assert sum(p.stat().st_size for p in cached.rglob("*") if p.is_file()) >= model_bytes
+    resumed_at(runs[1])
+    uploaded = s3.objects("results", "runs/bucket/")
+    assert {"runs/bucket/config.json", "runs/bucket/model.safetensors"} <= set(uploaded), uploaded
+    secret = s3.secret_key
+    for run in runs:  # the key reached the pods as a secretKeyRef only: no log carries it
+        assert secret not in run.log() and secret not in run.log_path.with_name("fetch.log").read_text()
+    assert secret not in json.dumps(cluster.get(*FTJ, "bucket"))

@@ -11,11 +11,12 @@ the API server emulator (``tests.support.emulating``), which has no controllers 
   pods (not counted as failures) and sets the ``Suspended`` condition, unsuspending sets it False
   and starts pods again; the Job status (active, ready, terminating, failed, succeeded,
   startTime, completionTime, conditions ``Complete``/``Failed``) as the real controller writes it.
-* **kubelet** — a pod's container runs as a subprocess: the command and args of the template with
+* **kubelet** — a pod's init containers run one after another, then its container, each as a subprocess: the command and args of the template with
   ``$(VAR)`` expanded, the environment resolved (values, downward API ``fieldRef``, ConfigMap and
   Secret keys), the volumes materialised (ConfigMap keys as files, each claim as one folder that
   outlives pods, emptyDirs per pod). Pod status follows the process: Running while it lives, then
-  Succeeded/Failed with the exit code, ``reason`` and the termination message (the file at
+  Succeeded/Failed with the exit code (Pending with ``initContainerStatuses`` while an init container
+  runs; an init container's non-zero exit fails the pod, the main container never starts), ``reason`` and the termination message (the file at
   ``terminationMessagePath``, else with ``FallbackToLogsOnError`` the log tail: 80 lines / 2 KiB).
   Deleting a pod sends SIGTERM to its main process and SIGKILL to the whole container after
   ``terminationGracePeriodSeconds``; :meth:`LocalNode.kill` is a fault from outside (the OOM
@@ -71,7 +72,7 @@ IMAGE_COMMANDS = {"python": sys.executable, "torchrun": str(Path(sys.executable)
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 #: Variables of the template whose value is a path in the container: rewritten into the pod's root.
 PATH_VARIABLES = ("KUBETUNE_CONFIG", "KUBETUNE_OUTPUT_DIR", "KUBETUNE_CHECKPOINT_DIR", "KUBETUNE_BASE_DIR",
-                  "KUBETUNE_PVC_ROOT", "HF_HOME", "HOME")
+                  "KUBETUNE_PVC_ROOT", "KUBETUNE_FETCH_DIR", "HF_HOME", "HOME")
 #: Variables of the template whose value is a host name in the cluster: resolved by :meth:`LocalNode.resolve_host`.
 HOST_VARIABLES = ("MASTER_ADDR",)
 
@@ -142,6 +143,13 @@ class PodRun:
     fallback_to_logs: bool
     grace_seconds: float
     started_at: str
+    container: str = "trainer"  # the container running now (an init container first, if the pod has any)
+    #: Containers still to run after this one, in order (init containers, then the main one).
+    remaining: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: ``initContainerStatuses`` of the init containers that ran to completion.
+    init_statuses: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    volumes: dict[str, Path] = dataclasses.field(default_factory=dict)
+    pod: dict[str, Any] = dataclasses.field(default_factory=dict)
     deleted: bool = False  # deleted by the Job controller (suspension, a failed Job): not a failure
     sigterm_at: float | None = None
     exit_code: int | None = None
@@ -357,7 +365,9 @@ class LocalNode:
             codes = rule.get("onExitCodes")
             if not codes:
                 continue  # onPodConditions (DisruptionTarget…) never happen on this node
-            container = codes.get("containerName") or spec["template"]["spec"]["containers"][0]["name"]
+            container = codes.get("containerName") or run.container
+            if container != run.container:
+                continue
             inside = run.exit_code in codes.get("values", [])
             if inside == (codes.get("operator", "In") == "In"):
                 return rule["action"], (container, position)
@@ -384,22 +394,47 @@ class LocalNode:
         })
         self._write_pod_status(pod["metadata"]["name"], {
             "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}]})
-        self.runs.append(self._run_container(pod, meta, index))
-        container = pod["spec"]["containers"][0]
-        self._write_pod_status(pod["metadata"]["name"], {
+        self.runs.append(self._run_pod(pod, meta, index))
+        self._write_started_status(self.runs[-1])
+
+    def _write_started_status(self, run: PodRun) -> None:
+        """Pending while an init container runs (the main one waits in PodInitializing), else Running."""
+        spec = run.pod["spec"]
+        main = spec["containers"][0]
+        running = {"running": {"startedAt": run.started_at}}
+        inits = [*run.init_statuses]
+        if run.remaining:  # an init container runs
+            inits.append({"name": run.container, "ready": False, "restartCount": 0, "started": True, "state": running})
+            inits += [{"name": c["name"], "ready": False, "restartCount": 0,
+                       "state": {"waiting": {"reason": "PodInitializing"}}} for c in run.remaining[:-1]]
+            self._write_pod_status(run.name, {
+                "phase": "Pending", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": run.started_at,
+                "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
+                               *({"type": t, "status": "False", "reason": "ContainersNotInitialized" if t == "Initialized"
+                                  else "ContainersNotReady", "lastTransitionTime": now()}
+                                 for t in ("Initialized", "ContainersReady", "Ready"))],
+                "initContainerStatuses": inits,
+                "containerStatuses": [{"name": main["name"], "image": main.get("image", ""), "ready": False, "started": False,
+                                       "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}],
+            })
+            return
+        status: dict[str, Any] = {
             "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1", "startTime": now(),
             "conditions": [{"type": t, "status": "True", "lastTransitionTime": now()}
                            for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-            "containerStatuses": [{"name": container["name"], "image": container.get("image", ""), "ready": True,
+            "containerStatuses": [{"name": main["name"], "image": main.get("image", ""), "ready": True,
                                    "started": True, "restartCount": 0,
-                                   "state": {"running": {"startedAt": self.runs[-1].started_at}}}],
-        })
+                                   "state": {"running": {"startedAt": run.started_at}}}],
+        }
+        if inits:
+            status["initContainerStatuses"] = inits
+        self._write_pod_status(run.name, status)
 
-    def _run_container(self, pod: dict[str, Any], job_meta: dict[str, Any], index: int) -> PodRun:
+    def _run_pod(self, pod: dict[str, Any], job_meta: dict[str, Any], index: int) -> PodRun:
+        """Prepare the pod's root and volumes, then start its first container (init containers first)."""
         spec = pod["spec"]
-        if len(spec["containers"]) != 1 or spec.get("initContainers"):
-            raise NodeError("the local node runs pods of exactly one container")
-        container = spec["containers"][0]
+        if len(spec["containers"]) != 1:
+            raise NodeError("the local node runs pods of exactly one (main) container")
         name = pod["metadata"]["name"]
         pod_dir = self.root / "pods" / self.namespace / name
         rootfs = self.root / "rootfs" / self.namespace / spec["hostname"]
@@ -407,16 +442,34 @@ class LocalNode:
             shutil.rmtree(rootfs)  # links and placeholders only: the volumes live elsewhere
         rootfs.mkdir(parents=True)
         volumes = self._materialise_volumes(spec, pod_dir / "volumes")
-        mounts = container.get("volumeMounts") or []
-        for mount in mounts:
-            self._link(rootfs, mount["mountPath"], volumes[mount["name"]] / mount.get("subPath", ""))
         for container_path, host in self.image_files.items():
             self._link(rootfs, container_path, host)
+        first, *rest = [*(spec.get("initContainers") or []), spec["containers"][0]]
+        run = PodRun(
+            name=name, namespace=self.namespace, job=job_meta["name"], job_uid=job_meta["uid"], index=index,
+            rootfs=rootfs, log_path=pod_dir / "container.log", process=None,  # type: ignore[arg-type]
+            termination_message_path="/dev/termination-log", fallback_to_logs=False,
+            grace_seconds=float(spec.get("terminationGracePeriodSeconds", 30)), started_at=now(),
+            remaining=rest, volumes=volumes, pod=pod,
+        )
+        self._run_container(run, first)
+        return run
+
+    def _run_container(self, run: PodRun, container: dict[str, Any]) -> None:
+        """Start one container of ``run``'s pod as a process in the pod's root (its mounts linked there)."""
+        name, rootfs = run.name, run.rootfs
+        mounts = container.get("volumeMounts") or []
+        for mount in mounts:
+            target = run.volumes[mount["name"]] / mount.get("subPath", "")
+            link = rootfs / mount["mountPath"].lstrip("/")
+            if link.is_symlink() and link.resolve() == target.resolve():
+                continue  # the same mount in an earlier container of the pod
+            self._link(rootfs, mount["mountPath"], target)
         message_path = container.get("terminationMessagePath", "/dev/termination-log")
         (rootfs / message_path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         (rootfs / message_path.lstrip("/")).write_text("")
 
-        env = self._environment(container, pod, rootfs, [m["mountPath"] for m in mounts])
+        env = self._environment(container, run.pod, rootfs, [m["mountPath"] for m in mounts])
         argv = [expand(part, env) for part in (container.get("command") or []) + (container.get("args") or [])]
         if not argv or argv[0] not in IMAGE_COMMANDS:
             raise NodeError(f"pod {name}: the image has no command {argv[:1]}; known: {sorted(IMAGE_COMMANDS)}")
@@ -424,16 +477,17 @@ class LocalNode:
         # this machine's interpreter, which must not be mapped (a checkout under /tmp would be).
         argv = [IMAGE_COMMANDS[argv[0]]] + [self._container_arg(part, rootfs, [m["mountPath"] for m in mounts]) for part in argv[1:]]
         workdir = rootfs / (container.get("workingDir") or "/").lstrip("/")
-        log_path = pod_dir / "container.log"
+        main = not run.remaining
+        # The main container's log is the pod's (kubectl logs); an init container's is its own file.
+        log_path = run.log_path if main else run.log_path.with_name(f"{container['name']}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as log:
-            process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
-        return PodRun(
-            name=name, namespace=self.namespace, job=job_meta["name"], job_uid=job_meta["uid"], index=index,
-            rootfs=rootfs, log_path=log_path, process=process, termination_message_path=message_path,
-            fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
-            grace_seconds=float(spec.get("terminationGracePeriodSeconds", 30)), started_at=now(),
-        )
+            run.process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
+        run.container = container["name"]
+        run.termination_message_path = message_path
+        run.fallback_to_logs = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        run.started_at = now()
 
     def _materialise_volumes(self, spec: dict[str, Any], folder: Path) -> dict[str, Path]:
         found: dict[str, Path] = {}
@@ -484,7 +538,9 @@ class LocalNode:
                      mounts: list[str]) -> dict[str, str]:
         declared: dict[str, str] = {}
         for item in container.get("env") or []:
-            declared[item["name"]] = self._env_value(item, pod, declared)
+            value = self._env_value(item, pod, declared)
+            if value is not None:  # an optional key that is missing sets nothing
+                declared[item["name"]] = value
         for name in PATH_VARIABLES:
             if declared.get(name, "").startswith("/"):
                 declared[name] = str(rootfs / declared[name].lstrip("/"))
@@ -493,7 +549,7 @@ class LocalNode:
                 declared[name] = self.resolve_host(declared[name]) or declared[name]
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **IMAGE_ENV, "KUBECONFIG": str(self.kubeconfig), **declared}
 
-    def _env_value(self, item: dict[str, Any], pod: dict[str, Any], declared: dict[str, str]) -> str:
+    def _env_value(self, item: dict[str, Any], pod: dict[str, Any], declared: dict[str, str]) -> str | None:
         if "valueFrom" not in item:
             return expand(str(item.get("value", "")), declared)
         source = item["valueFrom"]
@@ -504,7 +560,13 @@ class LocalNode:
             return str((self.cluster.get("v1", "ConfigMap", ref["name"]).get("data") or {})[ref["key"]])
         if "secretKeyRef" in source:
             ref = source["secretKeyRef"]
-            return base64.b64decode(self.cluster.get("v1", "Secret", ref["name"])["data"][ref["key"]]).decode()
+            secret = self.cluster.find("v1", "Secret", ref["name"])
+            data = (secret or {}).get("data") or {}
+            if ref["key"] not in data:
+                if ref.get("optional"):
+                    return None
+                raise NodeError(f"env {item['name']}: Secret {ref['name']} has no key {ref['key']!r} (CreateContainerConfigError)")
+            return base64.b64decode(data[ref["key"]]).decode()
         raise NodeError(f"env {item['name']}: {sorted(source)} is not supported by the local node")
 
     @staticmethod
@@ -548,9 +610,16 @@ class LocalNode:
                     self._kill_container(run)
                 continue
             self._kill_container(run)  # the container's other processes end with it
-            run.exit_code = code if code >= 0 else 128 - code
+            exit_code = code if code >= 0 else 128 - code
+            if run.remaining and not run.deleted:  # an init container ended
+                run.init_statuses.append({"name": run.container, "ready": exit_code == 0, "restartCount": 0,
+                                          "state": {"terminated": self._terminated(run, exit_code)}})
+                if exit_code == 0:
+                    self._run_container(run, run.remaining.pop(0))
+                    self._write_started_status(run)
+                    continue
+            run.exit_code = exit_code
             run.finished_at = now()
-            run.message = self._termination_message(run)
             self._write_pod_status(run.name, self._terminated_status(run))
             self._account(run)
             self._drop_finalizer(run)
@@ -560,27 +629,46 @@ class LocalNode:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.process.pid, signal.SIGKILL)
 
-    def _termination_message(self, run: PodRun) -> str:
+    def _termination_message(self, run: PodRun, exit_code: int) -> str:
+        """The running container's message: its terminationMessagePath file, else (FallbackToLogsOnError) its log tail."""
         written = self.host_path(run, run.termination_message_path)
         message = written.read_bytes()[:MESSAGE_MAX_BYTES].decode(errors="replace") if written.exists() else ""
-        if not message.strip() and run.fallback_to_logs and run.exit_code != 0:
-            message = log_tail(run.log())
+        log = run.log_path if not run.remaining else run.log_path.with_name(f"{run.container}.log")
+        if not message.strip() and run.fallback_to_logs and exit_code != 0 and log.exists():
+            message = log_tail(log.read_text(errors="replace"))
         return message
 
+    def _terminated(self, run: PodRun, exit_code: int) -> dict[str, Any]:
+        """``state.terminated`` of the container that just ended."""
+        terminated: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                      "startedAt": run.started_at, "finishedAt": now()}
+        message = self._termination_message(run, exit_code)
+        if message:
+            terminated["message"] = message
+        return terminated
+
     def _terminated_status(self, run: PodRun) -> dict[str, Any]:
-        terminated = {"exitCode": run.exit_code, "reason": "Completed" if run.exit_code == 0 else "Error",
-                      "startedAt": run.started_at, "finishedAt": run.finished_at}
-        if run.message:
-            terminated["message"] = run.message
-        pod = self.cluster.find("v1", "Pod", run.name)
-        container = (pod or {}).get("spec", {}).get("containers", [{"name": "trainer"}])[0]
-        return {
+        container = run.pod["spec"]["containers"][0]
+        if run.remaining:  # an init container failed: the main container never started
+            run.message = ((run.init_statuses[-1]["state"]["terminated"].get("message") or "") if run.init_statuses else "")
+            main_state: dict[str, Any] = {"waiting": {"reason": "PodInitializing"}}
+        else:
+            run.message = self._termination_message(run, run.exit_code or 0)
+            terminated = {"exitCode": run.exit_code, "reason": "Completed" if run.exit_code == 0 else "Error",
+                          "startedAt": run.started_at, "finishedAt": run.finished_at}
+            if run.message:
+                terminated["message"] = run.message
+            main_state = {"terminated": terminated}
+        status: dict[str, Any] = {
             "phase": "Succeeded" if run.exit_code == 0 else "Failed",
             "conditions": [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now()}
                            for t in ("ContainersReady", "Ready")],
             "containerStatuses": [{"name": container["name"], "image": container.get("image", ""), "ready": False,
-                                   "started": False, "restartCount": 0, "state": {"terminated": terminated}}],
+                                   "started": False, "restartCount": 0, "state": main_state}],
         }
+        if run.init_statuses:
+            status["initContainerStatuses"] = run.init_statuses
+        return status
 
     def _write_pod_status(self, name: str, status: dict[str, Any]) -> None:
         with contextlib.suppress(ApiException):  # a pod already gone has no status to write
