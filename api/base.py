@@ -53,3 +53,9 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 #: A probability of applying something, in [0, 1].
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+#: A module name, regex or glob over parameter names.
+Pattern = Annotated[str, Field(min_length=1, max_length=256)]
+
+#: A column of a dataset.
+ColumnName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]

@@ -1,16 +1,21 @@
 """Cross-field rules: combinations that cannot work, refused with a reason and a field path.
 
-Field-level checks (types, bounds, enums) live on the models; these rules span blocks. Each rule
-is a small function registered in ``RULES``; ``check_rules`` runs them all and returns every
-problem, so a user fixes a manifest in one round.
+Field-level checks (types, bounds, enums) live on the models; these rules span blocks. The rules of
+the spec's own blocks are registered here in ``RULES``; each technique brings its own (its
+``Declaration.rules``), and what techniques declare they need of the data path
+(``Declaration.requirements``) becomes the rules at the end of this module — written once for every
+technique, not once per technique. ``check_rules`` runs them all and returns every problem, so a
+user fixes a manifest in one round.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from kubetune.api.peft import ADAPTER_METHODS, PROMPT_LEARNING_METHODS
 from kubetune.api.problems import Problem
-from kubetune.api.techniques import ADAPTER_METHODS, PROMPT_LEARNING_METHODS
+from kubetune.techniques import registered
+from kubetune.techniques.declarations import Capability, Declaration, Requirement
 
 if TYPE_CHECKING:
     from kubetune.api.specs import FineTuneJobSpec
@@ -34,7 +39,17 @@ def rule(fn: Rule) -> Rule:
 
 def check_rules(spec: FineTuneJobSpec) -> list[Problem]:
     """All cross-field problems of a spec whose fields are individually valid."""
-    return [problem for fn in RULES for problem in fn(spec)]
+    technique_rules = [fn for d in registered().values() for fn in d.rules]
+    return [problem for fn in [*RULES, *technique_rules, *CAPABILITY_RULES] for problem in fn(spec)]
+
+
+def requirements(spec: FineTuneJobSpec) -> Iterator[tuple[Declaration, Requirement]]:
+    """What every technique the spec turns on needs, as configured, in registry order."""
+    for d in registered().values():
+        config: Any = getattr(spec.techniques, d.attribute)
+        if config is not None:
+            for need in d.requirements(config):
+                yield d, need
 
 
 @rule
@@ -51,128 +66,11 @@ def _formats_fit_the_head(spec: FineTuneJobSpec) -> Iterator[Problem]:
 
 
 @rule
-def _preference_data_needs_dpo(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    cg = spec.techniques.controlled_generation
-    dpo = cg.dpo if cg else None
-    has_pref = [i for i, d in enumerate(spec.data.datasets) if d.format == "preference"]
-    if dpo is not None and len(has_pref) != len(spec.data.datasets):
-        yield Problem(
-            "spec.techniques.controlledGeneration.dpo",
-            "DPO needs every training dataset in format 'preference' (prompt, chosen, rejected)",
-        )
-    if dpo is None and has_pref:
-        yield Problem(
-            f"spec.data.datasets[{has_pref[0]}].format",
-            "preference data is only used by techniques.controlledGeneration.dpo; add a dpo block",
-        )
-
-
-@rule
 def _qlora_needs_gpus(spec: FineTuneJobSpec) -> Iterator[Problem]:
     if spec.peft.method == "qlora" and spec.resources.gpus_per_node < 1:
         yield Problem("spec.peft.method", "qlora loads the base in 4 bits and needs GPUs; set spec.resources.gpusPerNode >= 1 or use lora")
     if spec.peft.method == "qlora" and spec.deepspeed.zero_stage == 3:
         yield Problem("spec.deepspeed.zeroStage", "qlora cannot shard 4-bit weights with ZeRO-3; use zeroStage 0-2")
-
-
-@rule
-def _prompt_learning_limits(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    method = spec.peft.method
-    if method not in PROMPT_LEARNING_METHODS:
-        return
-    if spec.head in {"token-classification", "question-answering"}:
-        yield Problem(
-            "spec.peft.method",
-            f"{method} adds virtual tokens that shift per-token outputs; it cannot be combined with a {spec.head} head. Use lora",
-        )
-    if spec.techniques.layer_selection is not None:
-        yield Problem("spec.techniques.layerSelection", f"{method} trains only virtual tokens; layer selection has nothing to select")
-    if spec.training.packing:
-        yield Problem("spec.training.packing", f"{method} prepends virtual tokens to each sequence; packing is not possible")
-    if spec.techniques.distillation is not None:
-        yield Problem("spec.techniques.distillation", f"{method} changes sequence lengths; distillation needs aligned logits. Use lora")
-    if spec.peft.init_text and method != "prompt":
-        yield Problem("spec.peft.initText", "text initialisation is for method 'prompt' only")
-
-
-@rule
-def _transfer_strategy_needs_full(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    tl = spec.techniques.transfer_learning
-    if tl is None:
-        return
-    if tl.strategy != "full" and spec.peft.method != "full":
-        yield Problem(
-            "spec.techniques.transferLearning.strategy",
-            f"{tl.strategy} decides which base weights learn, and peft.method {spec.peft.method!r} already freezes the base; use peft.method full",
-        )
-    if tl.strategy == "gradual-unfreeze" and tl.unfreeze is None:
-        yield Problem("spec.techniques.transferLearning.unfreeze", "gradual-unfreeze needs an unfreeze schedule (everySteps, blocksPerStage)")
-    if tl.strategy != "gradual-unfreeze" and tl.unfreeze is not None:
-        yield Problem("spec.techniques.transferLearning.unfreeze", "an unfreeze schedule is only used by strategy gradual-unfreeze")
-    if tl.strategy != "full" and spec.techniques.layer_selection is not None:
-        yield Problem("spec.techniques.layerSelection", f"transferLearning.strategy {tl.strategy} already decides which layers train")
-
-
-@rule
-def _eval_metrics_need_eval_data(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    ev = spec.data.eval
-    has_eval = ev is not None and (ev.holdout_fraction or ev.datasets)
-    if has_eval:
-        return
-    es = spec.techniques.early_stopping
-    if es is not None:
-        yield Problem("spec.techniques.earlyStopping", f"early stopping on {es.metric!r} needs evaluation data; set spec.data.eval.holdoutFraction or spec.data.eval.datasets")
-    hs = spec.techniques.hyperparameter_search
-    if hs is not None and hs.metric.startswith("eval"):
-        yield Problem("spec.techniques.hyperparameterSearch.metric", f"{hs.metric!r} needs evaluation data; set spec.data.eval")
-
-
-@rule
-def _curriculum_settings(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    cur = spec.techniques.curriculum
-    if cur is None:
-        return
-    if cur.difficulty == "score" and not cur.score_field:
-        yield Problem("spec.techniques.curriculum.scoreField", "difficulty 'score' needs the column that holds the score")
-    if cur.start_fraction > 1.0 or cur.full_at <= 0.0:
-        yield Problem("spec.techniques.curriculum.fullAt", "must be > 0 so that all data becomes available")
-    if spec.techniques.multi_task is not None:
-        yield Problem(
-            "spec.techniques.curriculum",
-            f"curriculum pacing and multiTask {spec.techniques.multi_task.sampling} sampling both decide the order of "
-            "the examples; choose one (multiTask without curriculum, or one dataset per run with curriculum)",
-        )
-
-
-@rule
-def _packing_is_causal_lm(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    if spec.training.packing and spec.head != "causal-lm":
-        yield Problem("spec.training.packing", f"packing is for causal LM training; the {spec.head} head needs one example per sequence")
-    if spec.training.packing and spec.techniques.controlled_generation and spec.techniques.controlled_generation.dpo:
-        yield Problem("spec.training.packing", "DPO compares chosen and rejected sequences one by one; turn packing off")
-
-
-@rule
-def _distillation_heads(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    if spec.techniques.distillation is None:
-        return
-    cg = spec.techniques.controlled_generation
-    if cg is not None and cg.dpo is not None:
-        yield Problem("spec.techniques.distillation", "distillation and DPO both define the loss; run them as separate jobs")
-    if spec.head == "question-answering":
-        yield Problem("spec.techniques.distillation", "distillation of extractive QA span logits is not supported; use a causal-lm, classification or token-classification head")
-
-
-@rule
-def _multi_task_needs_several(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    mt = spec.techniques.multi_task
-    if mt is None:
-        return
-    tasks = {d.task or d.name or f"dataset-{i}" for i, d in enumerate(spec.data.datasets)}
-    if len(spec.data.datasets) < 2:
-        yield Problem("spec.data.datasets", "multi-task learning needs at least two datasets (one per task)")
-    elif len(tasks) < 2:
-        yield Problem("spec.data.datasets", "multi-task learning needs datasets of at least two different tasks (set each dataset's task or name)")
 
 
 @rule
@@ -184,48 +82,6 @@ def _dataset_names_unique(spec: FineTuneJobSpec) -> Iterator[Problem]:
         if d.name in seen:
             yield Problem(f"spec.data.datasets[{i}].name", f"{d.name!r} is already the name of datasets[{seen[d.name]}]")
         seen[d.name] = i
-
-
-@rule
-def _layer_selection_not_empty(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    ls = spec.techniques.layer_selection
-    if ls is not None and not ls.layers and not ls.patterns and not ls.learning_rates:
-        yield Problem("spec.techniques.layerSelection", "select layers, patterns or learningRates; an empty selection trains nothing")
-
-
-@rule
-def _search_space(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    hs = spec.techniques.hyperparameter_search
-    if hs is None:
-        return
-    from kubetune.api.searching import resolve_search_path
-
-    for i, p in enumerate(hs.parameters):
-        where = f"spec.techniques.hyperparameterSearch.parameters[{i}]"
-        error = resolve_search_path(p.path)
-        if error:
-            yield Problem(f"{where}.path", error)
-        if p.type in {"float", "int"}:
-            if p.values is None and (p.low is None or p.high is None):
-                yield Problem(where, f"a {p.type} parameter needs low and high (or values for grid)")
-            elif p.low is not None and p.high is not None and p.low >= p.high:
-                yield Problem(f"{where}.high", f"must be > low ({p.low}), got {p.high}")
-            if p.log and p.low is not None and p.low <= 0:
-                yield Problem(f"{where}.low", f"a log-scale parameter needs low > 0, got {p.low}")
-        if p.type == "categorical" and not p.choices:
-            yield Problem(f"{where}.choices", "a categorical parameter needs choices")
-        if p.type != "categorical" and p.choices:
-            yield Problem(f"{where}.choices", f"choices are for categorical parameters; a {p.type} parameter takes low/high or values")
-        if hs.sampler == "grid" and p.type == "float" and not p.values:
-            yield Problem(f"{where}.values", "grid search needs explicit values for float parameters")
-    from kubetune.api.searching import MAX_GRID_POINTS, grid_size
-
-    complete = all(p.values or p.choices or (p.low is not None and p.high is not None) for p in hs.parameters)
-    if hs.sampler == "grid" and complete and not any(p.type == "float" and not p.values for p in hs.parameters):
-        points = grid_size(hs.parameters)
-        if points > MAX_GRID_POINTS:
-            yield Problem("spec.techniques.hyperparameterSearch.parameters",
-                          f"the grid has {points} points, at most {MAX_GRID_POINTS}: give fewer values, or sample with random or tpe")
 
 
 @rule
@@ -260,72 +116,77 @@ def _storage(spec: FineTuneJobSpec) -> Iterator[Problem]:
 
 
 @rule
-def _domain_adaptation_is_causal_lm(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    if spec.techniques.domain_adaptation is None:
+def _prompt_learning_limits(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    method = spec.peft.method
+    if method not in PROMPT_LEARNING_METHODS:
         return
-    if spec.head != "causal-lm":
-        yield Problem("spec.techniques.domainAdaptation", f"continued pre-training trains a causal LM; the {spec.head} head cannot (remove techniques.task or model.head)")
-    for i, ds in enumerate(spec.data.datasets):
-        if ds.format != "text":
-            yield Problem(f"spec.data.datasets[{i}].format", f"domain adaptation reads raw documents: use format 'text', got {ds.format!r}")
+    if spec.head in {"token-classification", "question-answering"}:
+        yield Problem(
+            "spec.peft.method",
+            f"{method} adds virtual tokens that shift per-token outputs; it cannot be combined with a {spec.head} head. Use lora",
+        )
+    if spec.training.packing:
+        yield Problem("spec.training.packing", f"{method} prepends virtual tokens to each sequence; packing is not possible")
+    if spec.peft.init_text and method != "prompt":
+        yield Problem("spec.peft.initText", "text initialisation is for method 'prompt' only")
 
 
 @rule
-def _augmentation_keeps_labels(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    aug = spec.techniques.augmentation
-    if aug is None:
-        return
-    ops = [aug.token_dropout, aug.token_masking, aug.random_swap, aug.random_delete, aug.synonyms, aug.template_paraphrase]
-    if all(op is None for op in ops):
-        yield Problem("spec.techniques.augmentation", "turn on at least one augmentation (tokenDropout, tokenMasking, randomSwap, randomDelete, synonyms, templateParaphrase)")
-    if spec.head == "question-answering":
-        yield Problem("spec.techniques.augmentation", "edits of the question or context would move the answer span of extractive QA; augmentation cannot be used with the question-answering head")
-    cg = spec.techniques.controlled_generation
-    if cg is not None and cg.dpo is not None:
-        yield Problem("spec.techniques.augmentation", "DPO compares fixed chosen/rejected pairs; augmenting them changes what is preferred. Remove augmentation or dpo")
+def _packing_is_causal_lm(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    if spec.training.packing and spec.head != "causal-lm":
+        yield Problem("spec.training.packing", f"packing is for causal LM training; the {spec.head} head needs one example per sequence")
 
 
-@rule
-def _early_stopping_keeps_its_best(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    es, ck = spec.techniques.early_stopping, spec.checkpointing
-    if es is None or (ck.metric == es.metric and ck.mode == es.mode):
-        return
-    yield Problem(
-        "spec.checkpointing.metric",
-        f"the best checkpoint (the one exported) is ranked by checkpointing.metric {ck.metric!r} ({ck.mode}), but early "
-        f"stopping watches {es.metric!r} ({es.mode}); set checkpointing.metric: {es.metric} and mode: {es.mode}",
-    )
+# --- what techniques declare they need ----------------------------------------------------------
+
+CAPABILITY_RULES: list[Rule] = []
 
 
-@rule
-def _loss_techniques_need_logits(spec: FineTuneJobSpec) -> Iterator[Problem]:
+def _capability_rule(fn: Rule) -> Rule:
+    CAPABILITY_RULES.append(fn)
+    return fn
+
+
+@_capability_rule
+def _no_packing(spec: FineTuneJobSpec) -> Iterator[Problem]:
     if not spec.training.packing:
         return
-    t = spec.techniques
-    if t.distillation is not None:
-        yield Problem("spec.training.packing", "distillation compares the student's logits with the teacher's, and the fused packed loss keeps none; turn packing off")
-    if t.adversarial is not None and t.adversarial.method != "none":
-        yield Problem("spec.training.packing", f"adversarial method {t.adversarial.method} re-runs the model on perturbed embeddings, which packed batches cannot; turn packing off (NEFTune alone works with packing)")
-    if t.regularization is not None and t.regularization.label_smoothing:
-        yield Problem("spec.training.packing", "label smoothing needs the logits, and the fused packed loss keeps none; turn packing off")
+    for _, need in requirements(spec):
+        if need.capability in {Capability.NEEDS_LOGITS, Capability.NEEDS_SEQUENCES}:
+            yield Problem("spec.training.packing", f"{need.reason}; turn packing off")
 
 
-@rule
-def _penalties_read_full_weights(spec: FineTuneJobSpec) -> Iterator[Problem]:
+@_capability_rule
+def _eval_data(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    ev = spec.data.eval
+    if ev is not None and (ev.holdout_fraction or ev.datasets):
+        return
+    for d, need in requirements(spec):
+        if need.capability is Capability.NEEDS_EVAL_DATA:
+            yield Problem(d.where(need.path), f"{need.reason} needs evaluation data; set spec.data.eval.holdoutFraction or spec.data.eval.datasets")
+
+
+@_capability_rule
+def _preference_data(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    preference = [i for i, d in enumerate(spec.data.datasets) if d.format == "preference"]
+    needing = [(d, need) for d, need in requirements(spec) if need.capability is Capability.NEEDS_PREFERENCE_DATA]
+    for d, need in needing:
+        if len(preference) != len(spec.data.datasets):
+            yield Problem(d.where(need.path), f"{need.reason} needs every training dataset in format 'preference' (prompt, chosen, rejected)")
+    if preference and not needing:
+        users = [d for d in registered().values() if Capability.NEEDS_PREFERENCE_DATA in d.capabilities]
+        yield Problem(
+            f"spec.data.datasets[{preference[0]}].format",
+            "preference data is only used by "
+            + " or ".join(d.where(d.switches.get(Capability.NEEDS_PREFERENCE_DATA, "")) for d in users)
+            + "; set it, or use another format",
+        )
+
+
+@_capability_rule
+def _full_weights(spec: FineTuneJobSpec) -> Iterator[Problem]:
     if spec.deepspeed.zero_stage != 3:
         return
-    reg = spec.techniques.regularization
-    if reg is not None and reg.l1:
-        yield Problem("spec.techniques.regularization.l1", "L1 reads every trainable weight, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")
-    if reg is not None and reg.l2_sp:
-        yield Problem("spec.techniques.regularization.l2Sp", "L2-SP compares every trainable weight with its start, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")
-    cl = spec.techniques.continual_learning
-    if cl is not None and cl.ewc is not None:
-        yield Problem("spec.techniques.continualLearning.ewc", "EWC compares every trainable weight with its start, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")
-
-
-@rule
-def _adversarial_does_something(spec: FineTuneJobSpec) -> Iterator[Problem]:
-    adv = spec.techniques.adversarial
-    if adv is not None and adv.method == "none" and adv.neftune_alpha is None:
-        yield Problem("spec.techniques.adversarial.method", "method none with no neftuneAlpha changes nothing; choose fgm, pgd or freelb, or set neftuneAlpha")
+    for d, need in requirements(spec):
+        if need.capability is Capability.READS_FULL_WEIGHTS:
+            yield Problem(d.where(need.path), f"{need.reason}, which ZeRO-3 shards across processes; use deepspeed.zeroStage 0-2")

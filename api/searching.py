@@ -23,7 +23,7 @@ import yaml
 
 from pydantic import BaseModel
 
-from kubetune.api.techniques import HyperparameterSearchSpec, SearchParameter
+from kubetune.techniques.hyperparameter_search import HyperparameterSearchSpec, SearchParameter
 
 
 def _unwrap(annotation: Any) -> Any:

@@ -2,8 +2,9 @@
 
 Every block here is read by three parties: the CRD generator (``kubetune.api.crds``), the
 operator (which builds the pods from it) and the trainer (which trains from it). Field names,
-bounds, enums and descriptions live only here. The technique blocks live in
-``kubetune.api.techniques``; cross-field rules in ``kubetune.api.rules``.
+bounds, enums and descriptions live only here. The technique blocks are declared in their folders
+(``kubetune.techniques``) and assembled in ``kubetune.api.techniques``; cross-field rules in
+``kubetune.api.rules``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from kubetune.api.base import Fraction, ObjectName, Quantity, SpecModel
-from kubetune.api.techniques import PeftSpec, TechniquesSpec
+from kubetune.api.peft import PROMPT_LEARNING_METHODS, PeftSpec
+from kubetune.api.techniques import TechniquesSpec
 
 #: Where a model or a dataset comes from: ``hf://org/name[@revision]``, ``pvc://claim/path``,
 #: ``s3://bucket/key``, ``pkg://python_package/path`` (files shipped inside an installed Python
@@ -422,23 +424,17 @@ class FineTuneJobSpec(SpecModel):
 
     def packing_by_default(self) -> str | None:
         """Why packing stays off when ``training.packing`` is unset (None: packing is safe to turn on
-        on a GPU). The reasons mirror the rules that refuse an explicit ``packing: true``."""
-        t = self.techniques
+        on a GPU): the head, the PEFT method, or a technique that declares it needs per-example
+        logits or sequences, or packs by itself (``kubetune.techniques.declarations.Capability``)."""
         if self.head != "causal-lm":
             return f"the {self.head} head needs one example per sequence"
-        if self.peft.method in {"prefix", "prompt", "p-tuning"}:
+        if self.peft.method in PROMPT_LEARNING_METHODS:
             return f"{self.peft.method} prepends virtual tokens to each sequence"
-        if t.controlled_generation is not None and t.controlled_generation.dpo is not None:
-            return "DPO compares chosen and rejected sequences one by one"
-        if t.distillation is not None:
-            return "distillation compares per-token logits"
-        if t.adversarial is not None and t.adversarial.method != "none":
-            return "adversarial training re-runs the model on perturbed embeddings"
-        if t.regularization is not None and t.regularization.label_smoothing > 0:
-            return "label smoothing needs the logits"
-        if t.domain_adaptation is not None and t.domain_adaptation.packing:
-            return "domain adaptation already packs documents into full blocks"
-        return None
+        from kubetune.api.rules import requirements
+        from kubetune.techniques.declarations import Capability
+
+        wanted = {Capability.NEEDS_LOGITS, Capability.NEEDS_SEQUENCES, Capability.PACKS_ITSELF}
+        return next((need.reason for _, need in requirements(self) if need.capability in wanted), None)
 
     def packing_enabled(self, on_gpu: bool) -> bool:
         """Whether this run packs: ``training.packing`` when set, else on for safe GPU runs."""

@@ -16,6 +16,7 @@ COPY kubetune/ kubetune/
 COPY api/ api/
 COPY operator/ operator/
 COPY trainer/ trainer/
+COPY techniques/ techniques/
 RUN python -m venv /opt/kubetune \
  && /opt/kubetune/bin/pip install . \
  && /opt/kubetune/bin/pip check \

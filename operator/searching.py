@@ -49,7 +49,7 @@ from kubetune.api.searching import (
     trial_metric,
 )
 from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, Progress, TrialRecord, status_fields, status_key
-from kubetune.api.techniques import HyperparameterSearchSpec
+from kubetune.techniques.hyperparameter_search import HyperparameterSearchSpec
 from kubetune.operator import building, creating, kubeapi, phases, retrying, statusing
 from kubetune.operator.settings import Settings
 
@@ -393,3 +393,9 @@ async def _write_search_status(job: FineTuneJob, search: HyperparameterSearchSpe
         await kubeapi.post_event(statusing.involved(parent), reason=obs.reason, message=obs.message,
                                  type="Warning" if obs.phase == "Failed" else "Normal")
     return obs.phase
+
+
+# --- the operator hook of technique 8 (kubetune.techniques.declarations.RunArranger) ---------------
+#: Runs of a search carry this label; the handlers send their events to :func:`reconcile`.
+CHILD_LABEL = SEARCH_LABEL
+ensure_runs = ensure_trials

@@ -1,5 +1,10 @@
 """Layers point one way: api <- operator, api <- trainer; the operator never needs the ML stack.
 
+Techniques (``techniques/<name>/``) straddle the layers by design, so the rule is per file: a
+declaration (``__init__.py``, and the registry's own modules) is read by the API and the operator,
+so it imports neither torch nor the operator nor the trainer; a trainer plugin (``training.py``)
+is the trainer's, so it imports no operator.
+
 import-linter cannot see our layout (the folders map onto the kubetune namespace through
 package-dir), so this reads every module's imports with ``ast`` — including imports inside
 functions, which are how the CLI keeps heavy layers lazy.
@@ -16,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"api": "kubetune.api", "operator": "kubetune.operator", "trainer": "kubetune.trainer", "kubetune": "kubetune"}
+LAYERS = {"api": "kubetune.api", "operator": "kubetune.operator", "trainer": "kubetune.trainer", "kubetune": "kubetune",
+          "techniques": "kubetune.techniques"}
 ML = {"torch", "transformers", "deepspeed", "peft", "datasets", "accelerate", "safetensors", "tokenizers", "tensorboard"}
 
 #: The command-line layer (the ``kubetune`` folder's modules): it may import every other layer, none imports it.
@@ -28,7 +34,10 @@ FORBIDDEN = {
     # through the CLI either (it once did, for --preview).
     "operator": {"kubetune.trainer"} | CLI | ML,
     "trainer": {"kubetune.operator", "kopf"} | CLI,
+    "techniques": {"kubetune.operator", "kubetune.trainer", "kopf", "kubernetes"} | CLI | ML,
 }
+#: Within techniques/: the trainer plugins may use the trainer and the ML stack, never the operator.
+PLUGIN_FORBIDDEN = {"kubetune.operator", "kopf", "kubernetes"} | CLI
 
 
 def _package(path: Path) -> list[str]:
@@ -62,13 +71,14 @@ def _imports(path: Path, package: list[str] | None = None) -> set[str]:
     return found
 
 
-def _forbidden(folder: str, names: set[str]) -> list[str]:
-    return sorted(name for name in names for forbidden in FORBIDDEN[folder] if name == forbidden or name.startswith(forbidden + "."))
+def _forbidden(rules: set[str], names: set[str]) -> list[str]:
+    return sorted(name for name in names for forbidden in rules if name == forbidden or name.startswith(forbidden + "."))
 
 
 def _violations(folder: str) -> list[str]:
-    return [f"{path.relative_to(ROOT)} imports {name}"
-            for path in sorted((ROOT / folder).rglob("*.py")) for name in _forbidden(folder, _imports(path))]
+    return [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / folder).rglob("*.py"))
+            for name in _forbidden(PLUGIN_FORBIDDEN if folder == "techniques" and path.name == "training.py" else FORBIDDEN[folder],
+                                   _imports(path))]
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
@@ -93,7 +103,7 @@ def test_the_checker_sees_every_way_the_operator_could_reach_the_cli_or_the_trai
         "    import importlib\n"
         "    return importlib.import_module('kubetune.trainer.local')\n"
     )
-    found = _forbidden("operator", _imports(sneaky, package=["kubetune", "operator"]))
+    found = _forbidden(FORBIDDEN["operator"], _imports(sneaky, package=["kubetune", "operator"]))
     assert found == ["kubetune.cli", "kubetune.cli.preview_lines", "kubetune.following", "kubetune.trainer.local",
                      "kubetune.trainer.techniques", "kubetune.trainer.techniques.prompt_engineering"]
 

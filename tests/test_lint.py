@@ -37,7 +37,7 @@ def test_mypy_strict_on_api_and_operator(tmp_path: pathlib.Path) -> None:
     for item in (REPO / "kubetune").iterdir():
         if item.suffix == ".py" or item.name == "py.typed":
             (package / item.name).symlink_to(item)
-    for folder in ("api", "operator", "trainer"):
+    for folder in ("api", "operator", "trainer", "techniques"):
         (package / folder).symlink_to(REPO / folder, target_is_directory=True)
     result = _run(["mypy", "--config-file", str(REPO / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"),
                    "-p", "kubetune.api", "-p", "kubetune.operator"], tmp_path, env={"MYPYPATH": str(tmp_path / "src")})

@@ -28,8 +28,8 @@ Two stages, with the technique hook ``transform_examples`` between them:
    =========================  ==================================================================
 
 Instruction prompts are rendered from a template: ``example["_template"]``, else
-``dataset.promptTemplate``, else :data:`DEFAULT_INSTRUCTION_TEMPLATE`; the syntax follows
-``techniques.promptEngineering.templateFormat`` (jinja unless set). :func:`render_template` is
+``dataset.promptTemplate``, else :data:`DEFAULT_INSTRUCTION_TEMPLATE`; the syntax is the example's
+``_template_format`` (set by the technique that templated it, prompt engineering; jinja unless set). :func:`render_template` is
 public so that technique plugins render the same way.
 
 Called by ``kubetune.trainer.training`` (setup) and by technique plugins through
@@ -245,8 +245,6 @@ class Encoder:
         task = spec.techniques.task
         self.response_only = task.loss_on_response_only if task is not None else True
         self.max_target_length = (task.max_target_length if task is not None else None) or self.max_length
-        pe = spec.techniques.prompt_engineering
-        self.template_format = pe.template_format if pe is not None else "jinja"
         self.templates = {
             (ds.name or f"dataset-{i}"): ds.prompt_template for i, ds in enumerate(spec.data.datasets) if ds.prompt_template
         }
@@ -273,7 +271,7 @@ class Encoder:
     def prompt_text(self, example: dict[str, Any]) -> str:
         """The rendered instruction prompt of an example (see the module doc)."""
         template = example.get("_template") or self.templates.get(example.get("_dataset", "")) or None
-        template_format = self.template_format if template else "jinja"
+        template_format = example.get("_template_format", "jinja") if template else "jinja"
         variables = {k: v for k, v in example.items() if not k.startswith("_")}
         return render_template(template or DEFAULT_INSTRUCTION_TEMPLATE, variables, template_format, _where(example))
 

@@ -67,11 +67,13 @@ def train_main(args: argparse.Namespace) -> int:
     config = run_dir / "job.json"
     config.write_text(json.dumps(job.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2), encoding="utf-8")
     nproc = args.nproc or _default_nproc()
-    search = job.spec.techniques.hyperparameter_search is not None
-    if search and nproc > 1:
-        # Trials run one after another in this process (kubetune.trainer.searching); a cluster
-        # runs them in parallel as child FineTuneJobs, each with its own pods and GPUs.
-        print(f"kubetune: a search runs its trials in this process, one process each (--nproc {nproc} not used)", file=sys.stderr)
+    from kubetune.trainer.techniques.base import arranging_technique
+
+    arranging = arranging_technique(job.spec)
+    if arranging is not None and nproc > 1:
+        # Its runs (a search's trials) go one after another in this process (its local hook); a
+        # cluster runs them in parallel as child FineTuneJobs, each with its own pods and GPUs.
+        print(f"kubetune: {arranging.title.lower()} runs its runs in this process, one process each (--nproc {nproc} not used)", file=sys.stderr)
         nproc = 1
     techniques = ", ".join(job.spec.techniques.enabled()) or "none"
     print(f"kubetune: training {job.name} in {run_dir} ({nproc} process{'es' if nproc > 1 else ''}; "
@@ -80,10 +82,10 @@ def train_main(args: argparse.Namespace) -> int:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")
         options = RunOptions(local=True, progress=not args.no_progress, max_steps=args.max_steps)
-        if search:
-            from kubetune.trainer.searching import run_search
+        if arranging is not None:
+            from kubetune.trainer.techniques.base import local_arranger
 
-            return run_search(job, paths, options)
+            return int(local_arranger(arranging)(job, paths, options))
         return run(job, paths, options)
     command = [
         sys.executable, "-m", "kubetune.trainer.launching", "--standalone", f"--nproc_per_node={nproc}",

@@ -137,13 +137,6 @@ def build_model(spec: Any, base_dir: Any, tokenizer: Any, tokenizer_dir: Path, l
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
     if method != "full":
         model = wrap_peft(spec, model, tokenizer_dir)
-    continual = spec.techniques.continual_learning
-    if continual is not None and continual.from_checkpoint:
-        # Technique 14 starts from an earlier job's weights; loaded here, before any plugin's
-        # prepare_model, so that anchors (L2-SP, EWC) are taken from them.
-        from kubetune.trainer.techniques.continual_learning import load_start_weights
-
-        load_start_weights(model, spec, base_dir, labels)
     return model
 
 

@@ -147,13 +147,16 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         # Nothing to fetch: keep transformers/huggingface_hub off the network (set before they import).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configure_logging(rank)
-    if job.spec.techniques.hyperparameter_search is not None:
-        # One process trains one trial: the operator makes a child FineTuneJob per trial (without
-        # the search block) and `kubetune train` runs the trials itself (kubetune.trainer.searching).
+    from kubetune.trainer.techniques.base import arranging_technique
+
+    arranging = arranging_technique(job.spec)
+    if arranging is not None:
+        # One process trains one run: the operator makes a child FineTuneJob per run (without the
+        # arranging block) and `kubetune train` runs them itself (the technique's local hook).
         log.error(
-            "spec.techniques.hyperparameterSearch: the trainer runs one trial, not a search; apply the job "
-            "to a cluster (the operator runs each trial as a child FineTuneJob) or run it with "
-            "`kubetune train -f`, which runs the trials one after another"
+            "%s: the trainer trains one run, and %s arranges several; apply the job to a cluster (the "
+            "operator runs each as a child FineTuneJob) or run it with `kubetune train -f`, which runs them "
+            "one after another", arranging.where(), arranging.title.lower(),
         )
         return EXIT_BAD_INPUT
     _share_cores()

@@ -6,16 +6,17 @@ process. :class:`Trainer` follows torchtune's recipe shape — ``setup()``, ``tr
 in ``kubetune.trainer.techniques.base`` (which is the documentation plugins rely on):
 
 setup
-    seed → process group (gloo on CPU) → tokenizer → examples (``transform_examples``) → labels →
-    encode → model with head and PEFT → ``prepare_model`` → ``param_groups`` → DeepSpeed engine →
-    resume from the latest checkpoint, if any.
+    seed → process group (gloo on CPU) → tokenizer → context (``on_setup``) → examples
+    (``transform_examples``) → labels → encode → model with head and PEFT → ``start_weights`` →
+    ``prepare_model`` → ``param_groups`` → DeepSpeed engine → resume from the latest checkpoint, if any.
 train
     an evaluation before training on a fresh run; then micro-batches in epoch order
     (``order_batches``, ``augment``), forward, ``compute_loss``, ``engine.backward``/``engine.step``;
     after each optimizer step ``on_step_end``, progress every ``training.logEverySteps``,
     evaluation (``on_evaluate``) every ``data.eval.everySteps`` or at epoch ends, a checkpoint
     every ``checkpointing.everySteps``; a SIGTERM makes every rank checkpoint at the next optimizer
-    step and exit (:class:`Terminated`); at the end a last evaluation, checkpoint, and the export.
+    step and exit (:class:`Terminated`); at the end a last evaluation, checkpoint, each technique's
+    one line on what it did (``describe``), and the export.
 
 Steps are optimizer steps. The total is ``training.maxSteps``, else ``epochs`` × micro-batches per
 epoch ÷ accumulation (rounded up), and a resumed run continues the count until exactly that total.
@@ -87,6 +88,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.initial_metrics: dict[str, float] | None = None
         self._first_epoch: tuple[int, list[list[int]]] | None = None
+        self.technique_lines: list[str] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -116,6 +118,8 @@ class Trainer:
             head=spec.head,
             micro_batch_size=spec.training.micro_batch_size,
         )
+        for technique in self.techniques:
+            technique.on_setup(self.ctx)
         sets = load_examples(spec, self.paths.base_dir)
         train_examples, eval_examples = sets.train, sets.eval
         for technique in self.techniques:
@@ -138,6 +142,8 @@ class Trainer:
         self.model = build_model(spec, self.paths.base_dir, self.tokenizer, tokenizer_dir, self.labels)
         self.tokenizer_dir = tokenizer_dir
         self.ctx.model = self.model
+        for technique in self.techniques:
+            technique.start_weights(self.ctx, self.model)
         for technique in self.techniques:
             self.model = technique.prepare_model(self.ctx, self.model)
             self.ctx.model = self.model
@@ -360,6 +366,7 @@ class Trainer:
             if self.eval_set is not None and self.metrics_step != self.step:
                 self._evaluate()
             self.save_checkpoint()
+            self._say_what_techniques_did()
             output: Path | str = self._export()
             if self.rank == 0 and (spec.output.path or "").startswith("s3://"):
                 from kubetune.trainer.buckets import upload_output
@@ -376,6 +383,22 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
+
+    def _say_what_techniques_did(self) -> list[str]:
+        """Each enabled technique's line on what it did (its ``describe`` hook), under one header.
+
+        Printed once, by rank 0, when training ends: in the terminal of a local run and in the
+        pod's log. Returns the lines (tests read them).
+        """
+        lines = []
+        for technique in self.techniques:
+            said = technique.describe(self.ctx)
+            if said:
+                lines.append(f"  {technique.name}: {said}")
+        if self.rank == 0 and lines:
+            log.info("techniques:\n%s", "\n".join(lines))
+        self.technique_lines = lines
+        return lines
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if not self.spec.training.packing:

@@ -12,7 +12,7 @@ import pytest
 
 from kubetune.api.searching import PastTrial, apply_trial, grid_points, propose_trial, resolve_search_path, should_prune, trial_count
 from kubetune.api.specs import FineTuneJobSpec
-from kubetune.api.techniques import HyperparameterSearchSpec
+from kubetune.techniques.hyperparameter_search import HyperparameterSearchSpec
 
 
 def _search(sampler: str, trials: int = 20) -> HyperparameterSearchSpec:

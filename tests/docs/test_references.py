@@ -67,15 +67,15 @@ def test_every_technique_has_a_section_listing_each_of_its_fields() -> None:
     assert set(techniques_schema) == set(TECHNIQUES)
     for info in TECHNIQUES.values():
         (section,) = [body for title, body in sections.items() if title.startswith(f"{info.number} · ")]
-        assert f"`spec.techniques.{info.name}`" in section
+        assert f"`spec.techniques.{info.key}`" in section
         rows = _documented_rows(section)
-        expected = set(_schema_paths(techniques_schema[info.name]))
-        assert expected, info.name
-        assert expected == set(rows), f"{info.name}: missing {expected - set(rows)}, extra {set(rows) - expected}"
+        expected = set(_schema_paths(techniques_schema[info.key]))
+        assert expected, info.key
+        assert expected == set(rows), f"{info.key}: missing {expected - set(rows)}, extra {set(rows) - expected}"
         for path, description in rows.items():
-            assert description.strip(), f"techniques.{info.name}.{path} has no description"
+            assert description.strip(), f"techniques.{info.key}.{path} has no description"
         # and the overview table links to the section
-        assert f"`techniques.{info.name}`" in text.split("\n## ")[0]
+        assert f"`techniques.{info.key}`" in text.split("\n## ")[0]
 
 
 def test_peft_methods_are_all_listed() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kubetune.trainer.techniques.adversarial import Adversarial
+from kubetune.techniques.adversarial.training import Adversarial
 from kubetune.trainer.techniques.base import TechniqueContext
 from tests.techniques.conftest import manifest, parse, train, write_jsonl
 from tests.techniques.reviews import review_rows

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kubetune.trainer.techniques.augmentation import Augmentation, delete_words, swap_words
+from kubetune.techniques.augmentation.training import Augmentation, delete_words, swap_words
 from tests.techniques.conftest import manifest, parse, train, write_jsonl
 
 WORDS = "the red movie was good and the blue film was bad but the day is nice".split()

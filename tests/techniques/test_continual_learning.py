@@ -196,7 +196,7 @@ def test_a_from_checkpoint_that_is_not_there_or_not_a_model_is_refused_with_the_
 
 def test_replay_mix_follows_the_ratio_is_seeded_and_keeps_its_own_format(tiny_models, tmp_path):
     from kubetune.trainer.encoding import Encoder
-    from kubetune.trainer.techniques.continual_learning import replay_examples, replay_mix
+    from kubetune.techniques.continual_learning.training import replay_examples, replay_mix
 
     write_jsonl(tmp_path / "old.jsonl", [{"text": f"the cat {w}"} for w in "one two three four five".split()])
     spec = parse(manifest(

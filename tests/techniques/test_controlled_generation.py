@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kubetune.trainer.techniques.controlled_generation import control_prompt
+from kubetune.techniques.controlled_generation.training import control_prompt
 from tests.techniques.conftest import manifest, train, write_jsonl
 
 FRUITS = "apple banana cherry grape lemon".split()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kubetune.trainer.techniques.curriculum import Curriculum, available_count, available_fraction
+from kubetune.techniques.curriculum.training import Curriculum, available_count, available_fraction
 from tests.techniques.conftest import manifest, train, write_jsonl
 
 STEPS = 90  # the budget of the curriculum-vs-shuffled comparison

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from kubetune.api import SpecError
 from kubetune.trainer.techniques.base import TechniqueContext
-from kubetune.trainer.techniques.distillation import Distillation, aligned, distillation_kl
+from kubetune.techniques.distillation.training import Distillation, distillation_kl
+from kubetune.trainer.losses import aligned
 from tests.support.tiny_models import WORDS, word_tokenizer
 from tests.techniques.conftest import manifest, parse, train, write_jsonl
 from tests.techniques.reviews import CLASSIFY, review_rows

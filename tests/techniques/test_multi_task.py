@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from kubetune.trainer.techniques.multi_task import mixed_order, task_probabilities
+from kubetune.techniques.multi_task.training import mixed_order, task_probabilities
 from tests.techniques.conftest import manifest, parse, train, write_jsonl
 
 FILLER = "the a of is was it this that day night big small".split()
@@ -86,7 +86,7 @@ def test_two_tasks_train_together_with_per_task_metrics(tiny_models, tmp_path):
 
 def test_per_task_metrics_can_be_turned_off():
     from kubetune.trainer.techniques.base import TechniqueContext
-    from kubetune.trainer.techniques.multi_task import MultiTask
+    from kubetune.techniques.multi_task.training import MultiTask
 
     spec = _spec("weights")
     spec = spec.model_copy(update={"techniques": spec.techniques.model_copy(update={

@@ -26,7 +26,7 @@ def test_the_template_is_what_the_model_reads(tiny_models, tokenizer, tmp_path, 
         training={"maxSteps": 2, "microBatchSize": 4},
     )
     seen: list[torch.Tensor] = []
-    from kubetune.trainer.techniques.prompt_engineering import PromptEngineering
+    from kubetune.techniques.prompt_engineering.training import PromptEngineering
 
     def spy(self, ctx, model, batch, outputs, loss):  # what reached the model's forward
         seen.append(batch["input_ids"])
@@ -69,7 +69,7 @@ def test_instruction_template_and_dataset_override(tiny_models, tokenizer, tmp_p
 
 
 def test_preview_shows_the_rendered_examples(tiny_models, tmp_path):
-    from kubetune.trainer.techniques.prompt_engineering import preview
+    from kubetune.techniques.prompt_engineering.training import preview
 
     write_jsonl(tmp_path / "reviews.jsonl", ROWS)
     doc = manifest(

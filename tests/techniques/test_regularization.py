@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertForSequenceClassification
 
 from kubetune.trainer.techniques.base import TechniqueContext
-from kubetune.trainer.techniques.regularization import Regularization
+from kubetune.techniques.regularization.training import Regularization
 from tests.techniques.conftest import manifest, parse, train
 from tests.techniques.reviews import CLASSIFY, review_files
 

@@ -14,7 +14,7 @@ from transformers import AutoModel, BertConfig, BertForSequenceClassification, G
 
 from kubetune.api import SpecError
 from kubetune.trainer.techniques.base import TechniqueContext
-from kubetune.trainer.techniques.transfer_learning import TransferLearning
+from kubetune.techniques.transfer_learning.training import TransferLearning
 from tests.techniques.conftest import manifest, parse, train
 from tests.techniques.reviews import CLASSIFY, review_files
 

@@ -142,6 +142,12 @@ def test_instruction_masks_the_prompt_and_uses_the_dataset_template(tmp_path, ca
     spec = _spec("d.jsonl", "instruction", dataset={"promptTemplate": "question {prompt} answer"},
                  techniques={"task": {"type": "instruction"}, "promptEngineering": {"templateFormat": "format"}})
     example = load_examples(spec, tmp_path).train[0]
+    # As the loop does: the enabled techniques' transform_examples run before encoding (prompt
+    # engineering marks each example with its template syntax, here Python format strings).
+    from kubetune.trainer.techniques import TechniqueContext, enabled_techniques
+
+    for technique in enabled_techniques(spec):
+        (example,) = technique.transform_examples(TechniqueContext(spec=spec, base_dir=tmp_path), [example], "train")
     features = Encoder(spec, causal_tokenizer)(example)
     prompt_ids = causal_tokenizer("question where does alice live answer", add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)

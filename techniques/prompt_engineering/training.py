@@ -16,7 +16,7 @@ chat, token-classif.   unchanged: the tokenizer's chat template / word lists dec
 
 ``responseTemplate`` renders the response (instruction) or target (seq2seq). The example's
 original fields are kept under ``_raw`` so that template paraphrase (augmentation) can re-render
-from them. Prompt, prefix and P-tuning are ``peft.method`` values built by
+from them, with ``_template_format``. Prompt, prefix and P-tuning are ``peft.method`` values built by
 ``kubetune.trainer.models`` (virtual tokens, optionally initialised from ``peft.initText``).
 
 :func:`preview` renders the first examples exactly as training will (after every enabled
@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.trainer.encoding import render_template
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 #: Per format: the field the rendered prompt template replaces (None: the encoder renders it).
 _PROMPT_TARGET = {
@@ -66,6 +66,7 @@ def apply_template(
     out = dict(example)
     values = variables(example)
     out["_raw"] = values
+    out["_template_format"] = template_format  # how to re-render it (template paraphrase)
     where = f"{example.get('_origin', '?')}: row {example.get('_row', '?')}"
     if template:
         key = _PROMPT_TARGET[fmt]
@@ -79,7 +80,6 @@ def apply_template(
     return out
 
 
-@register
 class PromptEngineering(Technique):
     """Renders the prompt template into every example of every split."""
 
@@ -91,6 +91,10 @@ class PromptEngineering(Technique):
     def transform_examples(self, ctx: TechniqueContext, examples: list[dict], split: str) -> list[dict]:
         cfg = self.config
         return [apply_template(e, self.template_for(e), cfg.response_template, cfg.template_format) for e in examples]
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        own = dataset_templates(self.spec)
+        return f"templates rendered into every example ({'template' if self.config.template else 'no main template'}, {len(own)} per-dataset)"
 
 
 def preview(spec: Any, base_dir: Any, limit: int = 3) -> list[str]:
@@ -108,8 +112,9 @@ def preview(spec: Any, base_dir: Any, limit: int = 3) -> list[str]:
     examples = sets.train[:limit]
     ctx = TechniqueContext(spec=spec, base_dir=base_dir)
     for technique in enabled_techniques(spec):
-        if technique.name in {"augmentation", "curriculum", "domainAdaptation"}:
-            continue  # they act on tokens or order, or need the tokenizer; the preview shows the text
+        # Split "preview": a plugin that acts on tokens or order, or needs the tokenizer, leaves the
+        # examples alone (the contract in kubetune.trainer.techniques.base).
+        technique.on_setup(ctx)
         examples = technique.transform_examples(ctx, examples, "preview")
     pe = spec.techniques.prompt_engineering
     template_format = pe.template_format if pe is not None else "jinja"

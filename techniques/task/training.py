@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 IGNORE_INDEX = -100
 GENERATIVE_HEADS = frozenset({"seq2seq", "causal-lm"})
@@ -34,7 +34,6 @@ def token_hits(head: str, logits: Any, labels: Any) -> tuple[Any, Any]:
     return hits.sum(-1), mask.sum(-1)
 
 
-@register
 class Task(Technique):
     """Generative-task metrics and the SFT masking check (see the module doc)."""
 
@@ -86,3 +85,8 @@ class Task(Technique):
             if count:
                 metrics[f"{prefix}eval_token_accuracy"] = hit / count
             metrics[f"{prefix}eval_exact_match"] = exact / rows
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        masked = ctx.state.get(self.name, {}).get("masked_fraction")
+        line = f"{self.config.type} with the {ctx.head} head"
+        return line + (f"; {masked:.0%} of the tokens (prompts) masked out of the loss" if masked is not None else "")

@@ -33,7 +33,7 @@ import re
 from typing import Any
 
 from kubetune.trainer.encoding import render_template
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.inputs import INPUT_FIELDS, leading_field
 
 IGNORE_INDEX = -100
@@ -135,7 +135,6 @@ def edit_text(text: str, ops: list[tuple[str, Any]], rng: random.Random, table: 
 # --- the plugin ---------------------------------------------------------------------------------
 
 
-@register
 class Augmentation(Technique):
     """Edits the input of training examples on the fly (see the module doc)."""
 
@@ -147,7 +146,10 @@ class Augmentation(Technique):
         self.stats = {"seen": 0, "augmented": 0}
 
     def transform_examples(self, ctx: TechniqueContext, examples: list[dict], split: str) -> list[dict]:
-        # Read the synonym file once, up front, so a bad file fails before training starts.
+        # Read the synonym file once, up front, so a bad file fails before training starts. A preview
+        # shows the text before augmentation (which acts on the fly, per epoch).
+        if split == "preview":
+            return examples
         if self.config.synonyms is not None and self.synonyms is None:
             from kubetune.trainer.sources import resolve_path
 
@@ -211,7 +213,7 @@ class Augmentation(Technique):
                 values[key] = edit_text(values[key], edits, rng, self.synonyms)
         paraphrase = next((op for n, op in ops if n == "template_paraphrase"), None)
         out = dict(example)
-        template_format = self.spec.techniques.prompt_engineering.template_format if self.spec.techniques.prompt_engineering else "jinja"
+        template_format = example.get("_template_format", "jinja")  # set by whoever templated the example
         if fmt in {"instruction", "preference"}:
             for key in fields:
                 out[key] = values[key]
@@ -260,3 +262,7 @@ class Augmentation(Technique):
                 out["token_type_ids"] = [out["token_type_ids"][i] for i in keep]
         out["input_ids"] = ids
         return out
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        seen, augmented = self.stats["seen"], self.stats["augmented"]
+        return f"{augmented} of {seen} training examples augmented ({', '.join(name for name, _ in self.configured())})"

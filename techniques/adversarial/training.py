@@ -1,6 +1,6 @@
 """Technique 7, adversarial fine-tuning: perturbations of the input embeddings, and NEFTune noise.
 
-``techniques.adversarial`` (:class:`kubetune.api.techniques.AdversarialSpec`). ``prepare_model``
+``techniques.adversarial`` (:class:`kubetune.techniques.adversarial.AdversarialSpec`). ``prepare_model``
 puts a forward hook on the model's input embedding layer; during training forwards (train mode,
 gradients on) it adds NEFTune noise, captures the embeddings of the plugin's own clean forward, or
 adds a perturbation δ. Evaluation forwards are never touched. Only the first call of the embedding
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.layers import unwrap
 
 
@@ -60,7 +60,6 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
     return delta * scale
 
 
-@register
 class Adversarial(Technique):
     name = "adversarial"
 
@@ -160,3 +159,13 @@ class Adversarial(Technique):
         ctx.loss_terms["adversarial"] = float(adversarial.detach())
         ctx.loss_terms["perturbation_norm"] = float(_per_example_norm(delta.detach().float()).mean())
         return loss + c.weight * adversarial
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        c = self.config
+        parts = []
+        if c.method != "none":
+            term = ctx.loss_terms.get("adversarial")
+            parts.append(f"{c.method} (epsilon {c.epsilon:g})" + (f", last adversarial term {term:.4g}" if term is not None else ""))
+        if c.neftune_alpha is not None:
+            parts.append(f"NEFTune noise alpha {c.neftune_alpha:g}")
+        return "; ".join(parts)

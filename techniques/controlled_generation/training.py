@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.inputs import prepend
 
 IGNORE_INDEX = -100
@@ -86,7 +86,6 @@ def _pairs(batch: dict[str, Any], device: Any) -> tuple[Any, Any, Any, int]:
     return ids, mask, labels, c_ids.shape[0]
 
 
-@register
 class ControlledGeneration(Technique):
     """Control codes on the input; DPO in place of the language-modelling loss."""
 
@@ -205,3 +204,12 @@ class ControlledGeneration(Technique):
         metrics.update(
             eval_logp_margin=float(margin.mean()), eval_dpo_margin=float(h.mean()), eval_dpo_accuracy=float((h > 0).float().mean())
         )
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        state = ctx.state.get(self.name, {})
+        parts = []
+        if self.config.control_codes is not None:
+            parts.append(f"control codes on {state.get('coded_train', 0)} training examples")
+        if self.config.dpo is not None:
+            parts.append(f"DPO ({self.config.dpo.loss_type}, beta {self.config.dpo.beta:g})")
+        return "; ".join(parts)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 GENERAL = "general"
 
@@ -75,7 +75,6 @@ def pack_documents(texts: list[str], tokenizer: Any, block_tokens: int) -> list[
     return pieces
 
 
-@register
 class DomainAdaptation(Technique):
     """Packs domain documents into blocks and mixes in general text (see the module doc)."""
 
@@ -110,3 +109,10 @@ class DomainAdaptation(Technique):
         ]
         state.update(documents=len(texts), blocks=len(blocks), block_tokens=block_tokens)
         return others + blocks
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        state = ctx.state.get(self.name, {})
+        general = f" ({state['general_documents']} of them general text)" if state.get("general_documents") else ""
+        if "blocks" in state:
+            return f"{state['documents']} documents{general} packed into {state['blocks']} blocks of {state['block_tokens']} tokens"
+        return f"{state.get('documents', 0)} documents{general}, one per sequence"

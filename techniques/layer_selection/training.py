@@ -1,6 +1,6 @@
 """Technique 10, layer-specific fine-tuning: only chosen blocks or modules learn, the rest is frozen.
 
-``techniques.layerSelection`` (:class:`kubetune.api.techniques.LayerSelectionSpec`), applied in
+``techniques.layerSelection`` (:class:`kubetune.techniques.layer_selection.LayerSelectionSpec`), applied in
 ``prepare_model`` once the model (and its PEFT adapters) exist:
 
 * ``layers``: block indices and Python-style ranges over the model's transformer blocks (``3``,
@@ -32,13 +32,12 @@ from typing import Any
 
 from kubetune.api import Problem, SpecError
 from kubetune.trainer.grouping import split_groups
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.layers import anatomy, describe_names, matching, resolve_index
 
 WHERE = "spec.techniques.layerSelection"
 
 
-@register
 class LayerSelection(Technique):
     name = "layerSelection"
 
@@ -116,3 +115,6 @@ class LayerSelection(Technique):
             range(-1, len(rates)), lambda group, index: {
                 "lr": rates[index].learning_rate if index >= 0 else group["lr"],
                 "name": f"{group.get('name', 'default')}" + (f"/lr[{index}]" if index >= 0 else "")})
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        return f"{len(self.selected)} parameter tensors trainable, the rest frozen"

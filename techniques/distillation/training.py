@@ -1,6 +1,6 @@
 """Technique 6, knowledge distillation: a teacher's softened logits guide the student.
 
-``techniques.distillation`` (:class:`kubetune.api.techniques.DistillationSpec`). The teacher is
+``techniques.distillation`` (:class:`kubetune.techniques.distillation.DistillationSpec`). The teacher is
 loaded in ``prepare_model`` from ``teacher.source`` (same schemes as ``model.source``) under the
 student's head, in eval mode with no gradients, on every process beside the student — it is kept
 outside the module DeepSpeed wraps, so it is neither trained, sharded nor checkpointed. The loss
@@ -11,7 +11,8 @@ of each micro-batch (``compute_loss``) is
 with the KL summed over classes and averaged over the positions that carry a label: every
 example for sequence classification, labelled tokens for token classification and seq2seq, the
 next-token targets (labels shifted by one) for a causal LM. The CE term is the loop's loss, or
-the label-smoothed one when ``techniques.regularization.labelSmoothing`` is set. ``T²`` keeps the
+the label-smoothed one when a technique publishes ``ctx.label_smoothing`` (regularisation does):
+this technique declares ``PROVIDES_TASK_LOSS``, so it smooths its own CE term. ``T²`` keeps the
 soft-target gradients on the scale of the hard ones (Hinton et al., 2015). ``ctx.loss_terms``
 gets ``ce`` and ``kl`` (the unweighted KL at temperature T).
 
@@ -31,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from kubetune.api import Problem, SpecError
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.losses import aligned, hard_loss
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 WHERE = "spec.techniques.distillation.teacher"
-IGNORE_INDEX = -100
 
 
 def tokenizer_difference(student: Any, teacher: Any) -> str | None:
@@ -69,31 +70,6 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def aligned(head: str, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that carry a target, and the mask of those positions."""
-    if head == "sequence-classification" or labels is None:
-        return logits, torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if head == "causal-lm":
-        labels = labels[:, 1:]
-        logits = logits[:, :-1][:, -labels.shape[1] :]
-    else:
-        logits = logits[:, -labels.shape[1] :]
-    return logits, labels != IGNORE_INDEX
-
-
-def hard_loss(head: str, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """The task's cross-entropy with label smoothing (HF's conventions for each head)."""
-    if head == "sequence-classification":
-        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    logits, mask = aligned(head, logits, labels)
-    if head == "causal-lm":
-        labels = labels[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
-    )
-
-
-@register
 class Distillation(Technique):
     name = "distillation"
 
@@ -155,10 +131,14 @@ class Distillation(Technique):
         teacher_logits, _ = aligned(ctx.head, teacher_logits, labels)
         T = self.config.temperature
         kl = distillation_kl(student_logits, teacher_logits, mask, T)
-        reg = self.spec.techniques.regularization
-        smoothing = reg.label_smoothing if reg is not None else 0.0
+        smoothing = ctx.label_smoothing  # published by regularisation (this technique provides the task loss)
         ce = hard_loss(ctx.head, outputs.logits, labels, smoothing) if smoothing and labels is not None else loss
         alpha = self.config.alpha
         ctx.loss_terms["ce"] = float(ce.detach())
         ctx.loss_terms["kl"] = float(kl.detach())
         return alpha * ce + (1.0 - alpha) * T * T * kl
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        kl = ctx.loss_terms.get("kl")
+        return f"teacher {self.config.teacher.source}, T {self.config.temperature:g}, alpha {self.config.alpha:g}" + (
+            f"; last KL term {kl:.4g}" if kl is not None else "")

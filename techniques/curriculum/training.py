@@ -34,7 +34,7 @@ import math
 import random
 from typing import Any
 
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 
 def available_fraction(config: Any, progress: float) -> float:
@@ -77,7 +77,6 @@ def paced_order(ranking: list[int], config: Any, start: int, total: int, length:
     return order
 
 
-@register
 class Curriculum(Technique):
     """Ranks examples by difficulty and paces them in (see the module doc)."""
 
@@ -148,3 +147,8 @@ class Curriculum(Technique):
         order = paced_order(ranking, self.config, epoch * n, total, n, random.Random(seed * 104729 + epoch))
         ctx.state[self.name] = {"difficulty": self.difficulty, "ranking": ranking, "total_positions": total, "per_step": per_step}
         return order
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        progress = ctx.step / ctx.total_steps if ctx.total_steps else 1.0
+        fraction = available_fraction(self.config, progress)
+        return f"ordered by {self.config.difficulty} ({self.config.pacing} pacing); {fraction:.0%} of the data available at the last step"

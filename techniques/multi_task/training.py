@@ -29,7 +29,7 @@ from collections import Counter
 from typing import Any
 
 from kubetune.trainer.batching import mixed_order
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.inputs import prepend
 
 
@@ -53,7 +53,6 @@ def task_probabilities(spec: Any, sizes: dict[str, int]) -> dict[str, float]:
     return {t: v / total for t, v in raw.items()}
 
 
-@register
 class MultiTask(Technique):
     """Task prefixes, the weighted mixture of tasks, per-task metrics."""
 
@@ -82,3 +81,7 @@ class MultiTask(Technique):
             tasks = {ds.task or ds.name or f"dataset-{i}" for i, ds in enumerate(self.spec.data.datasets)}
             for key in [k for k in metrics if k.partition("/")[0] in tasks and "/" in k]:
                 del metrics[key]
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        mix = ctx.state.get(self.name, {}).get("mix") or {}
+        return f"{self.config.sampling} sampling; last epoch's mix " + ", ".join(f"{t} {share:.0%}" for t, share in mix.items())

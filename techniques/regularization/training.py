@@ -1,6 +1,6 @@
 """Technique 11, regularisation: weight decay, L1, L2-SP, dropout overrides, label smoothing.
 
-``techniques.regularization`` (:class:`kubetune.api.techniques.RegularizationSpec`):
+``techniques.regularization`` (:class:`kubetune.techniques.regularization.RegularizationSpec`):
 
 * ``weightDecay`` — decoupled (AdamW, Loshchilov & Hutter) through the optimizer: ``param_groups``
   splits every group into a decaying part and a ``no-decay`` part, the parameters whose names
@@ -15,8 +15,9 @@
   ``peft.dropout`` sets), the float dropout attributes of attention modules and the config's
   ``*dropout*``/``*pdrop`` values are set to this probability.
 * ``labelSmoothing`` — the task cross-entropy is replaced by the smoothed one (the term added is
-  the difference, so other techniques' terms stay). With distillation, the distillation plugin
-  smooths its own CE term instead.
+  the difference, so other techniques' terms stay). When another enabled technique declares
+  ``PROVIDES_TASK_LOSS`` (distillation, DPO) it owns that cross-entropy: the smoothing is then
+  published as ``ctx.label_smoothing`` for it to apply, and no term is added here.
 
 Each term is recorded in ``ctx.loss_terms`` (``l1``, ``l2_sp``, ``label_smoothing``) as exactly
 what was added to the loss, weight included. L1 and L2-SP read full parameters, which
@@ -30,8 +31,10 @@ from typing import Any
 
 import torch
 
+from kubetune.techniques.declarations import Capability
 from kubetune.trainer.grouping import split_groups
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.losses import hard_loss
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.layers import anatomy, plain_name
 
 _DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "dropout_p", "attn_dropout", "dropout_prob")
@@ -69,7 +72,6 @@ def override_dropout(model: torch.nn.Module, p: float) -> int:
     return changed
 
 
-@register
 class Regularization(Technique):
     name = "regularization"
 
@@ -77,6 +79,9 @@ class Regularization(Technique):
         super().__init__(config, spec)
         self.l1_params: list[torch.nn.Parameter] = []
         self.anchors: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def on_setup(self, ctx: TechniqueContext) -> None:
+        ctx.label_smoothing = self.config.label_smoothing
 
     def prepare_model(self, ctx: TechniqueContext, model: Any) -> Any:
         c = self.config
@@ -103,10 +108,8 @@ class Regularization(Technique):
 
     def compute_loss(self, ctx: TechniqueContext, model: Any, batch: dict, outputs: Any, loss: Any) -> Any:
         c = self.config
-        smooth = c.label_smoothing and self.spec.techniques.distillation is None
+        smooth = c.label_smoothing and not ctx.provided_by_others(Capability.PROVIDES_TASK_LOSS, self.name)
         if smooth and outputs is not None and "labels" in batch and outputs.logits.shape[-1] > 1:
-            from kubetune.trainer.techniques.distillation import hard_loss
-
             labels = batch["labels"].to(outputs.logits.device)
             term = hard_loss(ctx.head, outputs.logits, labels, c.label_smoothing) - hard_loss(ctx.head, outputs.logits, labels, 0.0)
             ctx.loss_terms["label_smoothing"] = float(term.detach())
@@ -122,3 +125,15 @@ class Regularization(Technique):
             ctx.loss_terms["l2_sp"] = float(term.detach())
             loss = loss + term
         return loss
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        c = self.config
+        parts = [f"weight decay {c.weight_decay:g}"] if c.weight_decay else []
+        for name in ("l1", "l2_sp", "label_smoothing"):
+            if name in ctx.loss_terms:
+                parts.append(f"last {name} penalty {ctx.loss_terms[name]:.4g}")
+        if c.label_smoothing and ctx.provided_by_others(Capability.PROVIDES_TASK_LOSS, self.name):
+            parts.append(f"label smoothing {c.label_smoothing:g} applied by {', '.join(ctx.provided_by_others(Capability.PROVIDES_TASK_LOSS, self.name))}")
+        if "dropoutModules" in ctx.state.get(self.name, {}):
+            parts.append(f"dropout {c.dropout:g} on {ctx.state[self.name]['dropoutModules']} modules")
+        return "; ".join(parts) or "no term was active"

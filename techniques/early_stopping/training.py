@@ -1,6 +1,6 @@
 """Technique 13, early stopping: end the run when an eval metric stops improving; keep the best.
 
-``techniques.earlyStopping`` (:class:`kubetune.api.techniques.EarlyStoppingSpec`). ``on_evaluate``
+``techniques.earlyStopping`` (:class:`kubetune.techniques.early_stopping.EarlyStoppingSpec`). ``on_evaluate``
 watches ``metric`` after every evaluation during training (the one before training only checks
 that the metric exists, so a typo fails before any step is spent). An evaluation improves when it
 beats the best so far by more than ``minDelta`` (lower for ``mode: min``, higher for ``max``); the
@@ -21,12 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import Problem, SpecError
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 WHERE = "spec.techniques.earlyStopping"
 
 
-@register
 class EarlyStopping(Technique):
     name = "earlyStopping"
 
@@ -65,3 +64,9 @@ class EarlyStopping(Technique):
                 f"{c.metric} did not improve by more than {c.min_delta:g} for {c.patience} evaluations "
                 f"(best {self.best:.6g} at step {self.best_step})"
             )
+
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        if self.best is None:
+            return f"watched {self.config.metric}; no evaluation after the first"
+        stopped = "stopped early" if ctx.should_stop else "did not stop early"
+        return f"best {self.config.metric} {self.best:.6g} at step {self.best_step}; {stopped}"

@@ -1,6 +1,6 @@
 """Technique 3, transfer learning: a pretrained base, a new head, and how much of the base learns.
 
-``techniques.transferLearning`` (:class:`kubetune.api.techniques.TransferLearningSpec`):
+``techniques.transferLearning`` (:class:`kubetune.techniques.transfer_learning.TransferLearningSpec`):
 
 * ``newHead`` (default on) re-initialises the task head — every parameter outside the backbone
   (``classifier``, ``score``, ``lm_head``, see :mod:`kubetune.trainer.techniques.layers`) — from
@@ -33,7 +33,7 @@ import torch
 
 from kubetune.api import Problem, SpecError
 from kubetune.trainer.grouping import split_groups
-from kubetune.trainer.techniques.base import Technique, TechniqueContext, register
+from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.techniques.layers import Anatomy, anatomy, unwrap
 
 WHERE = "spec.techniques.transferLearning"
@@ -55,7 +55,6 @@ def _reinitialise(module: torch.nn.Module, std: float) -> None:
                 torch.nn.init.zeros_(sub.bias)
 
 
-@register
 class TransferLearning(Technique):
     name = "transferLearning"
 
@@ -151,3 +150,7 @@ class TransferLearning(Technique):
             self.apply_stage(stage)
             ctx.state[self.name] = {"stage": stage, "of": len(self.stages()) - 1}
 
+    def describe(self, ctx: TechniqueContext) -> str | None:
+        if self.config.strategy == "gradual-unfreeze":
+            return f"gradual unfreezing reached stage {self.stage} of {len(self.stages()) - 1} (blocks unfrozen from the top)"
+        return f"strategy {self.config.strategy}" + ("; new head" if self.config.new_head else "")
