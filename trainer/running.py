@@ -7,7 +7,7 @@ the run directory) — the same :func:`run` either way. Environment read in pods
 ===========================  ==============================================================================
 KUBETUNE_JOB_NAME            the FineTuneJob's name (the config's metadata wins if set)
 KUBETUNE_NAMESPACE           its namespace
-KUBETUNE_OUTPUT_DIR          final model (default ``spec.output.path``, else /workspace/output)
+KUBETUNE_OUTPUT_DIR          final model (default /workspace/``spec.output.path``, else /workspace/output)
 KUBETUNE_CHECKPOINT_DIR      checkpoints (default /workspace/checkpoints)
 KUBETUNE_BASE_DIR            relative model/data paths resolve against it (default: cwd)
 KUBETUNE_PVC_ROOT            where pvc:// claims are mounted (default /mnt/pvc)
@@ -62,7 +62,7 @@ class RunOptions:
 
 def pod_paths(job: Any) -> RunPaths:
     env = os.environ
-    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or job.spec.output.path or "/workspace/output")
+    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or Path("/workspace") / (job.spec.output.path or "output"))
     checkpoints = Path(env.get("KUBETUNE_CHECKPOINT_DIR") or "/workspace/checkpoints")
     base = Path(env.get("KUBETUNE_BASE_DIR") or os.getcwd())
     return RunPaths(base, output, checkpoints, output.parent)
