@@ -131,13 +131,11 @@ class Injector:
         raise NotImplementedError
 
 
-_injectors: dict[int, Injector] = {}
-
-
 def inject(cluster: Cluster, matches: Callable[[kmock.Request], bool], fault: Any) -> Any:
-    injector = _injectors.get(id(cluster))
+    injector = getattr(cluster, "_fault_injector", None)  # one per cluster (and so per emulator)
     if injector is None:
-        injector = _injectors[id(cluster)] = Injector(cluster)
+        injector = Injector(cluster)
+        cluster._fault_injector = injector  # type: ignore[attr-defined]
     injector.faults.append((matches, fault))
     return fault
 
