@@ -9,6 +9,7 @@ bounds, enums and descriptions live only here. The technique blocks are declared
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
@@ -348,18 +349,49 @@ class CheckpointingSpec(SpecModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where checkpoints and output live.")
 
 
+#: A relative folder path: segments joined by '/', none empty, '.' or '..', no backslash (the
+#: CRD refuses what the validator below refuses, with a plainer message from the validator).
+_SEGMENT = r"(?:[^./\\][^/\\]*|\.[^./\\][^/\\]*|\.\.[^/\\]+)"
+OUTPUT_PATH_PATTERN = rf"^{_SEGMENT}(?:/{_SEGMENT})*/?$"
+#: An s3:// output: the bucket as SOURCE_PATTERN's s3 branch names it, then any key prefix.
+S3_OUTPUT_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+
+
+def _inside_the_workspace(path: str) -> str:
+    """``output.path`` is a folder inside the job's workspace: the workspace claim in pods, the
+    manifest's folder locally. An absolute path would put the model on the pod's (read-only,
+    throw-away) root filesystem or on another volume, a ``..`` segment outside the job's own
+    folder of a shared claim: both are refused. An ``s3://`` output is uploaded, not written there."""
+    if path.startswith("s3://"):
+        if not re.match(S3_OUTPUT_PATTERN, path):
+            raise ValueError(f"must be s3://bucket/prefix with a valid bucket name (got {path[:200]!r})")
+        return path
+    if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":" and "\\" in path):
+        raise ValueError(f"must be a relative path inside the job's workspace (/workspace/<path> in pods, next to "
+                         f"the manifest locally); an absolute path escapes the workspace volume (got {path[:200]!r})")
+    segments = path.replace("\\", "/").split("/")
+    if ".." in segments:
+        raise ValueError(f"must not contain '..' segments: the output stays inside the job's workspace (got {path[:200]!r})")
+    if not re.match(OUTPUT_PATH_PATTERN, path):
+        raise ValueError(f"must be a relative folder path such as 'models/final': segments joined by '/', none empty "
+                         f"or '.', no backslashes (got {path[:200]!r})")
+    return path
+
+
+OutputPath = Annotated[str, Field(max_length=1024, json_schema_extra={
+                           "pattern": f"(?:{S3_OUTPUT_PATTERN})|(?:{OUTPUT_PATH_PATTERN})"}),
+                       AfterValidator(_inside_the_workspace)]
+
+
 class OutputSpec(SpecModel):
     """What is left behind when training ends."""
 
-    path: str | None = Field(
+    path: OutputPath | None = Field(
         default=None,
-        max_length=1024,
-        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$",
-        description=(
-            "Directory for the final model; default `/workspace/output` in pods, `./runs/<name>/output` locally. "
-            "An s3://bucket/prefix uploads the exported model there when training ends (resumably: objects "
-            "already uploaded are skipped)."
-        ),
+        description=("Folder for the final model, relative to the job's workspace: `/workspace/<path>` in pods, next "
+                     "to the manifest locally (default `output`: `/workspace/output`, `./runs/<name>/output`); "
+                     "absolute paths and `..` are refused. An s3://bucket/prefix uploads the exported model there "
+                     "when training ends (resumably: objects already uploaded are skipped)."),
     )
     merge_adapters: bool = Field(default=False, description="Merge LoRA/DoRA/IA3 weights into the base model before saving.")
     save_tokenizer: bool = Field(default=True, description="Save the tokenizer beside the model.")

@@ -62,6 +62,7 @@ class Reason:
     QUEUED = "QueuedForAdmission"
     EARLY_STOPPED = "EarlyStopped"
     METRIC_PLATEAU = "MetricPlateau"
+    JOB_RECREATED = "JobRecreated"
 
 
 class Condition(SpecModel):

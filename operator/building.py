@@ -20,6 +20,7 @@ volume; the trainer always runs with ``HF_HUB_OFFLINE=1`` and reads the copies.
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -327,6 +328,13 @@ def _omp_threads(job: FineTuneJob) -> int:
     return max(int(cores // processes_per_node(job)), 1)
 
 
+def output_dir(job: FineTuneJob) -> str:
+    """Where the final model goes in the pods: ``spec.output.path`` inside the workspace (the models
+    refuse absolute paths and ``..``), else OUTPUT_DIR."""
+    path = job.spec.output.path
+    return posixpath.normpath(posixpath.join(WORKSPACE_DIR, path)) if path else OUTPUT_DIR
+
+
 def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> list[dict[str, Any]]:
     """The trainer container's environment (see TRAINER_ENV_DOC)."""
     names = naming.names_for(job.name)
@@ -336,7 +344,7 @@ def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> lis
         _field_env("KUBETUNE_JOB_UID", f"metadata.annotations['{naming.ANNOTATION_JOB_UID}']"),
         _field_env("KUBETUNE_POD_NAME", "metadata.name"),
         {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
-        {"name": "KUBETUNE_OUTPUT_DIR", "value": OUTPUT_DIR},
+        {"name": "KUBETUNE_OUTPUT_DIR", "value": output_dir(job)},
         {"name": "KUBETUNE_CHECKPOINT_DIR", "value": CHECKPOINT_DIR},
         {"name": "KUBETUNE_BASE_DIR", "value": BASE_DIR},
         {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},

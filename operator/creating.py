@@ -8,6 +8,14 @@ restart between two creates) finds the objects of the first run instead of makin
 of the same name still owned by an earlier, deleted namesake makes it wait for the garbage
 collector (``kopf.TemporaryError``). A finished job's children are not re-made, so a Job removed by
 ``ttlSecondsAfterFinished`` does not train again when the operator restarts.
+
+:func:`restore_job` is called on every event of a managed Job or pod: the Job of a run that has
+not finished, deleted by hand or by a cleanup script, is made again from the same spec (its
+workspace claim, and so its checkpoints, outlive it), once the old Job's pods have stopped, so two
+trainers never write the same checkpoints (a suspended run's Job is made again suspended, as its
+spec says). A finished run's Job is never made again (the bug of kubeflow/trainer #2981, #3737,
+#3779). Being called from event handlers, whose errors kopf drops, it retries transient API
+failures itself (``retrying``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import kopf
 
 from kubetune.api import ConditionType, FineTuneJob, Reason, SpecError, parse_job
 from kubetune.api.statuses import status_fields
-from kubetune.operator import building, kubeapi, naming, statusing
+from kubetune.operator import building, kubeapi, naming, retrying, statusing
 from kubetune.operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -111,3 +119,42 @@ async def _note_reused_claim(job: FineTuneJob, claim: dict[str, Any]) -> None:
                      "its checkpoints and output are still there (checkpointing.resume decides whether training "
                      "continues from them)"),
         )
+
+
+_STOPPED_POD_PHASES = ("Succeeded", "Failed")
+
+
+async def restore_job(namespace: str, name: str, settings: Settings) -> bool:
+    """Make the Job of FineTuneJob ``name`` again when it is gone and the run has not finished;
+    returns whether it did. Level-triggered: decided from what exists now, whatever event led here."""
+    return await retrying.until_written(lambda: _restore_once(namespace, name, settings))
+
+
+async def _restore_once(namespace: str, name: str, settings: Settings) -> bool:
+    ftj = await kubeapi.get("FineTuneJob", namespace, name)
+    if ftj is None or ftj["metadata"].get("deletionTimestamp") or statusing.is_finished(ftj):
+        return False
+    created = {c.get("type"): c.get("status") for c in (ftj.get("status") or {}).get("conditions") or []}
+    if created.get(ConditionType.CREATED) != "True":
+        return False  # the create handler has not finished (or refused the spec): it makes the Job
+    job, _ = await statusing.read_job_and_pods(namespace, ftj)
+    if job is not None:
+        return False
+    selector = ",".join(f"{k}={v}" for k, v in naming.selector_labels(name).items())
+    pods = await kubeapi.list_objects("Pod", namespace, label_selector=selector)
+    running = [p["metadata"]["name"] for p in pods if (p.get("status") or {}).get("phase") not in _STOPPED_POD_PHASES]
+    if running:
+        logger.info("Job of %s/%s is gone; waiting for its pods %s to stop before making it again",
+                    namespace, name, ", ".join(running))
+        return False  # their termination is an event of a managed pod, which brings us back here
+    try:
+        result = await ensure_children(ftj, settings)
+    except kopf.PermanentError:
+        return False  # the spec no longer validates: ensure_children marked it rejected
+    if not result.get("created"):
+        return False  # a concurrent event (the Job's, one of its pods') made it first: one Event, from that one
+    await kubeapi.post_event(
+        ftj, reason=Reason.JOB_RECREATED, type="Warning",
+        message=(f"the trainer Job {naming.names_for(name).job} was deleted before the run finished; made it "
+                 "again from the same spec: training resumes from the latest checkpoint on the workspace claim"))
+    return True

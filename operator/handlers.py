@@ -13,7 +13,8 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
 * admission of FineTuneJobs (CREATE, UPDATE): the validating webhook (``admitting``), when
   ``KUBETUNE_WEBHOOK_PORT`` turns kopf's webhook server on;
 * batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
-  owning FineTuneJob's status (``statusing``). No timers, no polling loops.
+  owning FineTuneJob's status (``statusing``); a deleted Job, or the last pod of one stopping,
+  makes the Job of an unfinished run again (``creating.restore_job``). No timers, no polling loops.
 
 Handlers return nothing: kopf would store a returned value in ``status``, which belongs to the
 user's view (phase, conditions) and the trainer (progress); the CRD's schema would prune it anyway.
@@ -51,12 +52,21 @@ MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 
 
 @contextlib.contextmanager
-def _reconcile(kind: str) -> Iterator[None]:
+def _reconcile(kind: str, retry: int = 0) -> Iterator[None]:
     started = time.monotonic()
     failed = True
     try:
         yield
         failed = False
+    except Exception as exc:
+        if kubeapi.is_transient(exc) and not isinstance(exc, kopf.TemporaryError):
+            # A 5xx, 429, 409 or broken connection the gateway's own retries did not outlast: kopf
+            # runs the handler again (it re-reads everything), after Retry-After or a growing delay,
+            # and logs one line instead of a traceback.
+            delay = kubeapi.retry_after(exc) or min(2.0 ** retry, 60.0)
+            raise kopf.TemporaryError(f"the API server failed: {kubeapi.describe_failure(exc)}; retrying in {delay:g} s",
+                                      delay=delay) from exc
+        raise
     finally:
         metrics.observe_reconcile(kind, time.monotonic() - started, failed)
 
@@ -84,9 +94,9 @@ def api_probe(**_: Any) -> str:
 
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.resume(*FINETUNEJOBS)
-async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def ensure_children(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
     # On create, and on every operator start for jobs that exist (idempotent: nothing is made twice).
-    with _reconcile("FineTuneJob"):
+    with _reconcile("FineTuneJob", retry):
         hook = arranging.arranger_for(dict(body))
         if hook is not None:
             await hook.ensure_runs(dict(body), memo.settings)
@@ -109,8 +119,8 @@ if settings.webhook_enabled():
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec")
-async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    with _reconcile("FineTuneJob"):
+async def change_spec(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
+    with _reconcile("FineTuneJob", retry):
         await updating.apply_spec_change(dict(body))
         hook = arranging.arranger_for(dict(body))
         if hook is not None:  # e.g. a search passes runPolicy.suspend on to its trials
@@ -145,14 +155,20 @@ for _key, _hook in arranging.arrangers().items():
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def follow_job(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    name = body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name)
+    deleted = event["type"] == "DELETED"
     with _reconcile("Job"):
-        await statusing.refresh(namespace or "default", body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name))
+        await statusing.refresh(namespace or "default", name, deleted_job=dict(body) if deleted else None)
+        if deleted:  # an unfinished run gets its Job back (a finished one never does)
+            await creating.restore_job(namespace or "default", name, memo.settings)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def follow_pod(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     job_name = body.metadata.annotations.get(naming.ANNOTATION_JOB)
     if job_name:
         with _reconcile("Pod"):
             await statusing.refresh(namespace or "default", job_name)
+            if event["type"] == "DELETED" or (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                await creating.restore_job(namespace or "default", job_name, memo.settings)

@@ -12,7 +12,8 @@ Transient failures — the connection refused or reset, a timeout, 429 Too Many 
 504 (an API server restarting, overloaded or behind a load balancer) — are retried here with
 tenacity: at most :data:`RETRY_ATTEMPTS` tries, exponential backoff with full jitter between
 :data:`RETRY_WAIT_MIN` and :data:`RETRY_WAIT_MAX` seconds, so a burst of operators does not retry in
-step. Every verb here is safe to repeat (a create that did land answers 409 next time and is then
+step, and never sooner than a ``Retry-After`` header asks (API priority and fairness sends one
+with its 429s). Every verb here is safe to repeat (a create that did land answers 409 next time and is then
 read back; merge patches are idempotent). A 500 and every other error go to the caller at once:
 kopf retries the whole handler with its own backoff (``settings.batching.error_delays``), which
 re-reads the world instead of repeating a request that the server refused. What stays hand-written
@@ -88,6 +89,8 @@ EVENT_SOURCE = "kubetune-operator"
 RETRY_ATTEMPTS = 4
 RETRY_WAIT_MIN = 0.2
 RETRY_WAIT_MAX = 5.0
+#: The longest ``Retry-After`` honoured; a longer one waits this long (the handler retries later anyway).
+RETRY_AFTER_MAX = 30.0
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
 _client: ApiClient | None = None
@@ -172,9 +175,10 @@ async def _request(
     if not is_declared(group, resource, verb):
         raise UndeclaredPermission(f"{verb} {group or 'core'}/{resource} is not in REQUIRED_PERMISSIONS")
     method = {"get": "GET", "list": "GET", "create": "POST", "patch": "PATCH", "delete": "DELETE"}[verb]
+    backoff = tenacity.wait_random_exponential(multiplier=RETRY_WAIT_MIN, min=RETRY_WAIT_MIN, max=RETRY_WAIT_MAX)
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(is_retryable_request),
-        wait=tenacity.wait_random_exponential(multiplier=RETRY_WAIT_MIN, min=RETRY_WAIT_MIN, max=RETRY_WAIT_MAX),
+        wait=lambda state: max(float(backoff(state)), retry_after(state.outcome.exception() if state.outcome else None) or 0.0),
         stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
         before_sleep=lambda state: logger.debug("retrying %s %s after %s", verb, path, state.outcome and state.outcome.exception()),
         reraise=True,
@@ -191,6 +195,18 @@ async def _request(
                 metrics.count_api_error(verb, resource, 0)
                 raise
     raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """The seconds a 429/503 answer's ``Retry-After`` header asks for (capped at
+    :data:`RETRY_AFTER_MAX`), or None when it names none: the server knows its load better than
+    our backoff does, and a client that comes back sooner is only refused again."""
+    headers = getattr(exc, "headers", None) if isinstance(exc, ApiException) else None
+    value = headers.get("Retry-After") if headers else None
+    try:
+        return min(max(float(value), 0.0), RETRY_AFTER_MAX) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from the API server (it sends seconds); our backoff applies
 
 
 def is_retryable_request(exc: BaseException) -> bool:
@@ -304,6 +320,13 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return int(exc.status or 0) in _TRANSIENT_STATUSES or not exc.status  # no status: the connection failed
     return isinstance(exc, (ConnectionError, TimeoutError, urllib3.exceptions.HTTPError))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed request: the HTTP status and reason, or the connection error."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}".strip() if exc.status else f"no answer ({exc.reason})"
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def is_connected() -> bool:

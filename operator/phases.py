@@ -220,9 +220,12 @@ def status_patch(status: dict[str, Any] | None, obs: Observation | None, *, gene
     status = status or {}
     if obs is None:
         return {}
-    if status.get("phase") in TERMINAL_PHASES and obs.phase not in TERMINAL_PHASES:
-        return {}  # a finished job stays finished (e.g. its Job was removed by ttlSecondsAfterFinished)
     timestamp = timestamp or now()
+    if status.get(status_key("phase")) in TERMINAL_PHASES:
+        # A finished job's outcome is written once and kept: its Job removed by ttlSecondsAfterFinished,
+        # its pods deleted (and with them the failure detail) change nothing. Only the early stop the
+        # trainer reported may still arrive as a condition.
+        return _early_stop_patch(status, generation, timestamp)
     patch: dict[str, Any] = {}
     fields: dict[str, Any] = {}
     if status.get(status_key("phase")) != obs.phase:
@@ -246,6 +249,15 @@ def status_patch(status: dict[str, Any] | None, obs: Observation | None, *, gene
     if conditions != (status.get("conditions") or []):
         patch["conditions"] = conditions  # already in the model's keys (set_condition)
     return patch
+
+
+def _early_stop_patch(status: dict[str, Any], generation: int | None, timestamp: str) -> dict[str, Any]:
+    stopped = early_stop_condition(status.get("progress"))
+    if stopped is None:
+        return {}
+    current = status.get("conditions") or []
+    conditions = set_condition(current, stopped.type, stopped.status, stopped.reason, stopped.message, generation, timestamp)
+    return {"conditions": conditions} if conditions != current else {}
 
 
 def transitioned(status: dict[str, Any] | None, obs: Observation) -> bool:

@@ -67,19 +67,23 @@ async def read_job_and_pods(namespace: str, ftj: dict[str, Any]) -> tuple[dict[s
     return job, pods
 
 
-async def refresh(namespace: str, name: str) -> str | None:
+async def refresh(namespace: str, name: str, *, deleted_job: dict[str, Any] | None = None) -> str | None:
     """Bring the status of one FineTuneJob in line with its Job; returns the phase written (or kept).
-    Retried (``retrying``) until written or the FineTuneJob is gone."""
+    Retried (``retrying``) until written or the FineTuneJob is gone. ``deleted_job`` is the last
+    body of a Job that was just deleted: when no Job is left, its outcome is still written (a Job
+    removed right after it finished, before its last status was seen)."""
     async with _lock(namespace, name):
-        return await retrying.until_written(lambda: _refresh_once(namespace, name))
+        return await retrying.until_written(lambda: _refresh_once(namespace, name, deleted_job))
 
 
-async def _refresh_once(namespace: str, name: str) -> str | None:
+async def _refresh_once(namespace: str, name: str, deleted_job: dict[str, Any] | None = None) -> str | None:
     ftj = await kubeapi.get("FineTuneJob", namespace, name)
     if ftj is None or ftj["metadata"].get("deletionTimestamp"):
         return None
     status = ftj.get("status") or {}
     job, pods = await read_job_and_pods(namespace, ftj)
+    if job is None and deleted_job is not None and _owned_by(deleted_job, ftj["metadata"].get("uid")):
+        job = deleted_job
     user_suspended, queue = _spec_flags(ftj)
     obs = phases.observe(job, pods, user_suspended=user_suspended, queue=queue)
     patch = phases.status_patch(status, obs, generation=ftj["metadata"].get("generation"))
@@ -87,7 +91,7 @@ async def _refresh_once(namespace: str, name: str) -> str | None:
         return status.get("phase")
     assert obs is not None
     await write_status(ftj, patch)  # a 409 (the trainer or kopf wrote in between): read again
-    if phases.transitioned(status, obs):
+    if phases.transitioned(status, obs) and status.get("phase") not in TERMINAL_PHASES:
         await kubeapi.post_event(
             ftj, reason=obs.reason, message=obs.message,
             type="Warning" if obs.phase == "Failed" else "Normal",

@@ -22,6 +22,7 @@ Rotation keeps the newest ``keepLast`` plus the best. Multi-node runs need a sha
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -135,10 +136,17 @@ def save(
     best, deleted = False, []
     if rank == 0:
         state = {**state, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
-        os.rename(tmp, final)
+        try:  # the volume can turn read-only between two writes (a remount after an I/O error)
+            _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _storage_error(exc, root, name) from None
         _fsync_dir(root)
-        _write_atomic(root / "latest", name + "\n")
+        try:
+            _write_atomic(root / "latest", name + "\n")
+        except OSError as exc:  # the checkpoint is whole (renamed into place); "latest" still names the one before
+            raise _storage_error(exc, root, name) from None
         best = _update_best(root, name, state, metric, mode)
         deleted = rotate(root, keep_last, keep_best)
     _barrier()
@@ -147,10 +155,18 @@ def save(
 
 def _storage_error(exc: OSError, root: Path, name: str) -> CheckpointStorageError:
     previous = find_latest(root)
-    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    if previous is not None and previous.name == name:
+        kept = f"{name} itself is complete, only the 'latest' pointer was not updated"
+    else:
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = ("Mount the checkpoint volume read-write (spec.checkpointing.storage: a claim the pods may write, "
+               "or a writable folder for a local run)")
+    else:
+        fix = "Free or enlarge the checkpoint volume (spec.checkpointing.storage)"
     return CheckpointStorageError(
         f"checkpointing: cannot write {name} to {root}: {exc.strerror or exc} (errno {exc.errno}); {kept}. "
-        "Free or enlarge the checkpoint volume (spec.checkpointing.storage), then the run resumes from there"
+        f"{fix}, then the run resumes from there"
     )
 
 

@@ -7,8 +7,8 @@ the run directory) — the same :func:`run` either way. Environment read in pods
 ===========================  ==============================================================================
 KUBETUNE_JOB_NAME            the FineTuneJob's name (the config's metadata wins if set)
 KUBETUNE_NAMESPACE           its namespace
-KUBETUNE_OUTPUT_DIR          final model (default ``spec.output.path``, else /workspace/output); an
-                             s3:// ``spec.output.path`` is uploaded from here when training ends
+KUBETUNE_OUTPUT_DIR          final model (default /workspace/``spec.output.path``, else /workspace/output); an
+                             s3:// ``spec.output.path`` is uploaded from /workspace/output when training ends
 KUBETUNE_FETCH_DIR           cache of fetched s3:// sources (see ``kubetune.trainer.fetching``)
 KUBETUNE_CHECKPOINT_DIR      checkpoints (default /workspace/checkpoints)
 KUBETUNE_BASE_DIR            relative model/data paths resolve against it (default: cwd)
@@ -67,8 +67,9 @@ class RunOptions:
 
 def pod_paths(job: Any) -> RunPaths:
     env = os.environ
-    local_output = job.spec.output.path if not (job.spec.output.path or "").startswith("s3://") else None
-    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or local_output or "/workspace/output")
+    path = job.spec.output.path
+    local_output = path if path and not path.startswith("s3://") else "output"
+    output = Path(env.get("KUBETUNE_OUTPUT_DIR") or Path("/workspace") / local_output)
     checkpoints = Path(env.get("KUBETUNE_CHECKPOINT_DIR") or "/workspace/checkpoints")
     base = Path(env.get("KUBETUNE_BASE_DIR") or os.getcwd())
     return RunPaths(base, output, checkpoints, output.parent)

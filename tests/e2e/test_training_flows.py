@@ -375,6 +375,42 @@ def test_suspend_checkpoints_on_sigterm_and_resume_continues_from_it(
     assert_each_side_writes_its_own_status(cluster, "pause")
 
 
+@pytest.mark.slow
+def test_a_deleted_job_comes_back_and_training_resumes_from_its_checkpoint(
+        emulated_cluster: Cluster, node: LocalNode) -> None:
+    """``kubectl delete job`` in the middle of a run: its pod is stopped (SIGTERM: a checkpoint), the
+    operator makes the Job again from the same spec, and the new pod resumes from that checkpoint
+    to exactly the requested steps."""
+    cluster = emulated_cluster
+    steps = 150
+    cluster.create(job_manifest("deleted", **{"training.maxSteps": steps, "checkpointing.everySteps": 1000,
+                                              "data.eval": None}))
+    wait(cluster, node, lambda: (ftj_status(cluster, "deleted").get("progress") or {}).get("step", 0) >= 1,
+         "training to start")
+    old_uid = cluster.get("batch/v1", "Job", "deleted")["metadata"]["uid"]
+    cluster.delete("batch/v1", "Job", "deleted", propagation_policy="Background")  # what kubectl delete job does
+    [first] = wait(cluster, node, lambda: (p := node.pods_of("deleted")) and not p[0].alive and p, "the pod to stop", timeout=60)
+    assert first.exit_code == EXIT_TERMINATED, first.log()[-3000:]
+    saved = wait(cluster, node, lambda: ftj_status(cluster, "deleted").get("latestCheckpoint"), "the SIGTERM checkpoint")
+    saved_step = checkpoint_step(saved)
+    assert 1 <= saved_step < steps  # not a periodic one (every 1000): written on SIGTERM
+    new = wait(cluster, node, lambda: (j := cluster.find("batch/v1", "Job", "deleted")) and j["metadata"]["uid"] != old_uid and j,
+               "the Job made again", timeout=60)
+    assert new["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+
+    done = wait_phase(cluster, node, "deleted", "Succeeded", timeout=120)
+    first, second = node.pods_of("deleted")
+    assert second.exit_code == 0, second.log()[-3000:]
+    resumed_from, resumed_step = resumed_at(second)
+    assert resumed_step == saved_step and Path(resumed_from).resolve() == Path(saved).resolve()
+    logged = [entry["step"] for entry in training_log(node, second)]
+    assert logged[-(steps - saved_step):] == list(range(saved_step + 1, steps + 1))  # exactly the requested steps
+    assert done["progress"]["step"] == steps
+    assert Reason.JOB_RECREATED in [r for _, r, _ in events(cluster, "deleted")]
+    assert_each_side_writes_its_own_status(cluster, "deleted")
+    assert_trainer_stayed_within_its_role(cluster, "deleted")
+
+
 def test_bad_data_fails_the_job_with_the_file_and_row(emulated_cluster: Cluster, node: LocalNode, image: Path) -> None:
     cluster = emulated_cluster
     rows = (image / "data" / "train.jsonl").read_text().splitlines()

@@ -65,3 +65,26 @@ async def test_a_refused_request_is_not_repeated(gateway: EmulatorThread) -> Non
         await kubeapi.patch("Job", "default", "job", {"spec": {"suspend": True}})
     assert raised.value.status == 500
     assert _errors("patch", "500", "jobs") - before == 1  # kopf retries the handler, not the gateway the request
+
+
+async def test_retry_after_is_honoured(gateway: EmulatorThread) -> None:
+    """A 429 with Retry-After (API priority and fairness) is not retried sooner than it asks."""
+    import time
+
+    emulator = gateway.emulator
+    assert emulator is not None
+    emulator["get", CONFIGMAPS][:1] << 429 << kmock.headers({"Retry-After": "1"}) << {"kind": "Status", "code": 429, "message": "wait"}
+    started = time.monotonic()
+    found = await kubeapi.get("ConfigMap", "default", "cm")
+    assert found is not None and time.monotonic() - started >= 0.95
+
+
+def test_retry_after_is_read_in_seconds_and_capped() -> None:
+    assert kubeapi.retry_after(ApiException(status=429)) is None
+    exc = ApiException(status=429)
+    exc.headers = {"Retry-After": "3"}
+    assert kubeapi.retry_after(exc) == 3.0
+    exc.headers = {"Retry-After": "86400"}
+    assert kubeapi.retry_after(exc) == kubeapi.RETRY_AFTER_MAX
+    exc.headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}
+    assert kubeapi.retry_after(exc) is None

@@ -192,6 +192,12 @@ class TestJob:
         annotations = building.build_job(job_of())["spec"]["template"]["metadata"]["annotations"]
         assert annotations[naming.ANNOTATION_JOB_UID] == UID
 
+    def test_the_output_path_is_a_folder_of_the_workspace_volume(self) -> None:
+        job = job_of(output={"path": "models/final"})
+        assert env_of(building.build_job(job))["KUBETUNE_OUTPUT_DIR"] == "/workspace/models/final"
+        mounts = building.build_job(job)["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert any(m["mountPath"] == "/workspace" and m["name"] == "workspace" for m in mounts)
+
     def test_hf_token_only_from_the_secret_reference(self) -> None:
         assert "HF_TOKEN" not in env_of(building.build_job(job_of()))
         job = job_of(model={"source": "hf://meta-llama/Llama-3.2-1B", "credentialsSecret": {"name": "hf", "key": "tok"}})

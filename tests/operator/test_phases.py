@@ -121,6 +121,17 @@ class TestStatusPatch:
     def test_a_finished_job_stays_finished(self) -> None:
         assert phases.status_patch({"phase": "Succeeded"}, observe(job(active=1)), generation=1) == {}
 
+    def test_a_finished_status_is_kept_when_its_pods_or_job_go(self) -> None:
+        """Found by tests/operator/test_children_deleted.py: deleting a failed run's pod rewrote its
+        message (the pod's exit detail was gone) and posted a new Event."""
+        failed = job(conditions=[cond("Failed", reason="BackoffLimitExceeded", message="backoff limit")])
+        crashed = {"metadata": {"name": "p-0"}, "status": {"containerStatuses": [
+            {"state": {"terminated": {"exitCode": 1, "message": "loss is nan at step 7"}}}]}}
+        status = phases.status_patch({}, phases.observe(failed, [crashed], user_suspended=False, queue=None), generation=1)
+        assert "loss is nan" in status["message"]
+        assert phases.status_patch(status, observe(failed), generation=1) == {}  # the pod is gone: nothing changes
+        assert phases.status_patch(status, observe(job(conditions=[cond("Complete")])), generation=1) == {}
+
     def test_resume_marks_suspended_false(self) -> None:
         status = phases.status_patch({}, observe(job(suspend=True), suspended=True), generation=1)
         status = {**status, **phases.status_patch(status, observe(job(active=1, ready=1)), generation=2)}

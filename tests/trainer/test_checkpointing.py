@@ -235,3 +235,82 @@ def test_full_checkpoint_storage_fails_with_a_clear_reason_and_keeps_the_previou
     again = train_job(job, run_dir)
     assert again.rc == 0 and again.checkpoint_state(6)["step"] == 6
     assert [e["step"] for e in again.log()][-4:] == [3, 4, 5, 6]
+
+
+class ReadOnlyVolume:
+    """The checkpoint folder turns read-only (a remount after an I/O error, a claim mounted readOnly)
+    at ``when``: from then on every call that would write under it fails with EROFS, as the kernel
+    answers. The tests run as root, so chmod cannot show this; the os calls are patched instead."""
+
+    def __init__(self, root, when: str) -> None:
+        self.root, self.when, self.on = str(root), when, False
+
+    def _under(self, path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(self.root)
+
+    def _refuse(self, path) -> None:
+        import errno
+
+        raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    def install(self, monkeypatch) -> None:
+        import builtins
+
+        real = {"mkdir": os.mkdir, "rename": os.rename, "replace": os.replace, "open": builtins.open}
+
+        def mkdir(path, *args, **kwargs):
+            if self._under(path):
+                self.on = self.on or (self.when == "start" and ".tmp-step-00000004" in os.fspath(path))
+                if self.on:
+                    self._refuse(path)
+            return real["mkdir"](path, *args, **kwargs)
+
+        def rename(src, dst, *args, **kwargs):
+            if self._under(dst):
+                self.on = self.on or (self.when == "rename" and ".tmp-step-00000004" in os.fspath(src))
+                if self.on:
+                    self._refuse(dst)
+            return real["rename"](src, dst, *args, **kwargs)
+
+        def replace(src, dst, *args, **kwargs):
+            if self._under(dst) and self.on:
+                self._refuse(dst)
+            return real["replace"](src, dst, *args, **kwargs)
+
+        def open_(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and self._under(file) and self.on and set(mode) & set("wax+"):
+                self._refuse(file)
+            return real["open"](file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("when", ["start", "rename"])
+def test_a_read_only_checkpoint_volume_fails_with_a_clear_reason_and_keeps_the_previous_checkpoint(
+        tiny_model_dir, train_job, tmp_path, monkeypatch, when):
+    """Read-only from the start of the second checkpoint, or only when it is renamed into place
+    (after its files were written): either way one line says so and how to fix it, and the first
+    checkpoint is still the latest, whole."""
+    job = _text_job(tiny_model_dir, tmp_path, **{"training.maxSteps": 6, "checkpointing.everySteps": 2, "data.eval": None})
+    run_dir = tmp_path / "run"
+    volume = ReadOnlyVolume(run_dir / "checkpoints", when)
+    message = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(message))
+    with monkeypatch.context() as patched:
+        volume.install(patched)
+        run = train_job(job, run_dir)
+    assert volume.on, "the volume never turned read-only: the test proved nothing"
+    assert run.rc == 1
+    reason = message.read_text()
+    assert "checkpointing: cannot write step-00000004" in reason and "Read-only file system" in reason, reason
+    assert "Mount the checkpoint volume read-write" in reason and "Free or enlarge" not in reason
+    assert "the previous checkpoint step-00000002 is intact" in reason and "\n" not in reason
+    assert checkpoints.find_latest(run.checkpoint_dir).name == "step-00000002"
+    assert run.steps() == [2]
+    _assert_intact(run.checkpoint_dir)
+    again = train_job(job, run_dir)  # writable again: resumes from step 2
+    assert again.rc == 0 and again.checkpoint_state(6)["step"] == 6
+    assert [e["step"] for e in again.log()][-4:] == [3, 4, 5, 6]

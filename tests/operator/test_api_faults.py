@@ -1,0 +1,231 @@
+"""The real operator (kopf) against an API server that fails: it retries with backoff and converges.
+
+Faults are injected into the emulator (``tests.support.emulating``) as kmock reactions placed
+before its own handling: :class:`Fault` answers the first N requests that match with an error
+(500, 503, 429 with ``Retry-After``, 409 Conflict), optionally after letting the write land (a
+create that succeeded but whose answer was lost), and then lets requests through. Watch streams
+are answered with a ``410 Gone`` ERROR event (resource version too old: kopf lists again), closed
+at once (a dropped connection), or broken mid-event. Properties: every child is created exactly
+once, the phase reaches what the Job says, each fault was really met, and the operator logs no
+traceback (``run_operator`` checks its output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kmock
+import pytest
+
+from kubetune.api import ConditionType
+from kubetune.operator import kubeapi, naming, retrying
+from tests.operator.operating import JobController, condition, manifest, status, wait_phase
+from tests.support.clusters import Cluster
+
+Operator = Callable[..., Any]
+SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
+CHILD_KINDS = [("batch/v1", "Job"), ("v1", "ConfigMap"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"),
+               ("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
+               ("rbac.authorization.k8s.io/v1", "RoleBinding")]
+
+
+def _status_body(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message}
+
+
+def _method(request: kmock.Request) -> str:
+    return str(request.method.value).upper()
+
+
+def _plural(request: kmock.Request) -> str | None:
+    return request.resource.plural if request.resource is not None else None
+
+
+def _operator(request: kmock.Request) -> bool:
+    return request.headers.get("User-Agent", "").startswith(kubeapi.USER_AGENT)
+
+
+def _kopf(request: kmock.Request) -> bool:
+    return request.headers.get("User-Agent", "").startswith("kopf")
+
+
+def _watch(request: kmock.Request) -> bool:
+    return _method(request) == "GET" and request.params.get("watch") in ("true", "1")
+
+
+@dataclass
+class Fault:
+    """Answer the first ``times`` requests that reach it with ``status`` (and ``headers``); with
+    ``land`` the request is served first and only its answer is lost. Then it steps aside."""
+
+    emulator: Any
+    status: int
+    times: int
+    headers: dict[str, str] = field(default_factory=dict)
+    land: bool = False
+    delay: float = 0.0
+    met: list[float] = field(default_factory=list)  # when each injected answer was given
+
+    async def __call__(self, request: kmock.Request) -> Any:
+        if len(self.met) >= self.times:
+            return NotImplemented  # no longer failing: the emulator's own handling answers
+        self.met.append(time.monotonic())
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.land:
+            self.emulator._serve_resource_request(request)  # the write happens; the client never hears so
+        reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}[self.status]
+        return kmock.Response(status=self.status, headers=self.headers,
+                              payload=_status_body(self.status, reason, f"injected {self.status}"))
+
+
+@dataclass
+class WatchFault:
+    """The first ``times`` watch requests that reach it get ``kind``: ``gone`` (an ERROR event with
+    code 410, as for a too old resourceVersion), ``dropped`` (the stream ends before any event) or
+    ``broken`` (the connection fails in the middle of an event)."""
+
+    kind: str
+    times: int
+    met: int = 0
+
+    def __call__(self, request: kmock.Request) -> Any:
+        if self.met >= self.times:
+            return NotImplemented
+        self.met += 1
+        if self.kind == "gone":
+            event = {"type": "ERROR", "object": _status_body(410, "Expired", "too old resource version: 1 (4242)")}
+            return kmock.Response(status=200, payload=event)
+        if self.kind == "dropped":
+            return kmock.Response(status=200, payload=b"")
+        return kmock.Response(status=200, payload=(b'{"type": "MODIFIED", "object": {"metadata": {"na', _reset))
+
+
+async def _reset(request: kmock.Request) -> None:
+    """The TCP connection is lost in the middle of a chunk (a node or load balancer going away)."""
+    await asyncio.sleep(0.05)  # the partial event reaches the client first
+    request._raw_request.transport.abort()  # type: ignore[union-attr]
+
+
+class Injector:
+    """One kmock reaction for all the faults of a test (each reaction costs every request a filter
+    pass): the first fault whose predicate matches and that still has failures to give answers."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.faults: list[tuple[Callable[[kmock.Request], bool], Any]] = []
+        cluster.emulator.emulator[lambda r: r.resource is not None] << self  # type: ignore[union-attr]
+
+    async def __call__(self, request: kmock.Request) -> Any:
+        for matches, fault in self.faults:
+            if matches(request):
+                answer = fault(request)
+                answer = await answer if asyncio.iscoroutine(answer) else answer
+                if answer is not NotImplemented:
+                    return answer
+        # "matched, nothing to say": kmock goes on to the emulator's handling (a ReactionMismatchError,
+        # which returning NotImplemented means, would disable this reaction for good)
+        raise NotImplementedError
+
+
+def inject(cluster: Cluster, matches: Callable[[kmock.Request], bool], fault: Any) -> Any:
+    injector = getattr(cluster, "_fault_injector", None)  # one per cluster (and so per emulator)
+    if injector is None:
+        injector = Injector(cluster)
+        cluster._fault_injector = injector  # type: ignore[attr-defined]
+    injector.faults.append((matches, fault))
+    return fault
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retrying, "MAX_DELAY", 0.2)
+    monkeypatch.setattr(kubeapi, "RETRY_WAIT_MIN", 0.05)
+    monkeypatch.setattr(kubeapi, "RETRY_WAIT_MAX", 0.2)
+
+
+def assert_children_once(cluster: Cluster, names: list[str]) -> None:
+    """One object of each child kind per FineTuneJob, no more (names are deterministic)."""
+    for api, kind in CHILD_KINDS:
+        found = cluster.list(api, kind, label_selector=SELECTOR)
+        owners = sorted(o["metadata"]["labels"][naming.LABEL_JOB] for o in found)
+        assert owners == sorted(names), (kind, [o["metadata"]["name"] for o in found])
+
+
+def finish(cluster: Cluster, job_controller: JobController, name: str) -> dict[str, Any]:
+    job_controller.add_pod(name, 0, {"phase": "Running"})
+    job_controller.set_status(name, {"active": 1, "ready": 1})
+    wait_phase(cluster, name, "Running", timeout=60)
+    job_controller.set_status(name, {"active": 0, "ready": 0, "succeeded": 1,
+                                     "conditions": [{"type": "Complete", "status": "True"}]})
+    return wait_phase(cluster, name, "Succeeded", timeout=60)
+
+
+@pytest.mark.slow
+def test_server_errors_throttling_and_conflicts_make_each_child_once_and_the_status_converges(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    emulator = cluster.emulator.emulator  # type: ignore[union-attr]
+
+    def creates(plural: str) -> Callable[[kmock.Request], bool]:
+        return lambda r: _operator(r) and _method(r) == "POST" and _plural(r) == plural
+
+    faults = {
+        # a create that landed but whose answer was lost: the retry meets 409 AlreadyExists, reads it back
+        "configmap 500 after the write": inject(cluster, creates("configmaps"), Fault(emulator, 500, 1, land=True)),
+        "job 500": inject(cluster, creates("jobs"), Fault(emulator, 500, 1)),
+        "service 503": inject(cluster, creates("services"), Fault(emulator, 503, 3)),
+        "role 429 Retry-After": inject(cluster, creates("roles"), Fault(emulator, 429, 2, headers={"Retry-After": "1"})),
+        "claim: slow answers": inject(cluster, creates("persistentvolumeclaims"), Fault(emulator, 503, 1, delay=1.5)),
+        "status 409": inject(cluster, lambda r: _operator(r) and _method(r) == "PATCH" and r.subresource == "status",
+                             Fault(emulator, 409, 6)),
+        "status reads 500": inject(cluster, lambda r: _operator(r) and _method(r) == "GET" and _plural(r) == "finetunejobs"
+                                   and r.name is not None, Fault(emulator, 500, 1)),
+        "kopf's own patches 500": inject(cluster, lambda r: _kopf(r) and _method(r) == "PATCH", Fault(emulator, 500, 1)),
+    }
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("flaky"))
+        cluster.wait_for(lambda: condition(cluster, "flaky", ConditionType.CREATED), timeout=60, what="flaky created")
+        final = finish(cluster, job_controller, "flaky")
+        cluster.create(manifest("calm"))  # served after the storm, as usual
+        cluster.wait_for(lambda: condition(cluster, "calm", ConditionType.CREATED), timeout=30, what="calm created")
+    for what, fault in faults.items():
+        assert len(fault.met) == fault.times, (what, len(fault.met))
+    assert_children_once(cluster, ["calm", "flaky"])
+    assert {c["type"]: c["status"] for c in final["conditions"]}[ConditionType.SUCCEEDED] == "True"
+    assert final["completionTime"] and status(cluster, "flaky")["phase"] == "Succeeded"
+    # Retry-After was honoured: the second 429 came no sooner than a second after the first
+    role_429 = faults["role 429 Retry-After"].met
+    assert role_429[1] - role_429[0] >= 0.95, role_429
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gone", "dropped", "broken"])
+def test_watch_streams_that_expire_drop_or_break_lose_no_event(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Every watch the operator opens (FineTuneJobs, Jobs, pods) is cut or refused several times,
+    while the Job goes from created to running to complete: the phase still follows."""
+    monkeypatch.setenv("KUBETUNE_WATCH_SERVER_TIMEOUT", "1")  # streams end every second: many reconnections
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("watched"))
+        cluster.wait_for(lambda: condition(cluster, "watched", ConditionType.CREATED), timeout=60, what="created")
+        # from now on, the next reconnections of every watch fail while the Job moves on
+        faults = {plural: inject(cluster, lambda r, p=plural: _kopf(r) and _watch(r) and _plural(r) == p, WatchFault(kind, 3))
+                  for plural in ("finetunejobs", "jobs", "pods")}
+        job_controller.add_pod("watched", 0, {"phase": "Running"})
+        job_controller.set_status("watched", {"active": 1, "ready": 1})
+        wait_phase(cluster, "watched", "Running", timeout=60)
+        job_controller.set_status("watched", {"active": 0, "ready": 0, "succeeded": 1,
+                                              "conditions": [{"type": "Complete", "status": "True"}]})
+        final = wait_phase(cluster, "watched", "Succeeded", timeout=60)
+        cluster.wait_for(lambda: all(f.met == f.times for f in faults.values()), timeout=30,
+                         what=f"every {kind} watch fault met")
+        cluster.create(manifest("later"))  # and the FineTuneJob watch still serves new jobs
+        cluster.wait_for(lambda: condition(cluster, "later", ConditionType.CREATED), timeout=30, what="later created")
+    assert final["phase"] == "Succeeded"
+    assert_children_once(cluster, ["later", "watched"])
