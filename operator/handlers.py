@@ -35,6 +35,7 @@ from kubetune.api.searching import SEARCH_LABEL
 from kubetune.operator import (
     admitting,
     creating,
+    indexing,
     kubeapi,
     metrics,
     naming,
@@ -81,15 +82,37 @@ def api_probe(**_: Any) -> str:
     return "connected" if kubeapi.is_connected() else "not connected"
 
 
+@kopf.index(*FINETUNEJOBS)
+async def finetunejob_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[indexing.Key, dict[str, Any]]:
+    return {(namespace or "default", body.metadata.name or ""): indexing.finetunejob_entry(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+async def job_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[indexing.Key, dict[str, Any]]:
+    return {indexing.owner_key(namespace, body): indexing.job_entry(body)}
+
+
+@kopf.index("", "v1", "pods", labels=MANAGED)
+async def pod_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[indexing.Key, dict[str, Any]]:
+    return {indexing.owner_key(namespace, body): indexing.pod_entry(body)}
+
+
+def _seen(kwargs: dict[str, Any]) -> indexing.Seen:
+    """What the watches saw (kopf passes every index to every handler, by the index's name).
+    Index and event handlers are coroutines: kopf would run plain functions in a thread each."""
+    return indexing.Seen(kwargs.get("finetunejob_index"), kwargs.get("job_index"), kwargs.get("pod_index"),
+                         written=statusing.written())
+
+
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.resume(*FINETUNEJOBS)
-async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def ensure_children(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     # On create, and on every operator start for jobs that exist (idempotent: nothing is made twice).
     with _reconcile("FineTuneJob"):
         if searching.is_search(dict(body)):
             await searching.ensure_trials(dict(body), memo.settings)
         else:
-            await creating.ensure_children(dict(body), memo.settings)
+            await creating.ensure_children(dict(body), memo.settings, _seen(kwargs))
 
 
 def admit(body: kopf.Body, operation: str | None = None, old: kopf.Body | None = None, **_: Any) -> None:
@@ -115,15 +138,18 @@ async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(*FINETUNEJOBS)
-def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=event["type"] == "DELETED")
+async def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    deleted = event["type"] == "DELETED"
+    running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=deleted)
+    if deleted:
+        statusing.forget(namespace or "default", body.metadata.name or "")
 
 
 @kopf.on.event(*FINETUNEJOBS, when=lambda body, **_: statusing.stop_not_shown(dict(body)))
-async def show_early_stop(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def show_early_stop(body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
     # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
     with _reconcile("FineTuneJob"):
-        await statusing.refresh(namespace or "default", body.metadata.name)
+        await statusing.refresh(namespace or "default", body.metadata.name or "", _seen(kwargs))
 
 
 @kopf.on.event(*FINETUNEJOBS, labels={SEARCH_LABEL: kopf.PRESENT})
@@ -135,14 +161,13 @@ async def follow_trial(body: kopf.Body, namespace: str | None, memo: kopf.Memo, 
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def follow_job(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def follow_job(body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
     with _reconcile("Job"):
-        await statusing.refresh(namespace or "default", body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name))
+        await statusing.refresh(*indexing.owner_key(namespace, body), _seen(kwargs))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def follow_pod(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    job_name = body.metadata.annotations.get(naming.ANNOTATION_JOB)
-    if job_name:
+async def follow_pod(body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+    if body.metadata.annotations.get(naming.ANNOTATION_JOB):
         with _reconcile("Pod"):
-            await statusing.refresh(namespace or "default", job_name)
+            await statusing.refresh(*indexing.owner_key(namespace, body), _seen(kwargs))
