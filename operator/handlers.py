@@ -11,8 +11,9 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
   trainer reported (``progress.stopReason``) and no condition shows yet is written (``statusing``);
 * admission of FineTuneJobs (CREATE, UPDATE): the validating webhook (``admitting``), when
   ``KUBETUNE_WEBHOOK_PORT`` turns kopf's webhook server on;
-* batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
-  owning FineTuneJob's status (``statusing``). No timers, no polling loops.
+* batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event is noted in
+  ``indexing``'s store (as is every FineTuneJob event) and recomputes the owning FineTuneJob's
+  status from it (``statusing``), reading nothing from the API. No timers, no polling loops.
 
 Handlers return nothing: kopf would store a returned value in ``status``, which belongs to the
 user's view (phase, conditions) and the trainer (progress); the CRD's schema would prune it anyway.
@@ -82,37 +83,20 @@ def api_probe(**_: Any) -> str:
     return "connected" if kubeapi.is_connected() else "not connected"
 
 
-@kopf.index(*FINETUNEJOBS)
-async def finetunejob_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[indexing.Key, dict[str, Any]]:
-    return {(namespace or "default", body.metadata.name or ""): indexing.finetunejob_entry(body)}
-
-
-@kopf.index("batch", "v1", "jobs", labels=MANAGED)
-async def job_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[indexing.Key, dict[str, Any]]:
-    return {indexing.owner_key(namespace, body): indexing.job_entry(body)}
-
-
-@kopf.index("", "v1", "pods", labels=MANAGED)
-async def pod_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[indexing.Key, dict[str, Any]]:
-    return {indexing.owner_key(namespace, body): indexing.pod_entry(body)}
-
-
-def _seen(kwargs: dict[str, Any]) -> indexing.Seen:
-    """What the watches saw (kopf passes every index to every handler, by the index's name).
-    Index and event handlers are coroutines: kopf would run plain functions in a thread each."""
-    return indexing.Seen(kwargs.get("finetunejob_index"), kwargs.get("job_index"), kwargs.get("pod_index"),
-                         written=statusing.written())
+def _seen() -> indexing.Seen:
+    """What the watches saw (noted by the event handlers below), and our own last status writes."""
+    return indexing.Seen.of(indexing.store(), statusing.written())
 
 
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.resume(*FINETUNEJOBS)
-async def ensure_children(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def ensure_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # On create, and on every operator start for jobs that exist (idempotent: nothing is made twice).
     with _reconcile("FineTuneJob"):
         if searching.is_search(dict(body)):
             await searching.ensure_trials(dict(body), memo.settings)
         else:
-            await creating.ensure_children(dict(body), memo.settings, _seen(kwargs))
+            await creating.ensure_children(dict(body), memo.settings, _seen())
 
 
 def admit(body: kopf.Body, operation: str | None = None, old: kopf.Body | None = None, **_: Any) -> None:
@@ -139,17 +123,19 @@ async def change_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(*FINETUNEJOBS)
 async def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    # Event handlers are coroutines: kopf would run a plain function in a thread each time.
     deleted = event["type"] == "DELETED"
+    indexing.store().note_finetunejob(namespace, body, deleted=deleted)
     running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=deleted)
     if deleted:
         statusing.forget(namespace or "default", body.metadata.name or "")
 
 
 @kopf.on.event(*FINETUNEJOBS, when=lambda body, **_: statusing.stop_not_shown(dict(body)))
-async def show_early_stop(body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+async def show_early_stop(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
     with _reconcile("FineTuneJob"):
-        await statusing.refresh(namespace or "default", body.metadata.name or "", _seen(kwargs))
+        await statusing.refresh(namespace or "default", body.metadata.name or "", _seen())
 
 
 @kopf.on.event(*FINETUNEJOBS, labels={SEARCH_LABEL: kopf.PRESENT})
@@ -161,13 +147,15 @@ async def follow_trial(body: kopf.Body, namespace: str | None, memo: kopf.Memo, 
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def follow_job(body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    indexing.store().note_job(namespace, body, deleted=event["type"] == "DELETED")
     with _reconcile("Job"):
-        await statusing.refresh(*indexing.owner_key(namespace, body), _seen(kwargs))
+        await statusing.refresh(*indexing.owner_key(namespace, body), _seen())
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def follow_pod(body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
     if body.metadata.annotations.get(naming.ANNOTATION_JOB):
+        indexing.store().note_pod(namespace, body, deleted=event["type"] == "DELETED")
         with _reconcile("Pod"):
-            await statusing.refresh(*indexing.owner_key(namespace, body), _seen(kwargs))
+            await statusing.refresh(*indexing.owner_key(namespace, body), _seen())

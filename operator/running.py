@@ -31,6 +31,7 @@ from kubetune.operator.settings import Settings
 logger = logging.getLogger(__name__)
 
 _phases: dict[str, str] = {}
+_counts: Counter[str] = Counter()  # of _phases' values, kept as they change
 
 
 def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
@@ -61,6 +62,7 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
         settings.admission.managed = f"{PLURAL}.{GROUP}"
     kubeapi.connect()
     _phases.clear()
+    _counts.clear()
     logger.info("kubetune operator configured: %s", ours)
     return ours
 
@@ -69,11 +71,19 @@ def track_phase(uid: str | None, phase: str | None, *, deleted: bool = False) ->
     """Keep the jobs-by-phase gauge current from FineTuneJob events; no phase yet counts as Unknown."""
     if uid is None:
         return
-    if deleted:
+    before = _phases.get(uid)
+    after = None if deleted else phase or "Unknown"
+    if after is None:
         _phases.pop(uid, None)
     else:
-        _phases[uid] = phase or "Unknown"
-    metrics.set_jobs_by_phase(dict(Counter(_phases.values())))
+        _phases[uid] = after
+    if before == after and _counts:
+        return  # most events: no phase change, nothing to count (was a count of every job per event)
+    if before is not None:
+        _counts[before] -= 1
+    if after is not None:
+        _counts[after] += 1
+    metrics.set_jobs_by_phase(+_counts)
 
 
 def operator_main(args: argparse.Namespace) -> int:

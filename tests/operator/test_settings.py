@@ -60,6 +60,7 @@ def test_jobs_by_phase_counts_jobs_without_a_phase_until_they_are_deleted(monkey
     seen: list[dict[str, int]] = []
     monkeypatch.setattr(running.metrics, "set_jobs_by_phase", lambda counts: seen.append(dict(counts)))
     monkeypatch.setattr(running, "_phases", {})
+    monkeypatch.setattr(running, "_counts", running.Counter())
     running.track_phase("a", None)
     running.track_phase("b", "Running")
     running.track_phase("a", None)  # a later event, still no phase: still counted
