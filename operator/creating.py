@@ -27,7 +27,7 @@ import kopf
 
 from kubetune.api import ConditionType, FineTuneJob, Reason, SpecError, parse_job
 from kubetune.api.statuses import status_fields
-from kubetune.operator import building, kubeapi, naming, retrying, statusing
+from kubetune.operator import building, indexing, kubeapi, naming, retrying, statusing
 from kubetune.operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,12 @@ def _foreign_owner(existing: dict[str, Any], wanted: dict[str, Any]) -> str | No
     return None
 
 
-async def ensure_children(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Create every missing child of the job; returns what kopf stores as the handler's result."""
+async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexing.Seen | None = None) -> dict[str, Any]:
+    """Create every missing child of the job; returns what kopf stores as the handler's result.
+
+    One status write says it: the ``Created`` condition and the phase the new Job shows
+    (Initializing, or Suspended/Pending when it starts suspended). No Event: the condition carries
+    what was made; Events are left for what a person acts on (``phases.worth_an_event``)."""
     job = await parse_or_reject(body, fail=True)
     if statusing.is_finished(body):
         return {"children": "kept: the job has finished"}
@@ -81,11 +85,15 @@ async def ensure_children(body: dict[str, Any], settings: Settings) -> dict[str,
         return {"children": "none: the FineTuneJob is gone"}
     options = building.BuildOptions.from_settings(settings)
     made: list[str] = []
-    for wanted in building.plan(job, options):
+    planned = building.plan(job, options)
+    new_job: dict[str, Any] | None = None
+    for wanted in planned:
         existing, created = await kubeapi.create(wanted)
         kind, name = wanted["kind"], wanted["metadata"]["name"]
         if created:
             made.append(f"{kind}/{name}")
+            if kind == "Job":
+                new_job = existing
             continue
         stale = _foreign_owner(existing, wanted)
         if stale:
@@ -102,12 +110,12 @@ async def ensure_children(body: dict[str, Any], settings: Settings) -> dict[str,
           f"created the trainer Job {naming.names_for(job.name).job} and its ConfigMap, Service, claim and RBAC")],
         extra=status_fields(techniques=building.techniques_summary(job), observed_generation=job.metadata.generation),
         defaults=status_fields(phase="Pending", message="resources created"),
+        current=live, job=new_job,
     )
-    if made:
-        await kubeapi.post_event(statusing.involved(body), reason=Reason.RESOURCES_CREATED,
-                                 message=f"created {', '.join(made)}")
-    await statusing.refresh(job.namespace, job.name)
-    return {"children": len(building.plan(job, options)), "created": len(made)}
+    # The Job may have moved on meanwhile (a resume; its events while this ran found no Created yet):
+    # from the indexes this costs no request when it has not.
+    await statusing.refresh(job.namespace, job.name, seen)
+    return {"children": len(planned), "created": len(made)}
 
 
 async def _note_reused_claim(job: FineTuneJob, claim: dict[str, Any]) -> None:

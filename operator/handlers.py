@@ -12,9 +12,11 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
   every event goes back to the hook (the next trials, the parent's trials/bestTrial/phase);
 * admission of FineTuneJobs (CREATE, UPDATE): the validating webhook (``admitting``), when
   ``KUBETUNE_WEBHOOK_PORT`` turns kopf's webhook server on;
-* batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event recomputes the
-  owning FineTuneJob's status (``statusing``); a deleted Job, or the last pod of one stopping,
-  makes the Job of an unfinished run again (``creating.restore_job``). No timers, no polling loops.
+* batch/v1 Jobs and pods carrying the operator's ``managed-by`` label: every event is noted in
+  ``indexing``'s store (as is every FineTuneJob event) and recomputes the owning FineTuneJob's
+  status from it (``statusing``), reading nothing from the API; a deleted Job, or the last pod of a
+  Job that is gone stopping, makes the Job of an unfinished run again (``creating.restore_job``).
+  No timers, no polling loops.
 
 Handlers return nothing: kopf would store a returned value in ``status``, which belongs to the
 user's view (phase, conditions) and the trainer (progress); the CRD's schema would prune it anyway.
@@ -38,6 +40,7 @@ from kubetune.operator import (
     admitting,
     arranging,
     creating,
+    indexing,
     kubeapi,
     metrics,
     naming,
@@ -92,6 +95,11 @@ def api_probe(**_: Any) -> str:
     return "connected" if kubeapi.is_connected() else "not connected"
 
 
+def _seen() -> indexing.Seen:
+    """What the watches saw (noted by the event handlers below), and our own last status writes."""
+    return indexing.Seen.of(indexing.store(), statusing.written())
+
+
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.resume(*FINETUNEJOBS)
 async def ensure_children(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
@@ -101,7 +109,7 @@ async def ensure_children(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_:
         if hook is not None:
             await hook.ensure_runs(dict(body), memo.settings)
         else:
-            await creating.ensure_children(dict(body), memo.settings)
+            await creating.ensure_children(dict(body), memo.settings, _seen())
 
 
 def admit(body: kopf.Body, operation: str | None = None, old: kopf.Body | None = None, **_: Any) -> None:
@@ -128,15 +136,20 @@ async def change_spec(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any
 
 
 @kopf.on.event(*FINETUNEJOBS)
-def count_phases(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=event["type"] == "DELETED")
+async def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    # Event handlers are coroutines: kopf would run a plain function in a thread each time.
+    deleted = event["type"] == "DELETED"
+    indexing.store().note_finetunejob(namespace, body, deleted=deleted)
+    running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=deleted)
+    if deleted:
+        statusing.forget(namespace or "default", body.metadata.name or "")
 
 
 @kopf.on.event(*FINETUNEJOBS, when=lambda body, **_: statusing.stop_not_shown(dict(body)))
 async def show_early_stop(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
     with _reconcile("FineTuneJob"):
-        await statusing.refresh(namespace or "default", body.metadata.name)
+        await statusing.refresh(namespace or "default", body.metadata.name or "", _seen())
 
 
 def _follow_runs_of(hook: RunArranger) -> Any:
@@ -156,19 +169,25 @@ for _key, _hook in arranging.arrangers().items():
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    name = body.metadata.annotations.get(naming.ANNOTATION_JOB, body.metadata.name)
     deleted = event["type"] == "DELETED"
+    indexing.store().note_job(namespace, body, deleted=deleted)
+    owner_namespace, owner = indexing.owner_key(namespace, body)
     with _reconcile("Job"):
-        await statusing.refresh(namespace or "default", name, deleted_job=dict(body) if deleted else None)
+        await statusing.refresh(owner_namespace, owner, _seen(), deleted_job=dict(body) if deleted else None)
         if deleted:  # an unfinished run gets its Job back (a finished one never does)
-            await creating.restore_job(namespace or "default", name, memo.settings)
+            await creating.restore_job(owner_namespace, owner, memo.settings)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
 async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    job_name = body.metadata.annotations.get(naming.ANNOTATION_JOB)
-    if job_name:
+    if body.metadata.annotations.get(naming.ANNOTATION_JOB):
+        deleted = event["type"] == "DELETED"
+        indexing.store().note_pod(namespace, body, deleted=deleted)
+        owner_namespace, owner = indexing.owner_key(namespace, body)
         with _reconcile("Pod"):
-            await statusing.refresh(namespace or "default", job_name)
-            if event["type"] == "DELETED" or (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                await creating.restore_job(namespace or "default", job_name, memo.settings)
+            await statusing.refresh(owner_namespace, owner, _seen())
+            # A pod of a Job that is gone stopped: the Job is made again once its pods are all down.
+            # While the watches still hold the Job there is nothing to restore (no reads at scale).
+            stopped = deleted or (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            if stopped and _seen().job(owner_namespace, owner) is None:
+                await creating.restore_job(owner_namespace, owner, memo.settings)

@@ -161,11 +161,12 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, user_susp
     if ready or running_pods:
         count = max(ready, len(running_pods))
         return Observation("Running", Reason.PODS_RUNNING, f"{count}/{nodes} trainer pods running", **times)
-    if active or pods:
-        detail = waiting_detail(pods)
-        return Observation("Initializing", Reason.PODS_PENDING,
-                           detail or f"{active or len(pods)}/{nodes} trainer pods starting", **times)
-    return Observation("Initializing", Reason.JOB_CREATED, "waiting for the Job's pods to be created", **times)
+    detail = waiting_detail(pods)
+    if detail:
+        return Observation("Initializing", Reason.PODS_PENDING, detail, **times)
+    # Pods being made or starting with nothing to explain: the same observation as a Job with no pods
+    # yet, so the routine steps in between cost no status write (and no Event).
+    return Observation("Initializing", Reason.JOB_CREATED, f"waiting for the {nodes} trainer pod(s) to start", **times)
 
 
 def set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reason: str, message: str,
@@ -237,16 +238,19 @@ def status_patch(status: dict[str, Any] | None, obs: Observation | None, *, gene
     if stopped is not None:
         conditions = set_condition(conditions, stopped.type, stopped.status, stopped.reason, stopped.message,
                                    generation, timestamp)
-    current_start = status.get(status_key("start_time"))
-    start = current_start or obs.start_time
-    if start and start != current_start:
-        fields["start_time"] = start
     if obs.completion_time and not status.get(status_key("completion_time")):
         fields["completion_time"] = obs.completion_time
     if obs.restarts != (status.get(status_key("restarts")) or 0):
         fields["restarts"] = obs.restarts
+    conditions_changed = conditions != (status.get("conditions") or [])
+    current_start = status.get(status_key("start_time"))
+    start = current_start or obs.start_time
+    # The Job's startTime comes while its pods are still starting: it rides along with the next
+    # change (Running at the latest) instead of costing a write of its own.
+    if start and start != current_start and (fields or conditions_changed or obs.phase != "Initializing"):
+        fields["start_time"] = start
     patch.update(status_fields(**fields))
-    if conditions != (status.get("conditions") or []):
+    if conditions_changed:
         patch["conditions"] = conditions  # already in the model's keys (set_condition)
     return patch
 
@@ -261,9 +265,16 @@ def _early_stop_patch(status: dict[str, Any], generation: int | None, timestamp:
 
 
 def transitioned(status: dict[str, Any] | None, obs: Observation) -> bool:
-    """Whether ``obs`` is news worth an Event: a new phase, or a new reason within it."""
+    """Whether ``obs`` is a transition: a new phase, or a new reason within it."""
     status = status or {}
     if status.get("phase") != obs.phase:
         return True
     current = _conditions({"status": status}).get(obs.condition_type) or {}
     return current.get("reason") != obs.reason
+
+
+def worth_an_event(status: dict[str, Any] | None, obs: Observation) -> bool:
+    """Whether ``obs`` is news a person wants in ``kubectl describe``: every transition except the
+    routine start (``JobCreated``: the ``Created`` and ``Initializing`` conditions already say it).
+    Each Event is a write to the API server; a lifecycle posts two (running, then finished)."""
+    return transitioned(status, obs) and obs.reason != Reason.JOB_CREATED

@@ -46,8 +46,18 @@ def _log(state: tenacity.RetryCallState) -> None:
                     state.attempt_number, state.outcome.exception())
 
 
+def _log_first(exc: BaseException) -> None:
+    logger.debug("status decision lost its first attempt (%s); retrying", exc)
+
+
 async def until_written(attempt: Callable[[], Awaitable[T]]) -> T:
     """Run ``attempt`` until it returns; a transient failure means read again and retry, for ever."""
+    try:  # nearly every decision is written at once: no retry machinery for those (it is per event)
+        return await attempt()
+    except Exception as exc:
+        if not kubeapi.is_transient(exc):
+            raise
+        _log_first(exc)
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(kubeapi.is_transient), wait=_wait, stop=tenacity.stop_never,
         before_sleep=_log, reraise=True,

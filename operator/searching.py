@@ -185,7 +185,9 @@ def search_status_patch(status: dict[str, Any], records: list[TrialRecord], tota
     conditions = phases.conditions_for(conditions, obs, generation, timestamp)
     finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
     fields: dict[str, Any] = {
-        "phase": obs.phase, "message": obs.message, "techniques": techniques, "observed_generation": generation,
+        "phase": obs.phase, "message": obs.message, "techniques": techniques,
+        # Set once here; a spec change moves it (``updating``): kopf's diff base reads it (``persistence``).
+        "observed_generation": status.get(status_key("observed_generation")) or generation,
         "trials": kept_trials(records, search.mode, MAX_TRIALS_IN_STATUS), "best_trial": best,
         "progress": Progress(step=finished, total_steps=total, percent=round(100.0 * finished / max(total, 1), 1)),
         "start_time": status.get(status_key("start_time")) or timestamp,

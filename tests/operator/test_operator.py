@@ -194,6 +194,10 @@ def test_required_permissions_are_exactly_what_the_operator_uses(
         wait_phase(cluster, "perm", "Running")
         cluster.patch(*FTJ, "perm", {"spec": {"runPolicy": {"suspend": True}}})
         cluster.wait_for(lambda: cluster.get("batch/v1", "Job", "perm")["spec"]["suspend"] is True)
+        # A search passes suspend on to its trials (a patch of FineTuneJobs: kopf itself no longer
+        # patches them in a normal lifecycle, its retry records aside).
+        cluster.patch(*FTJ, "perm-search", {"spec": {"runPolicy": {"suspend": True}}})
+        cluster.wait_for(lambda: (cluster.get(*FTJ, "perm-search-trial-000")["spec"].get("runPolicy") or {}).get("suspend") is True)
     used: set[tuple[str, str, str]] = set()
     for request in list(cluster.emulator.emulator):  # type: ignore[union-attr]
         agent = request.headers.get("User-Agent", "")

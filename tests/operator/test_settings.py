@@ -5,7 +5,7 @@ from __future__ import annotations
 import kopf
 import pytest
 
-from kubetune.operator import kubeapi, running
+from kubetune.operator import kubeapi, persistence, running
 from kubetune.operator.settings import Settings
 
 
@@ -44,9 +44,9 @@ def test_kopf_settings_are_chosen_on_purpose(monkeypatch: pytest.MonkeyPatch) ->
     memo = kopf.Memo(settings=Settings(watch_server_timeout=100, watch_client_timeout=130))
     running.configure(settings, memo)
     assert settings.persistence.finalizer == "kubetune.io/finalizer"
-    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert isinstance(settings.persistence.progress_storage, persistence.RetriesOnlyProgress)
     assert settings.persistence.progress_storage.prefix == "kubetune.io"
-    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert isinstance(settings.persistence.diffbase_storage, persistence.GenerationDiffBase)
     assert settings.peering.standalone is True
     assert (settings.watching.server_timeout, settings.watching.client_timeout) == (100, 130)
     assert settings.scanning.disabled is True
@@ -60,6 +60,7 @@ def test_jobs_by_phase_counts_jobs_without_a_phase_until_they_are_deleted(monkey
     seen: list[dict[str, int]] = []
     monkeypatch.setattr(running.metrics, "set_jobs_by_phase", lambda counts: seen.append(dict(counts)))
     monkeypatch.setattr(running, "_phases", {})
+    monkeypatch.setattr(running, "_counts", running.Counter())
     running.track_phase("a", None)
     running.track_phase("b", "Running")
     running.track_phase("a", None)  # a later event, still no phase: still counted

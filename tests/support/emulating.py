@@ -382,7 +382,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             self.objects[key].history.append(stored)
         else:
             self.objects[key] = stored
-        self._journal.append(Change(self._rv, address.group, address.plural, kind, copy.deepcopy(obj), old))
+        # The journal shares the stored version: stored versions are never changed in place (every
+        # write makes a new one), and watch streams only serialise them.
+        self._journal.append(Change(self._rv, address.group, address.plural, kind, stored, old))
         self._notify()
         return obj
 
@@ -406,7 +408,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     def list_objects(self, resource: str | kmock.resource, namespace: str | None = None,
                      label_selector: str | None = None) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else {}
-        return self._list(self._address(resource, namespace), params)["items"]
+        return copy.deepcopy(self._list(self._address(resource, namespace), params)["items"])
 
     def _read(self, address: Address) -> dict[str, Any]:
         info = self._info(address)
@@ -654,7 +656,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     def _list(self, address: Address, params: dict[str, str]) -> dict[str, Any]:
         info = self._info(address)
         selected = self._selectors(params)
-        items = sorted((copy.deepcopy(obj) for _, obj in self._live(address) if selected(obj)),
+        # Not copied: an HTTP answer only serialises them (list_objects copies for in-process callers).
+        items = sorted((obj for _, obj in self._live(address) if selected(obj)),
                        key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
         list_rv, start = self._rv, 0
         if params.get("continue"):
@@ -744,8 +747,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                         kind = "DELETED" if was_in or now_in else ""
                     else:
                         kind = change.type if now_in else ""
-                    if kind:
-                        yield {"type": kind, "object": copy.deepcopy(change.obj)}
+                    if kind:  # no copy per watcher: the journal's version is only serialised
+                        yield {"type": kind, "object": change.obj}
                 waiter = self._wakeup
                 wait = next_bookmark - loop.time()
                 if deadline is not None:
