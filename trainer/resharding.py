@@ -178,6 +178,25 @@ def load(engine: Any, path: Path, *, weights_only: bool = False) -> None:
         config.load_universal_checkpoint = before
     if load_path is None:
         raise ReshardError(f"checkpoint {path}: DeepSpeed found no universal state in {path / UNIVERSAL_TAG}")
+    if not weights_only and engine.zero_optimization_partition_weights():
+        _restore_group_settings(engine, path)
+
+
+def _restore_group_settings(engine: Any, path: Path) -> None:
+    """Give every optimizer group its own learning rate, weight decay and betas back.
+
+    DeepSpeed's ZeRO-3 universal loader copies the first group's settings onto every group; runs
+    with several groups (a head learning rate, no decay for norms and biases) would take one step
+    with the wrong ones. The checkpoint's groups are in ``universal/zero/optimizer_state.pt``."""
+    saved = torch.load(path / UNIVERSAL_TAG / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = saved.get("param_groups") or []
+    live = engine.optimizer.optimizer.param_groups
+    if len(groups) != len(live):
+        log.warning("resuming %s: %d optimizer groups saved, %d now; every group keeps the first one's settings",
+                    path.name, len(groups), len(live))
+        return
+    for group, loaded in zip(live, groups):
+        group.update({k: v for k, v in loaded.items() if k != "params"})
 
 
 def rng_seed(seed: int, step: int, rank: int) -> int:
