@@ -19,7 +19,10 @@ without ZeRO partitions (stage 0) loads the usual way at any size.
 
 What carries over, and how:
 
-* weights, optimizer moments and step count, learning-rate schedule: exactly (fp32 values copied);
+* trainable weights, optimizer moments and step count, each group's settings, learning-rate
+  schedule: exactly (fp32 values copied). Frozen weights (a LoRA base, a linear probe's backbone)
+  come from the model source as on any start: no technique changes a weight it does not train
+  (gradual unfreezing keeps every weight in the optimizer and freezes after the resume);
 * the global batch (micro × accumulation × processes): kept from the checkpoint, so the schedule,
   the step count and the data per step stay those of the run. The accumulation (and, where it must,
   the micro-batch) is re-derived for the new size; a size that cannot divide the global batch is
