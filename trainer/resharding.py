@@ -186,11 +186,16 @@ def load(engine: Any, path: Path, *, weights_only: bool = False) -> None:
 
 
 def _restore_group_settings(engine: Any, path: Path) -> None:
-    """Give every optimizer group its own learning rate, weight decay and betas back.
+    """Give every optimizer group its own step counter, learning rate, weight decay and betas back.
 
     DeepSpeed's ZeRO-3 universal loader copies the first group's settings onto every group; runs
     with several groups (a head learning rate, no decay for norms and biases) would take one step
     with the wrong ones. The checkpoint's groups are in ``universal/zero/optimizer_state.pt``."""
+    # It also hands every group one and the same step tensor, which torch's Adam increments in
+    # place: with two groups the step would count twice per step (the bias correction drifts).
+    for state in engine.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
     saved = torch.load(path / UNIVERSAL_TAG / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
     groups = saved.get("param_groups") or []
     live = engine.optimizer.optimizer.param_groups
