@@ -6,9 +6,11 @@ process. :class:`Trainer` follows torchtune's recipe shape — ``setup()``, ``tr
 in ``kubetune.trainer.techniques.base`` (which is the documentation plugins rely on):
 
 setup
-    seed → process group (gloo on CPU) → tokenizer → examples (``transform_examples``) → labels →
-    encode → model with head and PEFT → ``prepare_model`` → ``param_groups`` → DeepSpeed engine →
-    resume from the latest checkpoint, if any.
+    seed → process group (gloo on CPU) → the latest checkpoint's batch shape (kept on another number
+    of processes, :mod:`kubetune.trainer.resharding`) → tokenizer → examples (``transform_examples``)
+    → labels → encode → model with head and PEFT → ``prepare_model`` → ``param_groups`` → DeepSpeed
+    engine → resume from the latest checkpoint, if any (through DeepSpeed's universal form when it
+    was taken on another number of processes).
 train
     an evaluation before training on a fresh run; then micro-batches in epoch order
     (``order_batches``, ``augment``), forward, ``compute_loss``, ``engine.backward``/``engine.step``;
