@@ -6,8 +6,10 @@ the checkpoint directory (``KUBETUNE_CHECKPOINT_DIR``, ``<run>/checkpoints`` loc
 
     step-00000040/            a complete checkpoint
         state/                DeepSpeed's files: module, optimizer and LR-scheduler state, per rank
-        trainer.json          step, epoch, data position, metrics, total steps, world size
+        trainer.json          step, epoch, data position, metrics, total steps, world size and batch shape
         rng-<rank>.pt         each rank's RNG states
+        universal/            DeepSpeed's universal form of state/, made on the first resume on
+                              another number of processes (``kubetune.trainer.resharding``)
     latest                    the name of the newest complete checkpoint (one line)
     best.json                 {"name", "step", "metric", "value"} of the best by checkpointing.metric
     .tmp-step-00000040/       a checkpoint being written (removed at the next start)
@@ -226,10 +228,19 @@ def load(engine: Any, path: Path, *, rank: int, weights_only: bool = False) -> d
     )
     if load_path is None:
         raise RuntimeError(f"checkpoint {path}: DeepSpeed found no state to load in {path / STATE_TAG}")
-    rng = path / f"rng-{rank}.pt"
-    if not weights_only and rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+    if not weights_only:
+        restore_rng(path, rank)
     return read_state(path)
+
+
+def restore_rng(path: Path, rank: int) -> bool:
+    """Set this process's RNG states from ``rng-<rank>.pt`` of ``path``; False when it has none
+    (a rank that did not exist when the checkpoint was taken)."""
+    rng = path / f"rng-{rank}.pt"
+    if not rng.exists():
+        return False
+    _set_rng_state(torch.load(rng, weights_only=False))
+    return True
 
 
 def _rng_state() -> dict[str, Any]:

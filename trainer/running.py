@@ -177,6 +177,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
     from kubetune.trainer.checkpoints import CheckpointStorageError
     from kubetune.trainer.engines import RendezvousError
     from kubetune.trainer.models import ModelError
+    from kubetune.trainer.resharding import ReshardError
     from kubetune.trainer.training import Terminated, Trainer
 
     trainer = None
@@ -202,7 +203,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         log.error("%s", exc)
         write_termination_message(str(exc))
         return EXIT_FAILED
-    except (SpecError, DataError, SourceError, ModelError) as exc:
+    except (SpecError, DataError, SourceError, ModelError, ReshardError) as exc:
         log.error("%s", exc)
         write_termination_message(str(exc))
         return EXIT_BAD_INPUT

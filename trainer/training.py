@@ -6,9 +6,11 @@ process. :class:`Trainer` follows torchtune's recipe shape — ``setup()``, ``tr
 in ``kubetune.trainer.techniques.base`` (which is the documentation plugins rely on):
 
 setup
-    seed → process group (gloo on CPU) → tokenizer → context (``on_setup``) → examples
+    seed → process group (gloo on CPU) → the latest checkpoint's batch shape (kept on another number
+    of processes, :mod:`kubetune.trainer.resharding`) → tokenizer → context (``on_setup``) → examples
     (``transform_examples``) → labels → encode → model with head and PEFT → ``start_weights`` →
-    ``prepare_model`` → ``param_groups`` → DeepSpeed engine → resume from the latest checkpoint, if any.
+    ``prepare_model`` → ``param_groups`` → DeepSpeed engine → resume from the latest checkpoint, if any
+    (through DeepSpeed's universal form when it was taken on another number of processes).
 train
     an evaluation before training on a fresh run; then micro-batches in epoch order
     (``order_batches``, ``augment``), forward, ``compute_loss``, ``engine.backward``/``engine.step``;
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 from kubetune.api.statuses import EARLY_STOP_PREFIX
-from kubetune.trainer import checkpoints
+from kubetune.trainer import checkpoints, resharding
 from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard, weighted_dataset_order
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
 from kubetune.trainer.engines import all_reduce, build_engine, default_param_groups, init_distributed, resolve_precision
@@ -100,6 +102,7 @@ class Trainer:
         if self.on_gpu:
             torch.cuda.set_device(self.local_rank)
         init_distributed(self.on_gpu)
+        spec = self.spec = self._resume_batch_shape(spec)
         self.precision = resolve_precision(spec, self.on_gpu)
         self.reporter = make_run_reporter(self.job, self.rank, self.options.local, self.paths.run_dir, self.options.progress)
 
@@ -177,6 +180,34 @@ class Trainer:
                 log.warning("tensorboard is not installed; no TensorBoard events will be written (pip install tensorboard)")
             else:
                 self.writer = SummaryWriter(str(self.paths.output_dir / "tensorboard"), purge_step=self.step or None)
+
+    def _resume_batch_shape(self, spec: Any) -> Any:
+        """``spec`` with the micro-batch and accumulation that keep the latest checkpoint's global batch.
+
+        A run resumed on another number of processes (``resources`` changed between attempts)
+        continues with the global batch it was trained with, so its schedule, step count and data per
+        step stay the same (:func:`kubetune.trainer.resharding.plan_batch`; a count that cannot keep it
+        is refused with one line). Without a checkpoint, or on the same count, nothing changes.
+        """
+        if not spec.checkpointing.resume:
+            return spec
+        latest = checkpoints.find_latest(self.paths.checkpoint_dir)
+        if latest is None:
+            return spec
+        state = checkpoints.read_state(latest)
+        micro, accum = resharding.plan_batch(state, spec, self.world_size, checkpoint=f"checkpoint {latest.name}")
+        t = spec.training
+        if (micro, accum) == (t.micro_batch_size, t.gradient_accumulation_steps):
+            return spec
+        if self.rank == 0:
+            old_micro, old_accum, saved = resharding.batch_of(state, spec)
+            log.info(
+                "%s was trained on %d processes (micro-batch %d × accumulation %d); on %d the global batch stays %d: "
+                "micro-batch %d × accumulation %d", latest.name, saved, old_micro, old_accum, self.world_size,
+                old_micro * old_accum * saved, micro, accum,
+            )
+        update = {"micro_batch_size": micro, "gradient_accumulation_steps": accum}
+        return spec.model_copy(update={"training": t.model_copy(update=update)})
 
     def _compile_enabled(self) -> bool:
         """``training.compile``; unset, it is on for GPU runs of a packed causal LM (one graph shape)."""
@@ -267,17 +298,35 @@ class Trainer:
         if latest is None:
             self._start_fresh_log()
             return
-        state = checkpoints.load(self.engine, latest, rank=self.rank)
+        state = self._load_checkpoint(latest)
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         offset = int(state["offset"])
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            offset = offset * int(state["world_size"]) // self.world_size
+        saved = resharding.saved_world_size(state, self.world_size)
+        if saved != self.world_size:
+            offset = resharding.map_offset(offset, state, self.spec, self.world_size, self.spec.training.micro_batch_size)
         self.offset = offset
         self.metrics = state.get("metrics") or {}
         self.resumed_from = latest
         self.ctx.step = self.step
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", latest, self.step, self.epoch, self.offset)
+        moved = f", resharded from {saved} to {self.world_size} processes" if saved != self.world_size else ""
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d%s)", latest, self.step, self.epoch, self.offset, moved)
+
+    def _load_checkpoint(self, path: Path, weights_only: bool = False) -> dict[str, Any]:
+        """Restore the engine (and, unless ``weights_only``, optimizer, scheduler, RNG) from ``path``;
+        a checkpoint of another world size goes through DeepSpeed's universal form
+        (:mod:`kubetune.trainer.resharding`)."""
+        state = checkpoints.read_state(path)
+        if not resharding.needs_universal(path, state, self.world_size):
+            state = checkpoints.load(self.engine, path, rank=self.rank, weights_only=weights_only)
+            restored = (path / f"rng-{self.rank}.pt").exists()
+        else:
+            resharding.convert(path, rank=self.rank)
+            resharding.load(self.engine, path, weights_only=weights_only)
+            restored = not weights_only and checkpoints.restore_rng(path, self.rank)
+        if not weights_only and not restored:
+            resharding.seed_new_rank(self.spec.training.seed, int(state["step"]), self.rank)
+        return state
 
     # ------------------------------------------------------------------ train
 
@@ -512,6 +561,9 @@ class Trainer:
             "epoch": self.epoch,
             "offset": self.offset,
             "world_size": self.world_size,
+            # The batch shape this run trains with (kept across a change of process count).
+            "micro_batch_size": self.spec.training.micro_batch_size,
+            "gradient_accumulation_steps": self.spec.training.gradient_accumulation_steps,
             "total_steps": self.total_steps,
             "metrics": metrics,
             "job": self.job.name,
@@ -538,7 +590,7 @@ class Trainer:
             best_dir = self.paths.checkpoint_dir / best["name"]
             if best_dir.exists():
                 log.info("exporting the best checkpoint (%s %s = %.4g) rather than the last", best["name"], best["metric"], best["value"])
-                state = checkpoints.load(self.engine, best_dir, rank=self.rank, weights_only=True)
+                state = self._load_checkpoint(best_dir, weights_only=True)
                 metrics = state.get("metrics") or metrics
         return export(
             self.engine.module, self.tokenizer, self.paths.output_dir, job=self.job, rank=self.rank,

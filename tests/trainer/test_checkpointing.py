@@ -73,6 +73,9 @@ def test_resume_continues_steps_and_loss_curve_exactly(tiny_model_dir, train_job
     # Same data position, optimizer and scheduler state: the curve is the uninterrupted one.
     assert [e["loss"] for e in resumed_log] == pytest.approx([e["loss"] for e in straight.log()], rel=1e-4)
     assert second.checkpoint_state(8)["step"] == 8
+    # The same number of processes resumes DeepSpeed's own files: no conversion for another count.
+    assert not (second.checkpoint_dir / "step-00000004" / "universal").exists()
+    assert second.checkpoint_state(8)["gradient_accumulation_steps"] == 1
 
 
 def _start(run_dir, job, nproc=1):

@@ -29,6 +29,8 @@ def test_two_processes_train_and_resume(stage, tiny_model_dir, train_job, tmp_pa
     second = train_job(job, run_dir, nproc=2, max_steps=10)
     assert second.rc == 0, second.output[-4000:]
     assert "resumed from" in second.output and "at step 6" in second.output
+    # Same number of processes: DeepSpeed's own shards load as they are, nothing is converted.
+    assert "resharded" not in second.output and not (run_dir / "checkpoints" / "step-00000006" / "universal").exists()
     log = second.log()
     assert [e["step"] for e in log] == list(range(1, 11))
     # The curve continues: the first step after the restart is near where it stopped, far from the start.
