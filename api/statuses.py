@@ -23,6 +23,8 @@ TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 MAX_CHECKPOINTS_IN_STATUS = 10
 #: At most this many trials are listed in status (the best ones are kept).
 MAX_TRIALS_IN_STATUS = 20
+#: At most this many intermediate values (the newest) are listed per trial.
+MAX_INTERMEDIATE_IN_STATUS = 10
 #: At most this many per-task metrics are listed.
 MAX_METRICS = 64
 
@@ -89,6 +91,7 @@ class Progress(SpecModel):
     percent: float | None = Field(default=None, description="Percent done, 0-100.")
     loss: float | None = Field(default=None, description="Training loss (smoothed over the last log interval).")
     eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    eval_step: int | None = Field(default=None, description="Optimizer step of the latest evaluation (evalLoss, metrics).")
     metrics: dict[str, float] | None = Field(default=None, description="Latest evaluation metrics (accuracy, f1, perplexity, per task).")
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, all ranks.")
@@ -117,6 +120,9 @@ class TrialRecord(SpecModel):
     parameters: dict[str, str] = Field(default_factory=dict, description="Values tried, by spec path, as YAML scalars.")
     metric: float | None = Field(default=None, description="The objective's value.")
     state: Literal["Pending", "Running", "Succeeded", "Failed", "Pruned"] = Field(default="Pending", description="Trial state.")
+    intermediate: dict[str, float] | None = Field(
+        default=None, description=f"The objective at each evaluation, by optimizer step (the newest {MAX_INTERMEDIATE_IN_STATUS}).")
+    pruned_at_step: int | None = Field(default=None, description="The step the pruner stopped the trial at (state Pruned; metric is its value there).")
 
 
 class Initialization(SpecModel):

@@ -11,9 +11,19 @@ finishes, optuna's sampler proposes the next (``kubetune.api.searching.propose_t
 its study is rebuilt in memory for every proposal from the trials before it — their values, kept
 on each trial in the ``kubetune.io/trial-parameters`` annotation, and their state and metric
 (``trial_metric`` of their status) — so nothing but the FineTuneJobs holds the search's state,
-and a restarted operator continues it as if it had never stopped. No pruning here: the trainer
-reports only the latest evaluation, not the metric at each step a pruner compares trials at;
-``kubetune train`` prunes (``kubetune.trainer.searching``).
+and a restarted operator continues it as if it had never stopped.
+
+Pruning (``pruner``: median or successive-halving), as ``kubetune train`` does it: the trainer
+reports each evaluation's metrics with their step (``status.progress.evalStep``); on a trial's
+event with a step not seen before, the operator adds the value to the trial's intermediate values,
+asks optuna's pruner (``kubetune.api.searching.should_prune``, the other trials' intermediate
+values and the pruner's notes as history) and writes the values, the notes and, when pruned, the
+step to the trial's ``kubetune.io/trial-pruning`` annotation — in the same patch that suspends a
+pruned trial (``runPolicy.suspend``: its pods stop, its checkpoints and status stay). So a
+restarted operator neither loses a value nor prunes twice. A pruned trial counts as finished (the
+next one starts), reports its last intermediate value as its metric, as optuna's pruned trials do,
+and is never the best trial (optuna's best is among complete trials only). Values the trainer
+reported while no operator ran are not seen (status holds only the latest evaluation).
 
 Idempotent by construction: trial ``i`` is always named ``<parent>-trial-00i``, the trials that
 exist are listed from the API server before anything is proposed, and creating one that exists is
@@ -32,7 +42,7 @@ import json
 import logging
 import weakref
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import kopf
 
@@ -43,12 +53,20 @@ from kubetune.api.searching import (
     TRIAL_INDEX_LABEL,
     kept_trials,
     propose_trial,
+    should_prune,
     search_label_value,
     trial_count,
     trial_manifest,
     trial_metric,
 )
-from kubetune.api.statuses import MAX_TRIALS_IN_STATUS, Progress, TrialRecord, status_fields, status_key
+from kubetune.api.statuses import (
+    MAX_INTERMEDIATE_IN_STATUS,
+    MAX_TRIALS_IN_STATUS,
+    Progress,
+    TrialRecord,
+    status_fields,
+    status_key,
+)
 from kubetune.techniques.hyperparameter_search import HyperparameterSearchSpec
 from kubetune.operator import building, creating, kubeapi, phases, retrying, statusing
 from kubetune.operator.settings import Settings
@@ -61,13 +79,18 @@ PARAMETERS_ANNOTATION = f"{GROUP}/trial-parameters"
 REJECTED_ANNOTATION_PREFIX = f"{GROUP}/rejected-trial-"
 #: Marks a trial suspended because its search was (so unsuspending the search resumes only those).
 SUSPENDED_BY_SEARCH_ANNOTATION = f"{GROUP}/suspended-by-search"
+#: On each trial, once it reported an evaluation and a pruner is set: its metric at each evaluation,
+#: the pruner's notes and, when pruned, the step (JSON; see :class:`Pruning`).
+PRUNING_ANNOTATION = f"{GROUP}/trial-pruning"
+#: The most intermediate values kept per trial (the newest): an annotation stays small.
+MAX_INTERMEDIATE_VALUES = 100
 
 TRIALS_RUNNING = "TrialsRunning"
 SEARCH_SUCCEEDED = "SearchSucceeded"
 ALL_TRIALS_FAILED = "AllTrialsFailed"
 TRIAL_CREATED = "TrialCreated"
 TRIAL_REJECTED = "TrialRejected"
-PRUNING_NOT_APPLIED = "PruningNotApplied"
+TRIAL_PRUNED = "TrialPruned"
 
 # One lock per search (per event loop, as in statusing): trial events and handlers take turns.
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, defaultdict[tuple[str, str], asyncio.Lock]] = (
@@ -109,11 +132,50 @@ def trial_values(trial: dict[str, Any]) -> dict[str, Any]:
     return values if isinstance(values, dict) else {}
 
 
+class Pruning(NamedTuple):
+    """What the pruner has seen of a trial, kept in its ``kubetune.io/trial-pruning`` annotation."""
+
+    intermediate: dict[int, float] = {}
+    pruner_state: dict[str, Any] = {}
+    pruned_at_step: int | None = None
+
+    def annotation(self) -> str:
+        return json.dumps({"intermediate": {str(k): v for k, v in sorted(self.intermediate.items())},
+                           "prunerState": self.pruner_state, "prunedAtStep": self.pruned_at_step})
+
+
+def trial_pruning(trial: dict[str, Any]) -> Pruning:
+    """A trial's :class:`Pruning` (empty when it has none or the annotation is unreadable)."""
+    try:
+        saved = json.loads((trial["metadata"].get("annotations") or {})[PRUNING_ANNOTATION])
+        intermediate = {int(k): float(v) for k, v in (saved.get("intermediate") or {}).items()}
+        step = saved.get("prunedAtStep")
+        return Pruning(intermediate, dict(saved.get("prunerState") or {}),
+                       int(step) if isinstance(step, int) and step in intermediate else None)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return Pruning()
+
+
+def new_evaluation(trial: dict[str, Any], metric_name: str) -> tuple[int, float] | None:
+    """The step and metric of the trial's latest evaluation when the pruner has not seen it yet."""
+    status = trial.get("status") or {}
+    step = (status.get("progress") or {}).get("evalStep")
+    value = trial_metric(status, metric_name)
+    if isinstance(step, bool) or not isinstance(step, int) or value is None or step in trial_pruning(trial).intermediate:
+        return None
+    return step, value
+
+
 def trial_record(index: int, trial: dict[str, Any], metric_name: str) -> TrialRecord:
     """A trial's line in the parent's status, from the trial FineTuneJob."""
     status = trial.get("status") or {}
     phase = status.get("phase")
     metric = trial_metric(status, metric_name)
+    pruning = trial_pruning(trial)
+    shown = {str(k): v for k, v in sorted(pruning.intermediate.items())[-MAX_INTERMEDIATE_IN_STATUS:]} or None
+    if pruning.pruned_at_step is not None:  # optuna's pruned trial: its last intermediate value
+        return TrialRecord(index=index, parameters=_shown(trial_values(trial)), state="Pruned", intermediate=shown,
+                           metric=pruning.intermediate[pruning.pruned_at_step], pruned_at_step=pruning.pruned_at_step)
     state: Literal["Pending", "Running", "Succeeded", "Failed"]
     if phase == "Succeeded":
         state = "Succeeded" if metric is not None else "Failed"  # finished without the metric: no use
@@ -123,8 +185,15 @@ def trial_record(index: int, trial: dict[str, Any], metric_name: str) -> TrialRe
         state = "Running"
     else:
         state = "Pending"
-    return TrialRecord(index=index, parameters=_shown(trial_values(trial)),
+    return TrialRecord(index=index, parameters=_shown(trial_values(trial)), intermediate=shown,
                        metric=metric if state == "Succeeded" else None, state=state)
+
+
+def past_trial(trial: dict[str, Any], metric: str) -> PastTrial:
+    """A trial FineTuneJob as the sampler and pruner learn from it."""
+    record = trial_record(0, trial, metric)
+    pruning = trial_pruning(trial)
+    return PastTrial(trial_values(trial), record.metric, record.state, pruning.intermediate, pruning.pruner_state)
 
 
 def past_trials(index: int, trials: dict[int, dict[str, Any]], metric: str) -> list[PastTrial]:
@@ -138,9 +207,17 @@ def past_trials(index: int, trials: dict[int, dict[str, Any]], metric: str) -> l
         if i not in trials:
             out.append(PastTrial({}, None, "Failed"))
             continue
-        record = trial_record(i, trials[i], metric)
-        out.append(PastTrial(trial_values(trials[i]), record.metric, record.state))
+        out.append(past_trial(trials[i], metric))
     return out
+
+
+def is_pruned(trial: dict[str, Any]) -> bool:
+    return trial_pruning(trial).pruned_at_step is not None
+
+
+def is_running(trial: dict[str, Any]) -> bool:
+    """Whether a trial still takes one of the search's ``parallelism`` places."""
+    return (trial.get("status") or {}).get("phase") not in TERMINAL_PHASES and not is_pruned(trial)
 
 
 def best_of(records: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -155,10 +232,11 @@ def best_of(records: list[TrialRecord], mode: str) -> TrialRecord | None:
 def search_observation(records: list[TrialRecord], total: int, search: HyperparameterSearchSpec,
                        suspended: bool = False) -> phases.Observation:
     """The parent's phase, reason and message from its trials (and its own runPolicy.suspend)."""
-    finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
+    finished = sum(1 for r in records if r.state in ("Succeeded", "Failed", "Pruned"))
     running = sum(1 for r in records if r.state in ("Pending", "Running"))
     best = best_of(records, search.mode)
-    shown = f"; best trial {best.index} ({search.metric} {best.metric:.4g})" if best else ""
+    pruned = sum(1 for r in records if r.state == "Pruned")
+    shown = (f" ({pruned} pruned)" if pruned else "") + (f"; best trial {best.index} ({search.metric} {best.metric:.4g})" if best else "")
     if finished >= total:
         if best is None:
             return phases.Observation("Failed", ALL_TRIALS_FAILED, f"all {total} trials failed", completion_time=phases.now())
@@ -183,7 +261,7 @@ def search_status_patch(status: dict[str, Any], records: list[TrialRecord], tota
                                           f"runs {total} trials as child FineTuneJobs, {search.parallelism} at a time",
                                           generation, timestamp)
     conditions = phases.conditions_for(conditions, obs, generation, timestamp)
-    finished = sum(1 for r in records if r.state in ("Succeeded", "Failed"))
+    finished = sum(1 for r in records if r.state in ("Succeeded", "Failed", "Pruned"))
     fields: dict[str, Any] = {
         "phase": obs.phase, "message": obs.message, "techniques": techniques,
         # Set once here; a spec change moves it (``updating``): kopf's diff base reads it (``persistence``).
@@ -257,10 +335,6 @@ async def ensure_trials(body: dict[str, Any], settings: Settings) -> None:
     job = await creating.parse_or_reject(body, fail=True)
     if statusing.is_finished(body):
         return
-    search = job.spec.techniques.hyperparameter_search
-    if search is not None and search.pruner != "none" and not (body.get("status") or {}).get("trials"):
-        await kubeapi.post_event(statusing.involved(body), reason=PRUNING_NOT_APPLIED, type="Warning", message=(
-            f"pruner {search.pruner!r} is applied by `kubetune train` only: in a cluster every trial runs to its end"))
     await reconcile(job.namespace, job.name, settings)
 
 
@@ -311,6 +385,7 @@ async def _reconcile_once(namespace: str, name: str, settings: Settings | None) 
     trials = await _trials(job)
     rejected = _rejected(parent)
     suspended = job.spec.run_policy.suspend
+    await _prune_trials(job, parent, search, trials)
     if not suspended:
         await _start_trials(job, parent, search, total, trials, rejected, settings)
     await _suspend_trials(job, trials, suspended)
@@ -321,7 +396,7 @@ async def _suspend_trials(job: FineTuneJob, trials: dict[int, dict[str, Any]], s
     """Pass the parent's ``runPolicy.suspend`` on to its unfinished trials. Unsuspending resumes only
     the trials the search suspended (marked with an annotation), never one a user suspended."""
     for trial in trials.values():
-        if (trial.get("status") or {}).get("phase") in TERMINAL_PHASES:
+        if not is_running(trial):  # finished or pruned: a pruned trial stays suspended
             continue
         meta = trial["metadata"]
         current = bool(((trial.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
@@ -337,10 +412,43 @@ async def _suspend_trials(job: FineTuneJob, trials: dict[int, dict[str, Any]], s
             trial.update(updated)
 
 
+async def _prune_trials(job: FineTuneJob, parent: dict[str, Any], search: HyperparameterSearchSpec,
+                        trials: dict[int, dict[str, Any]]) -> None:
+    """Record each running trial's new evaluation and ask the pruner about it; suspend a pruned
+    trial in the same patch that records the verdict (so a restart never asks again)."""
+    if search.pruner == "none":
+        return
+    for index, trial in sorted(trials.items()):
+        evaluation = new_evaluation(trial, search.metric) if is_running(trial) else None
+        if evaluation is None:
+            continue
+        step, value = evaluation
+        seen = trial_pruning(trial)
+        intermediate = dict(sorted({**seen.intermediate, step: value}.items())[-MAX_INTERMEDIATE_VALUES:])
+        # The history: every other trial of the search, with what the pruner saw of it.
+        history = [past_trial(t, search.metric) for i, t in sorted(trials.items()) if i != index]
+        pruned, notes = await asyncio.to_thread(should_prune, search, history, trial_values(trial), intermediate,
+                                                seen.pruner_state)
+        patch: dict[str, Any] = {"metadata": {"annotations": {
+            PRUNING_ANNOTATION: Pruning(intermediate, notes, step if pruned else None).annotation()}}}
+        if pruned:
+            patch["spec"] = {"runPolicy": {"suspend": True}}
+        updated = await kubeapi.patch("FineTuneJob", job.namespace, trial["metadata"]["name"], patch)
+        if updated is None:
+            continue
+        trial.update(updated)
+        if pruned:
+            logger.info("search %s/%s: trial %d pruned at step %d (%s %s)", job.namespace, job.name, index, step,
+                        search.metric, value)
+            await kubeapi.post_event(statusing.involved(parent), reason=TRIAL_PRUNED, message=(
+                f"trial {index} ({trial['metadata']['name']}) pruned by the {search.pruner} pruner at step {step}: "
+                f"{search.metric} {value:.4g}; suspended, its checkpoints kept"))
+
+
 async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: HyperparameterSearchSpec, total: int,
                         trials: dict[int, dict[str, Any]], rejected: dict[int, dict[str, Any]],
                         settings: Settings | None) -> None:
-    running = sum(1 for t in trials.values() if (t.get("status") or {}).get("phase") not in TERMINAL_PHASES)
+    running = sum(1 for t in trials.values() if is_running(t))
     for index in range(total):
         if running >= search.parallelism:
             return
@@ -365,7 +473,7 @@ async def _start_trials(job: FineTuneJob, parent: dict[str, Any], search: Hyperp
                 f"FineTuneJob {trial['metadata']['name']} still belongs to an earlier search of this name; "
                 "waiting for the garbage collector to remove it", delay=settings.retry_delay if settings else 10)
         trials[index] = trial
-        if (trial.get("status") or {}).get("phase") not in TERMINAL_PHASES:
+        if is_running(trial):
             running += 1
         if created:
             logger.info("search %s/%s: created trial %d %s", job.namespace, job.name, index, values)

@@ -102,6 +102,7 @@ class TrainerStatus:
             eval_step = _number(values.get("eval_step"))
             if eval_step is not None:
                 self.eval_step = int(eval_step)
+                current["eval_step"] = self.eval_step  # the search's pruner reads the metric by this step
             if values.get("metrics"):  # the latest evaluation's full set replaces the previous one
                 current["metrics"] = bounded_metrics(values["metrics"]) or None
             current.setdefault("step", 0)
@@ -130,13 +131,13 @@ class TrainerStatus:
         if current.get("eta_seconds") is not None:
             current["eta_seconds"] = max(0.0, current["eta_seconds"])
 
-    def record_evaluation(self, metrics: Mapping[str, Any]) -> None:
+    def record_evaluation(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         values = dict(metrics)
         eval_loss = values.pop("eval_loss", None)
         loss = values.pop("loss", None)
         if eval_loss is None:
             eval_loss = loss
-        self.record_progress({"eval_loss": eval_loss, "metrics": values})
+        self.record_progress({"eval_loss": eval_loss, "metrics": values, "eval_step": step})
 
     def record_checkpoint(self, step: int, path: str, metrics: Mapping[str, Any] | None, best: bool) -> None:
         record = CheckpointRecord(step=int(step), path=str(path), metrics=bounded_metrics(metrics) or None, time=utc_now())

@@ -82,8 +82,9 @@ class Reporter:
     def checkpoint_removed(self, path: str) -> None:
         """After rotation deleted a checkpoint."""
 
-    def evaluated(self, metrics: Mapping[str, Any]) -> None:
-        """After an evaluation (``eval_loss`` or ``loss`` becomes status.progress.evalLoss)."""
+    def evaluated(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """After an evaluation at optimizer step ``step`` (``eval_loss`` or ``loss`` becomes
+        status.progress.evalLoss, ``step`` status.progress.evalStep)."""
 
     def finished(self, output_path: str | None, reason: str) -> None:
         """At the end: where the model went and why training stopped."""
@@ -123,8 +124,8 @@ class ClusterReporter(Reporter):
         self.status.remove_checkpoint(path)
         self.patcher.poke()
 
-    def evaluated(self, metrics: Mapping[str, Any]) -> None:
-        self.status.record_evaluation(metrics)
+    def evaluated(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.status.record_evaluation(metrics, step)
         self.patcher.poke()
 
     def finished(self, output_path: str | None, reason: str) -> None:
@@ -171,8 +172,8 @@ class LocalReporter(Reporter):
         self.status.remove_checkpoint(path)
         self._write()
 
-    def evaluated(self, metrics: Mapping[str, Any]) -> None:
-        self.status.record_evaluation(metrics)
+    def evaluated(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.status.record_evaluation(metrics, step)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in bounded_metrics(metrics).items())
         self.display.say(f"evaluation: {shown}")
         self._write()

@@ -540,7 +540,7 @@ class Trainer:
         self.ctx.metrics = metrics
         for technique in self.techniques:
             technique.on_evaluate(self.ctx, metrics)
-        self.reporter.evaluated(dict(metrics))
+        self.reporter.evaluated(dict(metrics), self.step)
         if self.options.after_evaluation is not None and self.step > 0:
             reason = self.options.after_evaluation(self.step, dict(metrics))
             if reason:

@@ -54,7 +54,8 @@ class HyperparameterSearchSpec(SpecModel):
         description=(
             "Stop unpromising trials early from the metric at each evaluation (`data.eval.everySteps`): "
             "`median` stops a trial whose best value so far is worse than the median of the finished trials at the same step; "
-            "`successive-halving` keeps the best third at each rung. Applied by `kubetune train`; in a cluster trials run to their end."
+            "`successive-halving` keeps the best quarter at each rung (optuna's reduction factor 4). "
+            "A pruned trial stops (in a cluster its FineTuneJob is suspended, its checkpoints kept) and the next one starts."
         ),
     )
 

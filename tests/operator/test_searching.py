@@ -147,9 +147,87 @@ def test_when_every_trial_fails_the_search_fails(
     assert [t["state"] for t in failed["trials"]] == ["Failed", "Failed"]
     assert "bestTrial" not in failed and "outputPath" not in failed
     assert condition(cluster, "doomed", ConditionType.FAILED)["reason"] == searching.ALL_TRIALS_FAILED  # type: ignore[index]
-    # Pruning needs the metric at every evaluation, which only `kubetune train` sees: the user is told.
-    [warning] = [(t, m) for t, r, m in events(cluster, "doomed") if r == searching.PRUNING_NOT_APPLIED]
-    assert warning[0] == "Warning" and "kubetune train" in warning[1]
+    assert [r for _, r, _ in events(cluster, "doomed") if r == searching.TRIAL_PRUNED] == []  # no evaluation, no pruning
+
+
+def evaluate(cluster: Cluster, trial: str, step: int, eval_loss: float) -> None:
+    """The trial's trainer reports an evaluation at ``step`` (as rank 0 does: evalStep with the metrics)."""
+    cluster.wait_for(lambda: cluster.find("batch/v1", "Job", trial), what=f"the trainer Job of {trial}")
+    cluster.patch(*FTJ, trial, {"status": {"progress": {"step": step, "totalSteps": 3, "evalStep": step, "evalLoss": eval_loss}}},
+                  subresource="status")
+
+
+def seen(cluster: Cluster, trial: str) -> searching.Pruning:
+    """What the operator recorded of a trial's evaluations (its annotation)."""
+    return searching.trial_pruning(cluster.get(*FTJ, trial))
+
+
+def suspended(cluster: Cluster, trial: str) -> bool:
+    return bool(cluster.get(*FTJ, trial)["spec"].get("runPolicy", {}).get("suspend"))
+
+
+def test_median_pruner_suspends_a_worse_trial_and_keeps_its_state_over_a_restart(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        cluster.create(search_job("pruned", RATES, parallelism=1, pruner="median", trials=3))
+        cluster.wait_for(lambda: sorted(trials(cluster, "pruned")) == [0], what="the first trial")
+        evaluate(cluster, "pruned-trial-000", 1, 1.0)
+        cluster.wait_for(lambda: seen(cluster, "pruned-trial-000").intermediate == {1: 1.0}, what="step 1 recorded")
+        evaluate(cluster, "pruned-trial-000", 2, 0.8)
+        cluster.wait_for(lambda: seen(cluster, "pruned-trial-000").intermediate == {1: 1.0, 2: 0.8}, what="step 2 recorded")
+        assert not suspended(cluster, "pruned-trial-000")  # the first trial has nobody to lose to
+        finish_trial(cluster, job_controller, "pruned-trial-000", 0.8)
+        cluster.wait_for(lambda: 1 in trials(cluster, "pruned"), what="the second trial")
+        # trials: 3, so the median pruner starts judging after one finished trial (optuna: n_startup_trials)
+        evaluate(cluster, "pruned-trial-001", 1, 2.0)  # worse than trial 0's median at step 1: pruned
+        cluster.wait_for(lambda: suspended(cluster, "pruned-trial-001"), what="the worse trial suspended")
+        cluster.wait_for(lambda: 2 in trials(cluster, "pruned"), what="a pruned trial counts as finished: the next starts")
+        record = cluster.wait_for(lambda: next((t for t in status(cluster, "pruned").get("trials", [])
+                                                if t["index"] == 1 and t["state"] == "Pruned"), None))
+        assert (record["metric"], record["prunedAtStep"], record["intermediate"]) == (2.0, 1, {"1": 2.0})
+        assert "1 pruned" in status(cluster, "pruned")["message"]
+        wait_phase(cluster, "pruned-trial-001", "Suspended")  # honest: stopped, not failed; checkpoints kept
+
+    # Restarted: the values and the verdict are read back from the trials, nothing is asked twice.
+    with operator_process(cluster.namespace):
+        evaluate(cluster, "pruned-trial-002", 1, 0.9)  # better than the median: goes on
+        cluster.wait_for(lambda: seen(cluster, "pruned-trial-002").intermediate == {1: 0.9}, what="trial 2's step 1")
+        assert seen(cluster, "pruned-trial-000").intermediate == {1: 1.0, 2: 0.8}
+        assert seen(cluster, "pruned-trial-001") == searching.Pruning({1: 2.0}, {}, 1)
+        assert not suspended(cluster, "pruned-trial-002")
+        finish_trial(cluster, job_controller, "pruned-trial-002", 0.7)
+        done = wait_phase(cluster, "pruned", "Succeeded")
+    assert [(t["index"], t["state"], t["metric"]) for t in done["trials"]] == [
+        (0, "Succeeded", 0.8), (1, "Pruned", 2.0), (2, "Succeeded", 0.7)]
+    assert done["trials"][0]["intermediate"] == {"1": 1.0, "2": 0.8}
+    assert done["bestTrial"]["index"] == 2
+    assert suspended(cluster, "pruned-trial-001")  # a finished search leaves the pruned trial stopped
+    pruned = [m for _, r, m in events(cluster, "pruned") if r == searching.TRIAL_PRUNED]
+    assert len(pruned) == 1 and "trial 1" in pruned[0] and "median" in pruned[0] and "step 1" in pruned[0]
+
+
+def test_successive_halving_prunes_a_trial_below_the_rung_it_reached(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    """Successive halving compares a trial at a rung with what the trials before it reached there:
+    the pruner's notes on each trial (its rungs) must be kept between events."""
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        cluster.create(search_job("halving", RATES, parallelism=1, pruner="successive-halving"))
+        for index, loss in ((0, 1.0), (1, 1.2)):  # trial 0 sets the rung's step; trial 1 reaches rung 0
+            name = f"halving-trial-00{index}"
+            cluster.wait_for(lambda: index in trials(cluster, "halving"), what=f"trial {index}")
+            evaluate(cluster, name, 1, loss)
+            cluster.wait_for(lambda: seen(cluster, name).intermediate == {1: loss}, what=f"trial {index}'s step 1")
+            assert not suspended(cluster, name)
+            finish_trial(cluster, job_controller, name, loss)
+        assert seen(cluster, "halving-trial-001").pruner_state == {"completed_rung_0": 1.2}
+        cluster.wait_for(lambda: 2 in trials(cluster, "halving"), what="trial 2")
+        evaluate(cluster, "halving-trial-002", 1, 1.5)  # below the best quarter of rung 0 (1.2): pruned
+        cluster.wait_for(lambda: suspended(cluster, "halving-trial-002"), what="trial 2 pruned")
+        done = wait_phase(cluster, "halving", "Succeeded")
+    assert [(t["state"], t.get("prunedAtStep")) for t in done["trials"]] == [("Succeeded", None), ("Succeeded", None), ("Pruned", 1)]
+    assert done["bestTrial"]["index"] == 0
 
 
 def test_suspending_a_search_suspends_its_trials_and_starts_none(

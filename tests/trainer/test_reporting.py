@@ -101,7 +101,7 @@ def test_progress_and_checkpoints_arrive_on_the_finetunejob(ftj: Any, job: Any, 
         assert progress.loss == pytest.approx(2.9) and progress.learning_rate == 1e-4
         assert progress.updated_at
 
-        reporter.evaluated({"eval_loss": 2.5, "accuracy": 0.75})
+        reporter.evaluated({"eval_loss": 2.5, "accuracy": 0.75}, 100)
         reporter.checkpoint(100, "/ckpt/step-100", {"accuracy": 0.75}, best=True)
         reporter.progress(progress_values(200))
         reporter.checkpoint(200, "/ckpt/step-200", {"accuracy": 0.70})
@@ -114,6 +114,7 @@ def test_progress_and_checkpoints_arrive_on_the_finetunejob(ftj: Any, job: Any, 
     assert status.best_checkpoint == "/ckpt/step-100"
     assert status.output_path == "/output/final"
     assert status.progress.step == 200 and status.progress.eval_loss == 2.5
+    assert status.progress.eval_step == 100  # the step the metrics belong to (a search's pruner reads them by it)
     assert status.progress.metrics == {"accuracy": 0.75}
     assert status.progress.stop_reason == "early-stopped: accuracy did not improve for 3 evaluations"
     assert status.progress.eta_seconds == 0.0
