@@ -4,7 +4,9 @@ The real operator against the emulator. The test plays the trainer of each trial
 trial's status with its eval loss and output, as rank 0 would) and the Job controller (it marks
 the trial's Job Complete); the operator does the rest: at most ``parallelism`` trials at once,
 the next trial proposed when one finishes, the parent's trials/bestTrial/phase, no duplicates
-after a restart, and a trial whose values break the spec counted as Failed.
+after a restart, a trial whose values break the spec counted as Failed, and pruning: the test
+reports evaluations with their step (``progress.evalStep``), the operator records them on the trial
+and suspends one the pruner stops — once, and with nothing lost over a restart.
 """
 
 from __future__ import annotations
