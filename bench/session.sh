@@ -6,7 +6,10 @@
 #                (2 runs each) against the product trainer and the trainer at the baselines' 8 documents per step.
 # Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min). Results and the log go to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}
