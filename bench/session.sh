@@ -4,7 +4,7 @@
 #                product trainer (fused engine, the default on one GPU) and the trainer on DeepSpeed (numerics reference).
 # PART instruct: instruction-like full FT: the padded and the padding-free (DataCollatorWithFlattening) baselines
 #                (2 runs each) against the product trainer and the trainer at the baselines' 8 documents per step.
-# Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min). Results and the log go to $OUT.
+# Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
 set -u
 # .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -13,7 +13,7 @@ fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 quiet() { grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log-$1.txt" | tail -${2:-80}; }
 case "${1:-}" in
   fixed)
@@ -22,6 +22,8 @@ case "${1:-}" in
   instruct)
     python3 -m bench.throughput --workloads instruct --methods full --sides baseline,baseline-flat,kubetune,kubetune-budget \
       --repeats $R --steps $S --warmup $W --out "$OUT" --tag instruct 2>&1 | quiet instruct ;;
-  *) echo "usage: bash bench/session.sh fixed|instruct" >&2; exit 2 ;;
+  all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
+    bash "$0" fixed; bash "$0" instruct ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
