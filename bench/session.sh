@@ -10,7 +10,10 @@ set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
+export PYTHONPATH=/tmp/site${KUBETUNE_BENCH_DEPS:+:$KUBETUNE_BENCH_DEPS} PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
+# The trainer imports tenacity, torchmetrics (+ lightning_utilities) and seqeval, which the GPU image lacks: put them
+# in .whl/ or in a folder named by KUBETUNE_BENCH_DEPS (the 2026-12-06 run copied them from a local venv; seqeval stubbed).
+python3 -c "import tenacity, torchmetrics, seqeval" || echo "WARNING: the kubetune sides will fail to import (see above)" >&2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
