@@ -104,6 +104,30 @@ def _deepspeed_offload(spec: FineTuneJobSpec) -> Iterator[Problem]:
 
 
 @rule
+def _fused_engine_limits(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    ds, r, t = spec.deepspeed, spec.resources, spec.training
+    if ds.engine != "fused":
+        return
+    processes = r.nodes * (r.processes_per_node or max(1, r.gpus_per_node))
+    if processes > 1:
+        yield Problem("spec.deepspeed.engine", f"the fused engine runs one process, this job has {processes}; use engine: deepspeed (or leave it unset)")
+    if ds.zero_stage == 3 or ds.offload_optimizer != "none" or ds.offload_params != "none":
+        yield Problem("spec.deepspeed.engine", "the fused engine keeps everything on one device: no ZeRO-3 and no offload; use engine: deepspeed")
+    if t.precision == "fp16":
+        yield Problem("spec.deepspeed.engine", "the fused engine has no fp16 loss scaler; use precision bf16 or engine: deepspeed")
+    if t.optimizer not in ("adamw", "adam"):
+        yield Problem("spec.deepspeed.engine", f"the fused engine runs adamw or adam, not {t.optimizer}; use engine: deepspeed")
+    if ds.config:
+        yield Problem("spec.deepspeed.engine", "deepspeed.config configures DeepSpeed, which the fused engine does not run; remove one of them")
+
+
+@rule
+def _packing_budget_needs_packing(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    if spec.training.packing_max_examples is not None and spec.training.packing is False:
+        yield Problem("spec.training.packingMaxExamples", "limits examples per packed micro-batch, but packing is off; remove it or turn packing on")
+
+
+@rule
 def _storage(spec: FineTuneJobSpec) -> Iterator[Problem]:
     st = spec.checkpointing.storage
     if spec.resources.nodes > 1 and st.existing_claim is None and st.access_mode != "ReadWriteMany":

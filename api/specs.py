@@ -232,6 +232,16 @@ class TrainingSpec(SpecModel):
             "off otherwise (CPU runs pad)."
         ),
     )
+    packing_max_examples: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description=(
+            "With packing, at most this many examples per micro-batch (the token budget stays "
+            "microBatchSize x maxSeqLength). Unset: as many as fit. Set it to microBatchSize to train on "
+            "as many examples per optimizer step as an unpacked run does."
+        ),
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="Mixed precision; auto is bf16 on GPUs that support it, else fp32."
     )
@@ -260,6 +270,15 @@ class DeepSpeedSpec(SpecModel):
     """DeepSpeed engine settings. The config file is derived from these and the training block."""
 
     zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_not_a_bool)] = Field(default=2, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters sharded.")
+    engine: Literal["deepspeed", "fused"] | None = Field(
+        default=None,
+        description=(
+            "What runs the optimizer step. deepspeed: DeepSpeed's ZeRO engine. fused: one process only; bf16 "
+            "weights with fp32 master copies updated in place by a fused AdamW, without DeepSpeed's flat "
+            "copies (faster on one GPU). Unset: fused for a single-process bf16 run with adamw or adam, "
+            "zeroStage <= 2, no offload and no deepspeed.config; deepspeed otherwise."
+        ),
+    )
     offload_optimizer: Literal["none", "cpu"] = Field(default="none", description="Keep optimizer state in CPU memory (ZeRO >= 1).")
     offload_params: Literal["none", "cpu"] = Field(default="none", description="Keep parameters in CPU memory (ZeRO 3 only).")
     config: dict[str, Any] | None = Field(

@@ -19,6 +19,11 @@ this module measures exactly that on the benchmark workload (:mod:`bench.workloa
 Only the end of the run is cut: the final checkpoint (~15 GB of fp32 master weights and Adam
 state for this model) and the export are skipped, since they are not training steps.
 ``KUBETUNE_BENCH_SPEC`` (JSON, deep-merged into ``spec``) overrides spec fields for A/B runs.
+Variants (sides of ``bench/throughput.py``): ``kubetune`` (the product defaults: on one GPU the
+fused engine, ``deepspeed.engine`` unset), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``,
+the DeepSpeed ZeRO-2 engine the trainer used before; same data and seed, so its losses are the
+numerics reference for the fused engine) and ``kubetune-budget`` (``training.packingMaxExamples``
+= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines).
 Run through ``bench/throughput.py``.
 """
 
@@ -84,8 +89,11 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+VARIANTS = ("default", "deepspeed", "budget")
+
+
 def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, steps: int, log_every: int,
-                 cuda: bool, name: str) -> dict[str, Any]:
+                 cuda: bool, name: str, variant: str = "default") -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"source": str(model_dir)},
         "data": {"datasets": [{"name": "bench", "source": str(data), "format": "text"}]},
@@ -97,6 +105,12 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
         "deepspeed": {"zeroStage": 2},
         "checkpointing": {"resume": False},
     }
+    if variant == "deepspeed":
+        spec["deepspeed"]["engine"] = "deepspeed"
+    elif variant == "budget":
+        spec["training"]["packingMaxExamples"] = shape.micro_batch
+    elif variant != "default":
+        raise ValueError(f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if method == "lora":
         spec["peft"] = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targetModules": list(wl.LORA_TARGETS)}
     _merge(spec, json.loads(os.environ.get("KUBETUNE_BENCH_SPEC", "{}")))
@@ -104,7 +118,7 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
 
 
 def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tiny: bool, seed: int = 0,
-        workdir: str | None = None, **_: Any) -> dict[str, Any]:
+        workdir: str | None = None, variant: str = "default", **_: Any) -> dict[str, Any]:
     from kubetune.api import parse_job
     from kubetune.trainer import training
     from kubetune.trainer.running import RunOptions, RunPaths
@@ -122,13 +136,15 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     timed = -(-steps // log_every) * log_every
     total = log_every + timed
     per_step = shape.token_budget // (shape.seq_len if workload == "fixed" else 150 * shape.seq_len // wl.SEQ_LEN)
+    if variant == "budget":
+        per_step = shape.micro_batch
     lengths = wl.lengths_for(workload, shape, per_step * (total + 4), seed=seed)
     run_dir = root / f"run-{workload}-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     data = write_dataset(run_dir / "data.jsonl", lengths, shape.vocab, seed)
     job = parse_job(job_manifest(model_dir, data, shape, method, steps=total, log_every=log_every, cuda=cuda,
-                                 name=f"bench-{workload}-{method}"))
+                                 name=f"bench-{workload}-{method}", variant=variant))
     paths = RunPaths(base_dir=run_dir, output_dir=run_dir / "output", checkpoint_dir=run_dir / "checkpoints", run_dir=run_dir)
 
     # Not training steps: the final checkpoint and the export (see the module doc).
@@ -146,6 +162,7 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     records = [json.loads(line) for line in (paths.output_dir / "trainer_log.jsonl").read_text().splitlines() if line]
     windows = [r for r in records if r["step"] > log_every]
     tokens = sum(r["window_tokens"] for r in windows)
+    examples = sum(r.get("window_examples", 0) for r in windows)
     seconds = sum(r["window_seconds"] for r in windows)
     # FLOPs: 6N/4N per token plus attention for the workload's documents (the mean attended
     # context per token of the written dataset; exact for fixed-length data).
@@ -153,13 +170,19 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     per_token_attention = float((arr * (arr + 1) / 2).sum() / arr.sum())
     flops = tokens * ((6 if method == "full" else 4) * wl.n_params(shape)
                       + 12 * shape.layers * shape.hidden * per_token_attention)
+    from kubetune.trainer import engines
+
+    side = "kubetune" if variant == "default" else f"kubetune-{variant}"
     return {
-        "side": "kubetune", "workload": workload, "method": method, "steps": timed, "gpus": int(os.environ.get("WORLD_SIZE", "1")),
+        "side": side, "workload": workload, "method": method, "steps": timed, "gpus": int(os.environ.get("WORLD_SIZE", "1")),
+        "engine": engines.LAST_ENGINE_KIND, "documents_per_step": examples / timed if timed else None,
+        "losses": [r["loss"] for r in records], "loss_steps": [r["step"] for r in records],
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
         # The trainer's tokens count every rank; MFU is per GPU.
         "mfu": wl.mfu(flops / int(os.environ.get("WORLD_SIZE", "1")), seconds) if seconds else None, "final_loss": records[-1]["loss"],
         "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"),
         "setup": ("product Trainer (kubetune.trainer.training) from a FineTuneJob: packing 16,384 tokens, "
-                  f"{job.spec.training.precision}, ZeRO stage {job.spec.deepspeed.zero_stage}, compile {job.spec.training.compile} (unset = auto), "
+                  f"{job.spec.training.precision}, engine {engines.LAST_ENGINE_KIND}, ZeRO stage {job.spec.deepspeed.zero_stage}, "
+                  f"packingMaxExamples {job.spec.training.packing_max_examples}, compile {job.spec.training.compile} (unset = auto), "
                   f"{timed} timed steps after {log_every} warm-up, from trainer_log.jsonl"),
     }

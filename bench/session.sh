@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# One device call of the issue-8 benchmark (see bench/README.md). Usage: bash bench/session.sh PART
-# PART 1: fixed-length pairs + A/B of the trainer's DeepSpeed defaults; PART 2: instruction-like pairs.
+# One device call of the trainer benchmark (issues 8 and 15; see bench/README.md). Usage: bash bench/session.sh PART
+# PART fixed:    fixed-length full FT: stock HF+DS ZeRO-2 and stock + use_liger_kernel (2 runs each) against the
+#                product trainer (fused engine, the default on one GPU) and the trainer on DeepSpeed (numerics reference).
+# PART instruct: instruction-like full FT: the padded and the padding-free (DataCollatorWithFlattening) baselines
+#                (2 runs each) against the product trainer and the trainer at the baselines' 8 documents per step.
+# Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-S=${STEPS:-9}; W=${WARMUP:-3}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-ab() {  # tag env...: one kubetune fixed-full run under extra environment
-  local tag=$1; shift
-  env "$@" python3 -m bench.throughput --workloads fixed --methods full --sides kubetune --steps $S --warmup $W \
-    --out /tmp/ab --tag "ab-$tag" 2>&1 | grep -E '^\{|^== |Error|error' | tail -5 | tee -a "$OUT/ab.txt"
-}
-if [ "$1" = 1 ]; then
-  python3 -m bench.throughput --workloads fixed --methods full,lora --sides kubetune,baseline,loop --steps $S --warmup $W \
-    --out "$OUT" --tag fixed 2>&1 | grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log.txt" | tail -60
-  ab scan KUBETUNE_BENCH_OVERFLOW_SCAN=1
-  ab nocheck 'KUBETUNE_BENCH_SPEC={"deepspeed":{"config":{"bf16":{"check_grad_overflow":false}}}}'
-  ab stage1 'KUBETUNE_BENCH_SPEC={"deepspeed":{"zeroStage":1}}'
-  ab stage0 'KUBETUNE_BENCH_SPEC={"deepspeed":{"zeroStage":0}}'
-else
-  python3 -m bench.throughput --workloads instruct --methods full,lora --sides kubetune,baseline --steps $S --warmup $W \
-    --out "$OUT" --tag instruct 2>&1 | grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log.txt" | tail -60
+# .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
+export PYTHONPATH=/tmp/site${KUBETUNE_BENCH_DEPS:+:$KUBETUNE_BENCH_DEPS} PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
+# The trainer imports tenacity, torchmetrics (+ lightning_utilities) and seqeval, which the GPU image lacks: put them
+# in .whl/ or in a folder named by KUBETUNE_BENCH_DEPS (the 2026-12-06 run copied them from a local venv; seqeval stubbed).
+python3 -c "import tenacity, torchmetrics, seqeval" || echo "WARNING: the kubetune sides will fail to import (see above)" >&2
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+quiet() { grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log-$1.txt" | tail -${2:-80}; }
+case "${1:-}" in
+  fixed)
+    python3 -m bench.throughput --workloads fixed --methods full --sides baseline,baseline-liger,kubetune,kubetune-deepspeed \
+      --repeats $R --steps $S --warmup $W --out "$OUT" --tag fixed 2>&1 | quiet fixed ;;
+  instruct)
+    python3 -m bench.throughput --workloads instruct --methods full --sides baseline,baseline-flat,kubetune,kubetune-budget \
+      --repeats $R --steps $S --warmup $W --out "$OUT" --tag instruct 2>&1 | quiet instruct ;;
+  all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
+    bash "$0" fixed; bash "$0" instruct ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|all" >&2; exit 2 ;;
+esac
 ls -la "$OUT"

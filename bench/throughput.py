@@ -1,15 +1,24 @@
-"""Trainer throughput: the HF + DeepSpeed baseline and kubetune, side by side on one GPU.
+"""Trainer throughput: the HF + DeepSpeed baselines and kubetune, side by side on one GPU.
 
     python -m bench.throughput                       # full matrix on cuda:0, writes bench/results/<date>.{json,md}
     python -m bench.throughput --tiny --device cpu   # dry run of the same code on CPU
 
-Sides: ``baseline`` (bench/baseline_hf.py), ``kubetune`` — the product trainer run from a FineTuneJob
-(bench/kubetune_trainer.py) — and, on request, ``loop``: the product's building blocks in the minimal
-loop of bench/kubetune_loop.py (``--sides baseline,kubetune,loop``).
+Sides (``--sides``, comma-separated):
 
-Each (workload, method, side) runs in its own process, one after the other on the same GPU, so
-peak memory and compile caches do not leak between runs. Tokens/s counts only real tokens (padding
-excluded on both sides). Ratios are kubetune / baseline of the same workload and method.
+* baselines (bench/baseline_hf.py), each run ``--repeats`` times (default 2; the spread is reported):
+  ``baseline`` (padded to the longest row), ``baseline-flat`` (``DataCollatorWithFlattening``,
+  padding-free), ``baseline-liger`` (padded + ``use_liger_kernel=True``);
+* the product trainer run from a FineTuneJob (bench/kubetune_trainer.py): ``kubetune`` (product
+  defaults), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``, the numerics reference of the
+  fused engine), ``kubetune-budget`` (``training.packingMaxExamples: 8``, the baselines' documents
+  per step);
+* ``loop``: the product's building blocks in the minimal loop of bench/kubetune_loop.py.
+
+Each (workload, method, side, repeat) runs in its own process, one after the other on the same
+GPU, so peak memory and compile caches do not leak between runs. Tokens/s counts only real tokens
+(padding excluded on every side). Ratios are a kubetune side over a baseline side of the same
+workload and method: the ratio of the means, and the range over the repeats (worst kubetune run
+over the best baseline run, best over worst).
 """
 
 from __future__ import annotations
@@ -27,7 +36,14 @@ from typing import Any
 from bench import workload as wl
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {("fixed", "full"): 1.5, ("fixed", "lora"): 1.5, ("instruct", "full"): 5.0, ("instruct", "lora"): 5.0}
+#: Targets of issue 15 (issue 8 for LoRA): (workload, method, baseline side) -> the ratio the product trainer must reach.
+TARGETS = {
+    ("fixed", "full", "baseline"): 1.6, ("fixed", "full", "baseline-liger"): 1.2, ("fixed", "lora", "baseline"): 1.5,
+    ("instruct", "full", "baseline"): 5.5, ("instruct", "full", "baseline-flat"): 2.5, ("instruct", "lora", "baseline"): 5.0,
+}
+BASELINE_SIDES = ("baseline", "baseline-flat", "baseline-liger")
+KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "loop")
+SIDES = BASELINE_SIDES + KUBETUNE_SIDES
 
 
 def _free_port() -> int:
@@ -39,14 +55,16 @@ def _free_port() -> int:
 def _worker(args: argparse.Namespace) -> None:
     common = dict(steps=args.steps, warmup=args.warmup, device=args.device, tiny=args.tiny,
                   deepspeed=not args.no_deepspeed)
-    if args.worker == "baseline":
+    if args.worker in BASELINE_SIDES:
         from bench import baseline_hf
 
-        result = baseline_hf.run(args.workload, args.method, **common)
-    elif args.worker == "kubetune":
+        variant = "padded" if args.worker == "baseline" else args.worker.split("-", 1)[1]
+        result = baseline_hf.run(args.workload, args.method, variant=variant, **common)
+    elif args.worker != "loop":
         from bench import kubetune_trainer
 
-        result = kubetune_trainer.run(args.workload, args.method, **common)
+        variant = "default" if args.worker == "kubetune" else args.worker.split("-", 1)[1]
+        result = kubetune_trainer.run(args.workload, args.method, variant=variant, **common)
     else:
         from bench import kubetune_loop
 
@@ -74,7 +92,7 @@ def _spawn(args: argparse.Namespace, side: str, workload: str, method: str, resu
             cmd.append("--" + flag.replace("_", "-"))
     if args.profile_dir and side == "loop":
         cmd += ["--profile-dir", args.profile_dir]
-    if side == "kubetune" and nproc == 1 and args.no_deepspeed:
+    if side.startswith("kubetune") and nproc == 1 and args.no_deepspeed:
         raise SystemExit("--no-deepspeed: the product trainer always runs DeepSpeed (use --sides baseline,loop)")
     print(f"== {side} {workload} {method} x{nproc}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
@@ -89,33 +107,93 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max tokens/s over the repeats of one side (failed runs left out)."""
+    ok = [r for r in runs if r.get("tokens_per_s")]
+    if not ok:
+        return {"error": "; ".join(str(r.get("error")) for r in runs) or "no run"}
+    tps = [r["tokens_per_s"] for r in ok]
+    first = ok[0]
+    peaks = [r["peak_mem_gib"] for r in ok if r.get("peak_mem_gib") is not None]
+    return {
+        "runs": len(ok), "tokens_per_s": sum(tps) / len(tps), "min": min(tps), "max": max(tps),
+        "spread": (max(tps) - min(tps)) / (sum(tps) / len(tps)),
+        "mfu": sum(r["mfu"] for r in ok) / len(ok) if all(r.get("mfu") is not None for r in ok) else None,
+        "peak_mem_gib": max(peaks) if peaks else None,
+        "documents_per_step": first.get("documents_per_step"), "engine": first.get("engine"),
+    }
+
+
+def _ratios(row: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    stats = row["stats"]
+    for k in KUBETUNE_SIDES:
+        for b in BASELINE_SIDES:
+            ks, bs = stats.get(k), stats.get(b)
+            if not ks or not bs or "error" in ks or "error" in bs:
+                continue
+            target = TARGETS.get((row["workload"], row["method"], b)) if k == "kubetune" else None
+            ratio = ks["tokens_per_s"] / bs["tokens_per_s"]
+            out.append({"kubetune": k, "baseline": b, "ratio": ratio, "low": ks["min"] / bs["max"],
+                        "high": ks["max"] / bs["min"], "target": target,
+                        "met": None if target is None else ratio >= target,
+                        "peak_ok": None if ks.get("peak_mem_gib") is None or bs.get("peak_mem_gib") is None
+                        else ks["peak_mem_gib"] <= bs["peak_mem_gib"]})
+    return out
+
+
+def loss_check(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The fused engine's losses against DeepSpeed's over the same steps (same data, seed, init)."""
+    a = [r for r in row["runs"].get("kubetune", []) if r.get("losses")]
+    b = [r for r in row["runs"].get("kubetune-deepspeed", []) if r.get("losses")]
+    if not a or not b or a[0].get("loss_steps") != b[0].get("loss_steps"):
+        return None
+    la, lb = a[0]["losses"], b[0]["losses"]
+    diffs = [abs(x - y) for x, y in zip(la, lb)]
+    return {"engine": a[0].get("engine"), "reference_engine": b[0].get("engine"), "steps": a[0]["loss_steps"],
+            "losses": la, "reference_losses": lb, "max_abs_diff": max(diffs),
+            "max_rel_diff": max(d / abs(y) for d, y in zip(diffs, lb) if y)}
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Trainer throughput, {report['gpu']}, {report['date']} (torch {report['torch']}, "
-        f"transformers {report['transformers']}); {report['steps']} timed steps after {report['warmup']} warm-up.",
+        f"transformers {report['transformers']}); {report['steps']} timed steps after {report['warmup']} warm-up; "
+        f"baselines run {report['repeats']}x each.",
         "",
-        "| workload | method | baseline tok/s | kubetune tok/s | ratio | target | baseline MFU | kubetune MFU "
-        "| baseline peak GiB | kubetune peak GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | method | side | runs | tok/s (mean) | min – max | spread | MFU | peak GiB | docs/step | engine |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for row in report["rows"]:
-        b, k = row["baseline"], row["kubetune"]
-        lines.append(
-            f"| {row['workload']} | {row['method']} | {_fmt(b.get('tokens_per_s'), ',.0f')} | "
-            f"{_fmt(k.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('ratio'), '.2f')}x | {row['target']}x | "
-            f"{_fmt(b.get('mfu'), '.1%')} | {_fmt(k.get('mfu'), '.1%')} | "
-            f"{_fmt(b.get('peak_mem_gib'), '.1f')} | {_fmt(k.get('peak_mem_gib'), '.1f')} |"
-        )
+        for side, st in row["stats"].items():
+            if "error" in st:
+                lines.append(f"| {row['workload']} | {row['method']} | {side} | 0 | failed: {st['error']} | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['workload']} | {row['method']} | {side} | {st['runs']} | {_fmt(st['tokens_per_s'], ',.0f')} | "
+                f"{_fmt(st['min'], ',.0f')} – {_fmt(st['max'], ',.0f')} | {_fmt(st['spread'], '.1%')} | "
+                f"{_fmt(st.get('mfu'), '.1%')} | {_fmt(st.get('peak_mem_gib'), '.1f')} | "
+                f"{_fmt(st.get('documents_per_step'), '.1f')} | {st.get('engine') or '—'} |"
+            )
+    lines += ["", "| workload | method | kubetune side | over baseline side | ratio (means) | range over repeats | target | met | peak <= baseline |",
+              "|---|---|---|---|---:|---|---:|---|---|"]
+    for row in report["rows"]:
+        for r in row["ratios"]:
+            met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            peak = "—" if r["peak_ok"] is None else ("yes" if r["peak_ok"] else "**no**")
+            lines.append(f"| {row['workload']} | {row['method']} | {r['kubetune']} | {r['baseline']} | {r['ratio']:.2f}x | "
+                         f"{r['low']:.2f}–{r['high']:.2f}x | {_fmt(r['target'], '')}{'x' if r['target'] else ''} | {met} | {peak} |")
+    checks = [(row, row.get("loss_check")) for row in report["rows"] if row.get("loss_check")]
+    if checks:
+        lines += ["", "Numerics: the product trainer's losses (mean of each log window) with its default engine "
+                  "against `deepspeed.engine: deepspeed`, same data, seed and initial weights:", ""]
+        for row, c in checks:
+            pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(c["steps"], c["losses"], c["reference_losses"]))
+            lines.append(f"- {row['workload']} {row['method']}: {c['engine']} vs {c['reference_engine']}: max |diff| "
+                         f"{c['max_abs_diff']:.2e} ({c['max_rel_diff']:.2e} relative); step: {pairs}")
     lines += ["", "kubetune = the product trainer (kubetune.trainer.training.Trainer) run from a FineTuneJob, "
               "timed from its own trainer_log.jsonl. Tokens/s count real tokens only; MFU against 989 TFLOP/s "
               "with 6N (full) or 4N (LoRA) + causal attention FLOPs per token (bench/workload.py)."]
-    loops = [r for r in report["rows"] if r.get("loop")]
-    if loops:
-        lines += ["", "| workload | method | minimal loop tok/s (bench/kubetune_loop.py) | trainer / loop |", "|---|---|---:|---:|"]
-        for row in loops:
-            lp, k = row["loop"].get("tokens_per_s"), row["kubetune"].get("tokens_per_s")
-            lines.append(f"| {row['workload']} | {row['method']} | {_fmt(lp, ',.0f')} | "
-                         f"{_fmt(k / lp if k and lp else None, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="2-layer hidden-64 model (CPU dry run)")
     p.add_argument("--workloads", default=",".join(wl.WORKLOADS))
     p.add_argument("--methods", default=",".join(wl.METHODS))
-    p.add_argument("--sides", default="baseline,kubetune")
+    p.add_argument("--sides", default="baseline,kubetune", help=f"comma-separated, of: {', '.join(SIDES)}")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each baseline side (the spread is reported)")
+    p.add_argument("--kubetune-repeats", type=int, default=1, help="runs of each kubetune side")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--loss-backend", default="auto")
@@ -136,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--scaling", default="", help="e.g. 1,2: kubetune fixed full on that many GPUs each, "
                    "written as <date>-scaling.{json,md} instead of the baseline comparison")
-    p.add_argument("--worker", choices=["baseline", "kubetune", "loop"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -144,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
+    sides = args.sides.split(",")
+    unknown = [x for x in sides if x not in SIDES]
+    if unknown:
+        p.error(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
 
     import torch
     import transformers
@@ -156,23 +240,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         return _scaling(args, out, stamp, gpu, torch.__version__)
     rows = []
-    sides = args.sides.split(",")
     for workload in args.workloads.split(","):
         for method in args.methods.split(","):
-            row: dict[str, Any] = {"workload": workload, "method": method,
-                                   "target": TARGETS[(workload, method)], "baseline": {}, "kubetune": {}}
-            for side in sides:
-                row[side] = _spawn(args, side, workload, method, out / f".{name}-{side}-{workload}-{method}.json")
-            b, k = row["baseline"].get("tokens_per_s"), row["kubetune"].get("tokens_per_s")
-            row["ratio"] = k / b if b and k else None
+            row: dict[str, Any] = {"workload": workload, "method": method, "runs": {}}
+            # Interleave the repeats (b1 k1 b2 ...) so a slow phase of the machine hits every side.
+            repeats = max(args.repeats, args.kubetune_repeats)
+            for i in range(repeats):
+                for side in sides:
+                    n = args.repeats if side in BASELINE_SIDES else args.kubetune_repeats
+                    if i >= n:
+                        continue
+                    result = _spawn(args, side, workload, method, out / f".{name}-{side}-{workload}-{method}-{i}.json")
+                    row["runs"].setdefault(side, []).append(result)
+                    # What has run so far survives a call that runs out of time.
+                    (out / f"{name}.partial.json").write_text(json.dumps(rows + [row], indent=2))
+            row["stats"] = {side: _stats(runs) for side, runs in row["runs"].items()}
+            row["ratios"] = _ratios(row)
+            row["loss_check"] = loss_check(row)
             rows.append(row)
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("deepspeed", "peft", "liger-kernel", "triton"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
     report = {"date": stamp, "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-              "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny, "rows": rows}
+              "versions": versions, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "tiny": args.tiny, "rows": rows}
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (out / f"{name}.md").write_text(table)
-    for f in out.glob(f".{name}-*.json"):
-        f.unlink()
+    for f in [*out.glob(f".{name}-*.json"), out / f"{name}.partial.json"]:
+        f.unlink(missing_ok=True)
     print(table)
     return 0
 

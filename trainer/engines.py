@@ -1,9 +1,14 @@
-"""The DeepSpeed engine of a run: its config derived from the spec, the optimizer, the schedule.
+"""The engine of a run: which one, its DeepSpeed config derived from the spec, the optimizer, the schedule.
 
 Called by the training loop (``kubetune.trainer.training``) once the model is built and the
-technique hooks have shaped the parameter groups. :func:`deepspeed_config` is pure (a test checks
-it); :func:`build_engine` creates the torch optimizer and the learning-rate schedule and hands both
-to ``deepspeed.initialize`` — a torch optimizer, so DeepSpeed never JIT-compiles its fused Adam.
+technique hooks have shaped the parameter groups. :func:`engine_kind` picks the engine: the fused
+single-process engine (:mod:`kubetune.trainer.fused_engine`, no DeepSpeed) for one bf16 process on
+a GPU where nothing needs DeepSpeed, DeepSpeed's ZeRO engine otherwise (``deepspeed.engine``
+overrides). :func:`deepspeed_config` is pure (a test checks it); :func:`build_engine` creates the
+torch optimizer and the learning-rate schedule and hands both to ``deepspeed.initialize`` — a torch
+optimizer, so DeepSpeed never JIT-compiles its fused Adam. A DeepSpeed engine resuming a fused
+engine's checkpoint (a run moved from one GPU to several) reads it through
+:func:`load_fused_into_deepspeed`.
 
 What the spec decides:
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,8 +258,68 @@ def make_scheduler(spec: Any, optimizer: torch.optim.Optimizer, total_steps: int
     return get_scheduler(_SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, world_size: int, precision: str) -> Any:
-    """``deepspeed.initialize`` with the derived config, a torch optimizer and the LR schedule."""
+#: The kind of the engine :func:`build_engine` built last in this process ("fused" or "deepspeed"); the bench reports it.
+LAST_ENGINE_KIND: str | None = None
+
+
+def engine_kind(spec: Any, world_size: int, precision: str, on_gpu: bool, model: torch.nn.Module,
+                resume_from: Path | None = None) -> tuple[str, str]:
+    """``("fused" | "deepspeed", why)``: which engine runs this process (``deepspeed.engine``).
+
+    Unset, the fused engine (:mod:`kubetune.trainer.fused_engine`) runs wherever it is safe: one
+    process on a GPU, bf16, adamw or adam, ZeRO stage <= 2 without offload, no ``deepspeed.config``
+    escape hatch, every weight a floating-point tensor (no quantized base), and no DeepSpeed
+    checkpoint to resume (whose optimizer state only DeepSpeed reads).
+    """
+    ds, t = spec.deepspeed, spec.training
+    if ds.engine == "deepspeed":
+        return "deepspeed", "deepspeed.engine: deepspeed"
+    if ds.engine == "fused":
+        if world_size > 1:
+            from kubetune.trainer.models import ModelError
+
+            raise ModelError(f"spec.deepspeed.engine: the fused engine runs one process, this run has {world_size}; use engine: deepspeed")
+        return "fused", "deepspeed.engine: fused"
+    reasons = []
+    if world_size > 1:
+        reasons.append(f"{world_size} processes")
+    if not on_gpu or precision != "bf16":
+        reasons.append(f"{precision} on {'a GPU' if on_gpu else 'CPU'}")
+    if t.optimizer not in ("adamw", "adam"):
+        reasons.append(f"optimizer {t.optimizer}")
+    if ds.zero_stage == 3 or ds.offload_optimizer != "none" or ds.offload_params != "none":
+        reasons.append("ZeRO-3 or offload")
+    if ds.config:
+        reasons.append("deepspeed.config is set")
+    if any(not p.is_floating_point() for p in model.parameters()):
+        reasons.append("quantized weights")
+    if resume_from is not None:
+        from kubetune.trainer.fused_engine import is_deepspeed_checkpoint
+
+        from kubetune.trainer.checkpoints import STATE_TAG
+
+        if is_deepspeed_checkpoint(resume_from / STATE_TAG):
+            reasons.append(f"resuming DeepSpeed checkpoint {resume_from.name}")
+    if reasons:
+        return "deepspeed", "; ".join(reasons)
+    return "fused", "one bf16 process on a GPU"
+
+
+def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, world_size: int, precision: str,
+                 *, on_gpu: bool | None = None, resume_from: Path | None = None) -> Any:
+    """The engine for this process (:func:`engine_kind`) with the optimizer and the LR schedule.
+
+    DeepSpeed: ``deepspeed.initialize`` with the derived config and a torch optimizer. Fused: the
+    model cast to bf16 on this process's device under :class:`~kubetune.trainer.fused_engine.FusedEngine`."""
+    import logging
+
+    global LAST_ENGINE_KIND
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    kind, why = engine_kind(spec, world_size, precision, on_gpu, model, resume_from)
+    LAST_ENGINE_KIND = kind
+    logging.getLogger("kubetune.trainer").info("engine: %s (%s)", kind, why)
+    if kind == "fused":
+        return _build_fused(spec, model, groups, total_steps, precision, on_gpu)
     import deepspeed
 
     optimizer = make_optimizer(spec, groups)
@@ -261,7 +327,90 @@ def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
     config = deepspeed_config(spec, world_size, precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     use_norm_overflow_check(engine)
+    if resume_from is not None:
+        from kubetune.trainer.checkpoints import STATE_TAG
+        from kubetune.trainer.fused_engine import is_fused_checkpoint
+
+        if is_fused_checkpoint(resume_from / STATE_TAG):
+            _read_fused_checkpoints(engine)
     return engine
+
+
+def _read_fused_checkpoints(engine: Any) -> None:
+    """Let this DeepSpeed engine's ``load_checkpoint`` read checkpoints of the fused engine too."""
+    from kubetune.trainer.fused_engine import is_fused_checkpoint
+
+    deepspeed_load = engine.load_checkpoint
+
+    def load_checkpoint(load_dir: str, tag: str | None = None, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, **kwargs: Any) -> Any:
+        folder = Path(load_dir) / (tag or "")
+        if tag is not None and is_fused_checkpoint(folder):
+            return load_fused_into_deepspeed(engine, folder, load_optimizer_states=load_optimizer_states,
+                                             load_lr_scheduler_states=load_lr_scheduler_states)
+        return deepspeed_load(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                              load_lr_scheduler_states=load_lr_scheduler_states, **kwargs)
+
+    engine.load_checkpoint = load_checkpoint
+
+
+def load_fused_into_deepspeed(engine: Any, folder: Path, *, load_optimizer_states: bool = True,
+                              load_lr_scheduler_states: bool = True) -> tuple[str, dict[str, Any]]:
+    """Restore a DeepSpeed ZeRO-0/1/2 engine of any process count from a fused-engine checkpoint.
+
+    The fused engine keys its fp32 master weights and Adam moments by parameter name
+    (:mod:`kubetune.trainer.fused_engine`); DeepSpeed's ``safe_set_full_*`` API writes each full
+    tensor into whatever partition of it this rank owns. Returns what ``load_checkpoint`` returns.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from kubetune.trainer.fused_engine import MODEL_STATES, OPTIM_STATES
+
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        raise RuntimeError(f"checkpoint {folder}: written by the fused engine (one process); ZeRO-3 cannot resume it, use zeroStage 2")
+    model_states = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=False)
+    engine.module.load_state_dict(model_states["module"])
+    if load_optimizer_states:
+        state = torch.load(folder / OPTIM_STATES, map_location="cpu", weights_only=False)
+        for name, param in engine.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name not in state["master"]:
+                raise RuntimeError(f"checkpoint {folder}: no optimizer state for trainable parameter {name}")
+            safe_set_full_fp32_param(param, state["master"][name].to(param.device))
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, state[key][name].to(param.device), key)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for per_param in inner.state.values():
+            if "step" in per_param:
+                if torch.is_tensor(per_param["step"]):
+                    per_param["step"].fill_(float(state["step"]))
+                else:
+                    per_param["step"] = state["step"]
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and model_states.get("lr_scheduler"):
+        engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
+    engine.global_steps = int(model_states.get("global_steps", 0))
+    return str(folder), {}
+
+
+def _build_fused(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, precision: str,
+                 on_gpu: bool) -> Any:
+    from kubetune.trainer.fused_engine import FusedEngine, MasterWeightAdamW
+
+    t = spec.training
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model.to(device=device, dtype=dtype)  # what DeepSpeed's engine does with bf16 enabled
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
+    if not groups:
+        from kubetune.trainer.models import ModelError
+
+        raise ModelError("spec: no parameter is trainable after the techniques' hooks (check peft, techniques.layerSelection and techniques.transferLearning)")
+    optimizer = MasterWeightAdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                                  decoupled=t.optimizer == "adamw")
+    scheduler = make_scheduler(spec, optimizer, total_steps)
+    return FusedEngine(model, optimizer, scheduler, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                       max_grad_norm=t.max_grad_norm)
 
 
 def use_norm_overflow_check(engine: Any) -> bool:

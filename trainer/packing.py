@@ -53,17 +53,22 @@ def pack_lengths(
     *,
     order: Sequence[int] | None = None,
     lookahead: int = 64,
+    max_items: int | None = None,
 ) -> list[list[int]]:
     """Group example indices into micro-batches whose total length fits ``max_tokens``.
 
     First-fit over a window of ``lookahead`` open micro-batches, visiting examples in ``order``
     (default: index order). When more than ``lookahead`` are open, the fullest is closed. This keeps
     the data order nearly intact (no global sort by length) while filling bins to ~99%.
+    ``max_items`` caps the examples per micro-batch (``training.packingMaxExamples``): a full bin
+    is closed at once, so a run can keep an unpacked run's examples per step.
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens: must be > 0, got {max_tokens}")
     if lookahead < 1:
         raise ValueError(f"lookahead: must be >= 1, got {lookahead}")
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_items: must be >= 1, got {max_items}")
     order = range(len(lengths)) if order is None else order
     closed: list[list[int]] = []
     open_bins: list[tuple[int, list[int]]] = []  # (used tokens, indices)
@@ -80,8 +85,13 @@ def pack_lengths(
             if used + length <= max_tokens:
                 members.append(index)
                 open_bins[slot] = (used + length, members)
+                if max_items is not None and len(members) >= max_items:
+                    closed.append(open_bins.pop(slot)[1])
                 break
         else:
+            if max_items == 1:
+                closed.append([index])
+                continue
             open_bins.append((length, [index]))
             if len(open_bins) > lookahead:
                 fullest = max(range(len(open_bins)), key=lambda s: open_bins[s][0])

@@ -156,7 +156,9 @@ class Trainer:
 
         self.total_steps = self._total_steps()
         self.ctx.total_steps = self.total_steps
-        self.engine = build_engine(spec, self.model, groups, self.total_steps, self.world_size, self.precision)
+        resume_from = checkpoints.find_latest(self.paths.checkpoint_dir) if spec.checkpointing.resume else None
+        self.engine = build_engine(spec, self.model, groups, self.total_steps, self.world_size, self.precision,
+                                   on_gpu=self.on_gpu, resume_from=resume_from)
         if self._compile_enabled():
             _compile(self.engine)
         self.ctx.engine = self.engine
@@ -266,7 +268,7 @@ class Trainer:
             from kubetune.trainer.packing import pack_lengths
 
             lengths = self.train_set.lengths()
-            packs = pack_lengths(lengths, t.micro_batch_size * t.max_seq_length, order=order)
+            packs = pack_lengths(lengths, t.micro_batch_size * t.max_seq_length, order=order, max_items=t.packing_max_examples)
             if len(packs) < self.world_size:
                 packs = (packs * self.world_size)[: self.world_size]
             usable = len(packs) - len(packs) % self.world_size
@@ -348,7 +350,7 @@ class Trainer:
             reason = "max-steps" if t.max_steps else "completed"
             # The loss sum stays on the device between log intervals: no host sync per step.
             window_loss: torch.Tensor | float = 0.0
-            window_n, window_tokens = 0, 0
+            window_n, window_tokens, window_examples = 0, 0, 0
             window_start = time.monotonic()
             run_start = time.monotonic()
             steps_at_start = self.step
@@ -374,6 +376,7 @@ class Trainer:
                     window_loss = window_loss + loss.detach().float()
                     window_n += 1
                     window_tokens += tokens
+                    window_examples += len(batch["_index"]) if "_index" in batch else 0
                     if micro_in_step < t.gradient_accumulation_steps:
                         continue
                     micro_in_step = 0
@@ -385,8 +388,9 @@ class Trainer:
                     if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
                         loss_sum = float(window_loss)  # waits for this step's GPU work: the window's time is exact
                         self._log_progress(loss_sum, window_n, window_tokens, time.monotonic() - window_start,
-                                           (time.monotonic() - run_start) / max(1, self.step - steps_at_start))
-                        window_loss, window_n, window_tokens = 0.0, 0, 0
+                                           (time.monotonic() - run_start) / max(1, self.step - steps_at_start),
+                                           window_examples)
+                        window_loss, window_n, window_tokens, window_examples = 0.0, 0, 0, 0
                         window_start = time.monotonic()
                     if eval_every and self.eval_set is not None and self.step % eval_every == 0:
                         self._evaluate()
@@ -456,7 +460,12 @@ class Trainer:
 
         t = self.spec.training
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = PackedCollator(t.micro_batch_size * t.max_seq_length, pad_token_id=pad)(items)
+        if t.packing_max_examples is None:
+            batch = PackedCollator(t.micro_batch_size * t.max_seq_length, pad_token_id=pad)(items)
+        else:
+            # Packs capped by examples are mostly short of the token budget: pad them only to a
+            # multiple of 256 tokens (a handful of shapes; torch.compile turns the length dynamic).
+            batch = PackedCollator(None, pad_token_id=pad, pad_to_multiple_of=256)(items)
         batch["_index"] = torch.tensor([it["_index"] for it in items])
         batch["_task"] = [it.get("_task", "") for it in items]
         return batch
@@ -490,8 +499,9 @@ class Trainer:
             flag = all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _log_progress(self, loss_sum: float, n: int, tokens: int, elapsed: float, seconds_per_step: float) -> None:
-        stats = torch.tensor([loss_sum, float(n), float(tokens)], dtype=torch.float64)
+    def _log_progress(self, loss_sum: float, n: int, tokens: int, elapsed: float, seconds_per_step: float,
+                      examples: int = 0) -> None:
+        stats = torch.tensor([loss_sum, float(n), float(tokens), float(examples)], dtype=torch.float64)
         if self.world_size > 1:
             stats = all_reduce(stats)
         loss = float(stats[0] / max(stats[1], 1))
@@ -522,7 +532,7 @@ class Trainer:
                 self.writer.add_scalar(f"train/{name}", value, self.step)
         if self.rank == 0:
             # The log line also keeps the window's own numbers, so throughput can be summed exactly.
-            record = dict(progress, window_tokens=int(stats[2]), window_seconds=round(elapsed, 6))
+            record = dict(progress, window_tokens=int(stats[2]), window_examples=int(stats[3]), window_seconds=round(elapsed, 6))
             if self.on_gpu:
                 record["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
             with (self.paths.output_dir / "trainer_log.jsonl").open("a", encoding="utf-8") as handle:

@@ -215,3 +215,15 @@ def test_lora_model_packed_loss_equals_one_by_one():
     with torch.no_grad():
         packed = causal_lm_loss(model, backend="chunked", **model_inputs(PackedCollator(80)(docs)))
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_max_examples_caps_documents_per_micro_batch():
+    from kubetune.trainer.packing import pack_lengths
+
+    lengths = [30, 50, 10, 200, 70, 5, 5, 5, 40, 90] * 5
+    packs = pack_lengths(lengths, 2048, max_items=8)
+    assert max(len(p) for p in packs) == 8
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))  # every example once
+    assert all(sum(lengths[i] for i in p) <= 2048 for p in packs)
+    assert [len(p) for p in pack_lengths(lengths, 2048, max_items=1)] == [1] * len(lengths)
+    assert len(pack_lengths(lengths, 2048)) < len(packs)  # unlimited packs more per micro-batch

@@ -1,0 +1,44 @@
+"""The padding-free baseline is a fair one: transformers keeps the flattened documents apart.
+
+``bench/baseline_hf.py``'s ``flat`` variant feeds ``DataCollatorWithFlattening`` batches (documents
+end to end in one row, ``position_ids`` restarting at 0, no attention mask) to a model with SDPA
+attention. If transformers let a document attend to the one before it, the baseline would do
+less work than a real padding-free trainer and its loss would be wrong; here the loss of one
+flattened row equals the token-weighted loss of each document run alone. transformers looks for
+packed documents only without a KV cache: with ``use_cache`` on (the Llama config default) the
+documents of a flattened row attend to each other, which is why the bench's model config turns it off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_flattened_batch_loss_equals_documents_one_by_one(attention):
+    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attention,
+                         use_cache=False)  # as in bench/workload.py: with a KV cache transformers skips the packed check
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 11, 7)]
+    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)([{"input_ids": d} for d in docs])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 23)
+    with torch.no_grad():
+        flat = model(**batch).loss
+        per_doc = [model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss for d in docs]
+    targets = [len(d) - 1 for d in docs]
+    expected = sum(loss * n for loss, n in zip(per_doc, targets)) / sum(targets)
+    assert flat == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_baseline_variants_are_the_ones_the_bench_names():
+    from bench import baseline_hf, throughput
+
+    assert baseline_hf.VARIANTS == ("padded", "flat", "liger")
+    assert {"baseline", "baseline-flat", "baseline-liger", "kubetune-budget"} <= set(throughput.SIDES)
+    assert throughput.TARGETS[("instruct", "full", "baseline-flat")] == 2.5
