@@ -372,6 +372,7 @@ def load_fused_into_deepspeed(engine: Any, folder: Path, *, load_optimizer_state
     engine.module.load_state_dict(model_states["module"])
     if load_optimizer_states:
         state = torch.load(folder / OPTIM_STATES, map_location="cpu", weights_only=False)
+        _materialise_optimizer_state(engine)
         for name, param in engine.module.named_parameters():
             if not param.requires_grad:
                 continue
@@ -391,6 +392,29 @@ def load_fused_into_deepspeed(engine: Any, folder: Path, *, load_optimizer_state
         engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
     engine.global_steps = int(model_states.get("global_steps", 0))
     return str(folder), {}
+
+
+def _materialise_optimizer_state(engine: Any) -> None:
+    """Give a fresh DeepSpeed engine its optimizer state before a resume writes into it.
+
+    torch optimizers create their state (Adam's moments, the step) at their first step, and
+    DeepSpeed's ZeRO optimizer links each parameter's fragment of it only then; a run resumed before
+    any step has neither, so ``safe_set_full_optimizer_state`` finds nothing to write into. One step
+    of the inner optimizer over zero gradients creates both; the load then overwrites every value it
+    touched (master weights, moments, step)."""
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)
+    if inner.state:
+        return
+    params = [p for group in inner.param_groups for p in group["params"]]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    inner.step()
+    for param in params:
+        param.grad = None
+    link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 def _build_fused(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, precision: str,

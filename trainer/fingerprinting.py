@@ -7,7 +7,9 @@ with the manifest before it starts: an edited field refuses the resume with one 
 (``--restart`` starts over); a finished run of the same spec and length is not trained again.
 Left out on purpose: ``resources`` and ``runPolicy`` (a run may resume on another number of GPUs
 or nodes), ``checkpointing``, ``output`` and ``s3`` (where things go, how the store is reached), ``training.logEverySteps`` (only
-what is shown), and the length (a run may be extended; ``--max-steps`` does that).
+what is shown), ``deepspeed.engine`` (which engine runs the same optimizer: one GPU picks the fused
+engine, several DeepSpeed, and a run moved between them resumes), and the length (a run may be
+extended; ``--max-steps`` does that).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-NOT_FINGERPRINTED = ("resources", "runPolicy", "checkpointing", "output", "s3",
+NOT_FINGERPRINTED = ("resources", "runPolicy", "checkpointing", "output", "s3", "deepspeed.engine",
                      "training.logEverySteps", "training.maxSteps", "training.epochs")
 LENGTH = ("training.maxSteps", "training.epochs")
 

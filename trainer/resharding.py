@@ -126,6 +126,10 @@ def needs_universal(path: Path, state: dict[str, Any], world_size: int) -> bool:
     """Whether the checkpoint at ``path`` holds ZeRO partitions of another world size."""
     if saved_world_size(state, world_size) == world_size:
         return False
+    from kubetune.trainer.fused_engine import is_fused_checkpoint
+
+    if is_fused_checkpoint(path / "state"):
+        return False  # keyed by parameter name, not partitioned: any DeepSpeed engine reads it as it is
     return any((path / "state").glob("*optim_states.pt"))
 
 

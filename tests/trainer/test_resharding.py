@@ -148,3 +148,24 @@ def test_global_batch_is_kept_or_the_new_count_is_refused_in_one_line():
     assert resharding.plan_batch(state, _Spec(4, 1, packing=True), 1) == (4, 2)
     # Checkpoints of older versions record only the world size: the spec's shape was theirs.
     assert resharding.plan_batch({"world_size": 2}, _Spec(2, 2), 1) == (2, 4)
+
+
+@pytest.mark.slow
+def test_a_fused_engine_checkpoint_resumes_on_two_processes_without_conversion(tiny_model_dir, train_job, tmp_path):
+    """One GPU runs the fused engine (here asked for by name, as CPU runs default to DeepSpeed); the run
+    moved to two processes goes on with DeepSpeed ZeRO-2 from the fused checkpoint, which is keyed by
+    parameter name and so needs no universal conversion: the curve is the uninterrupted one."""
+    model = tiny_model_dir("llama")
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=64)
+    fused, moved = _job(model, data, 2, "none", 2), _job(model, data, 2, "none", 2)
+    fused["spec"]["deepspeed"]["engine"] = "fused"  # the same run otherwise: the engine is not fingerprinted
+    one = train_job(fused, tmp_path / "one")
+    assert one.rc == 0, one.output[-4000:]
+    assert (one.checkpoint_dir / "step-00000003" / "state" / "fused_optim_states.pt").exists()
+    resumed = train_job(moved, _from_checkpoint(one, 3, tmp_path / "to-two"), nproc=2)
+    assert resumed.rc == 0, resumed.output[-4000:]
+    assert "resharded from 1 to 2 processes" in resumed.output
+    assert not (resumed.checkpoint_dir / "step-00000003" / "universal").exists()
+    log, reference = resumed.log(), {e["step"]: e for e in one.log()}
+    assert [e["step"] for e in log] == [4, 5, 6]
+    assert [e["loss"] for e in log] == pytest.approx([reference[s]["loss"] for s in (4, 5, 6)], rel=TOLERANCE)
