@@ -13,7 +13,16 @@ packing         padding-free packed micro-batches (training.packing)
 models          tokenizer, pretrained model under the task head, PEFT wrapping, QLoRA check
 attention       document-isolated attention for packed batches
 kernels         fused/chunked causal-LM cross-entropy (packed batches)
-engines         the DeepSpeed config derived from the spec, optimizer, LR schedule, process group
+distributing    the process group (fast rendezvous, in-memory for one process) and all-reduce
+optimizing      the torch optimizer and the LR schedule from spec.training
+engines         which engine (fused single-GPU or DeepSpeed) and the DeepSpeed config derived from the spec
+fused_engine    one bf16 GPU process without DeepSpeed: fp32 masters, fused AdamW
+resharding      a checkpoint resumed on another number of processes (DeepSpeed universal form)
+grouping        splitting optimizer parameter groups by a parameter-name predicate (for plugins)
+losses          cross-entropy pieces shared by the loop and the plugins (hard loss, alignment)
+weights         reading start weights from a checkpoint, an export or an adapter
+buckets         s3:// sources and output (boto3)
+fetching        remote sources (s3://, hf://) fetched once per job into a cache (init container, local runs)
 training        the loop and the technique hook call points
 evaluating      eval loss/perplexity/accuracy/F1/exact match, all ranks
 checkpoints     atomic checkpoints, rotation, best, resume

@@ -1,12 +1,12 @@
-"""The engine of a run: which one, its DeepSpeed config derived from the spec, the optimizer, the schedule.
+"""The engine of a run: which one, and its DeepSpeed config derived from the spec.
 
 Called by the training loop (``kubetune.trainer.training``) once the model is built and the
 technique hooks have shaped the parameter groups. :func:`engine_kind` picks the engine: the fused
 single-process engine (:mod:`kubetune.trainer.fused_engine`, no DeepSpeed) for one bf16 process on
 a GPU where nothing needs DeepSpeed, DeepSpeed's ZeRO engine otherwise (``deepspeed.engine``
-overrides). :func:`deepspeed_config` is pure (a test checks it); :func:`build_engine` creates the
-torch optimizer and the learning-rate schedule and hands both to ``deepspeed.initialize`` — a torch
-optimizer, so DeepSpeed never JIT-compiles its fused Adam. A DeepSpeed engine resuming a fused
+overrides). :func:`deepspeed_config` is pure (a test checks it); :func:`build_engine` takes the torch
+optimizer and the learning-rate schedule from :mod:`kubetune.trainer.optimizing` and hands both to
+``deepspeed.initialize``. The process group is :mod:`kubetune.trainer.distributing`'s. A DeepSpeed engine resuming a fused
 engine's checkpoint (a run moved from one GPU to several) reads it through
 :func:`load_fused_into_deepspeed`.
 
@@ -18,30 +18,17 @@ What the spec decides:
   ``microBatchSize`` → the batch keys (always derived, even over the escape hatch);
 * ``deepspeed.config`` — the escape hatch — is deep-merged over the result (its keys win, except
   the batch sizes).
-
-On CPU the process group uses gloo, and the shared-memory all-reduce op that DeepSpeed builds at
-start-up is skipped: it serves only inference all-reduce, and compiling it costs ~40 s on a fresh
-machine.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-_SCHEDULERS = {
-    "linear": "linear",
-    "cosine": "cosine",
-    "constant": "constant",
-    "constant-with-warmup": "constant_with_warmup",
-    "inverse-sqrt": "inverse_sqrt",
-}
-
+from kubetune.trainer.optimizing import make_optimizer, make_scheduler
 
 def resolve_precision(spec: Any, on_gpu: bool) -> str:
     """bf16, fp16 or fp32 for this run."""
@@ -102,160 +89,6 @@ def deepspeed_config(spec: Any, world_size: int, precision: str) -> dict[str, An
     config["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     config["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
     return config
-
-
-def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
-    """All-reduce a (host) tensor across the process group and return the result on the host.
-
-    NCCL reduces device tensors only, gloo host tensors: the tensor travels to the group's device
-    and back, so callers can keep counters wherever they like."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return tensor
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    moved = tensor.to(device)
-    torch.distributed.all_reduce(moved, op=op if op is not None else torch.distributed.ReduceOp.SUM)
-    return moved.to(tensor.device)
-
-
-#: Seconds a process of a multi-process run waits to reach the rendezvous (``MASTER_ADDR:MASTER_PORT``)
-#: before it gives up with one line; ``KUBETUNE_RENDEZVOUS_TIMEOUT`` overrides it. Under torchrun
-#: (local ``--nproc N`` and the operator's pods) the launcher's store is already up when a worker
-#: starts, so the wait is only ever long when the address is wrong or unreachable.
-RENDEZVOUS_TIMEOUT_S = 60.0
-#: How long collectives (and the store, once reached) may take: a slow checkpoint save on one rank
-#: must not time out the others.
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
-
-
-class RendezvousError(RuntimeError):
-    """A process of a multi-process run could not reach the rendezvous; the message is one line."""
-
-
-def init_distributed(on_gpu: bool) -> None:
-    """Start the process group from torchrun's environment.
-
-    A single process needs no network: its group lives on an in-memory store (``MASTER_ADDR`` and
-    ``MASTER_PORT`` are ignored even if the shell has them set). Several processes reach the TCP
-    store at ``MASTER_ADDR:MASTER_PORT`` within ``KUBETUNE_RENDEZVOUS_TIMEOUT`` seconds or raise
-    :class:`RendezvousError` (torch alone would retry for the 30-minute collective timeout,
-    printing C++ stack frames at every try)."""
-    import importlib
-    import sys
-
-    import deepspeed
-
-    if not on_gpu:
-        # ``import deepspeed.comm.torch as m`` would bind the ``torch`` attribute of deepspeed.comm
-        # (the real torch), so take the submodule from sys.modules.
-        importlib.import_module("deepspeed.comm.torch")
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # see the module doc
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if on_gpu else "gloo"
-    if not torch.distributed.is_initialized():
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if world_size == 1:
-            store: Any = torch.distributed.HashStore()
-        else:
-            store = _reach_rendezvous(rank, world_size)
-        torch.distributed.init_process_group(
-            backend, store=torch.distributed.PrefixStore("default_pg", store), rank=rank, world_size=world_size,
-            timeout=COLLECTIVE_TIMEOUT,
-        )
-    # DeepSpeed adopts the group that is already there.
-    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT, auto_mpi_discovery=False)
-
-
-def rendezvous_timeout() -> float:
-    raw = os.environ.get("KUBETUNE_RENDEZVOUS_TIMEOUT")
-    try:
-        value = float(raw) if raw else RENDEZVOUS_TIMEOUT_S
-    except ValueError:
-        raise RendezvousError(f"KUBETUNE_RENDEZVOUS_TIMEOUT: must be a number of seconds, got {raw!r}") from None
-    return value if value > 0 else RENDEZVOUS_TIMEOUT_S
-
-
-def _reach_rendezvous(rank: int, world_size: int) -> Any:
-    """The TCP store of a multi-process run, reached within :func:`rendezvous_timeout` seconds."""
-    import socket
-    import time
-
-    addr = os.environ.get("MASTER_ADDR")
-    port_text = os.environ.get("MASTER_PORT")
-    if not addr or not port_text or not port_text.isdigit():
-        raise RendezvousError(
-            f"rendezvous: rank {rank} of {world_size} needs MASTER_ADDR and MASTER_PORT (a port number); "
-            f"got MASTER_ADDR={addr!r} MASTER_PORT={port_text!r}"
-        )
-    port = int(port_text)
-    limit = rendezvous_timeout()
-    deadline = time.monotonic() + limit
-    where = f"{addr}:{port}"
-    # Rank 0 serves the store itself unless torchrun's agent already does; everyone else is a client
-    # and first waits in Python for the port to accept connections, quietly.
-    serves = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
-    if not serves:
-        last = "no answer"
-        while True:
-            try:
-                with socket.create_connection((addr, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
-                    break
-            except OSError as exc:
-                last = exc.strerror or type(exc).__name__
-            if time.monotonic() >= deadline:
-                raise RendezvousError(
-                    f"rendezvous: rank {rank} of {world_size} could not reach {where} within {limit:g} s "
-                    f"({last}); check MASTER_ADDR/MASTER_PORT, or raise KUBETUNE_RENDEZVOUS_TIMEOUT"
-                )
-            time.sleep(0.2)
-    left = max(1.0, deadline - time.monotonic())
-    try:
-        # torch's own env:// rendezvous (agent store or multi-tenant store on rank 0), bounded.
-        store, _, _ = next(torch.distributed.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=left)))
-    except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RendezvousError(
-            f"rendezvous: rank {rank} of {world_size} could not use the store at {where} within {limit:g} s ({first})"
-        ) from None
-    store.set_timeout(COLLECTIVE_TIMEOUT)
-    return store
-
-
-def default_param_groups(model: torch.nn.Module, spec: Any) -> list[dict[str, Any]]:
-    """One group with every trainable parameter at the peak learning rate, no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": params, "param_names": names, "lr": spec.training.learning_rate, "weight_decay": 0.0, "name": "default"}]
-
-
-def make_optimizer(spec: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    t = spec.training
-    # The fused CUDA kernel updates all tensors of a group in a few launches (DeepSpeed hands it its
-    # fp32 master partitions, on the GPU unless the optimizer is offloaded).
-    fused = torch.cuda.is_available() and spec.deepspeed.offload_optimizer == "none"
-    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
-    if not groups:
-        from kubetune.trainer.models import ModelError
-
-        raise ModelError("spec: no parameter is trainable after the techniques' hooks (check peft, techniques.layerSelection and techniques.transferLearning)")
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused or None)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused or None)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.adam_beta1)
-    from transformers.optimization import Adafactor
-
-    return Adafactor(groups, lr=t.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
-
-
-def make_scheduler(spec: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    t = spec.training
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
-    return get_scheduler(_SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 #: The kind of the engine :func:`build_engine` built last in this process ("fused" or "deepspeed"); the bench reports it.

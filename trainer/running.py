@@ -175,7 +175,7 @@ def run(job: Any, paths: RunPaths, options: RunOptions) -> int:
         training = job.spec.training.model_copy(update={"max_steps": options.max_steps})
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})
     from kubetune.trainer.checkpoints import CheckpointStorageError
-    from kubetune.trainer.engines import RendezvousError
+    from kubetune.trainer.distributing import RendezvousError
     from kubetune.trainer.models import ModelError
     from kubetune.trainer.resharding import ReshardError
     from kubetune.trainer.training import Terminated, Trainer

@@ -44,7 +44,9 @@ from kubetune.api.statuses import EARLY_STOP_PREFIX
 from kubetune.trainer import checkpoints, resharding
 from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard, weighted_dataset_order
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
-from kubetune.trainer.engines import all_reduce, build_engine, default_param_groups, init_distributed, resolve_precision
+from kubetune.trainer.distributing import all_reduce, init_distributed
+from kubetune.trainer.engines import build_engine, resolve_precision
+from kubetune.trainer.optimizing import default_param_groups
 from kubetune.trainer.evaluating import evaluate
 from kubetune.trainer.fingerprinting import run_length, training_spec
 from kubetune.trainer.running import RunOptions, RunPaths, make_run_reporter

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.engines import all_reduce
+from kubetune.trainer.distributing import all_reduce
 from kubetune.trainer.techniques.base import Technique, TechniqueContext
 from kubetune.trainer.weights import load_start_weights, resolve_start
 

@@ -250,7 +250,8 @@ def test_deepspeed_resumes_a_fused_checkpoint(tmp_path):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from kubetune.trainer.engines import init_distributed, load_fused_into_deepspeed
+    from kubetune.trainer.distributing import init_distributed
+    from kubetune.trainer.engines import load_fused_into_deepspeed
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631"}.items():
         os.environ.setdefault(key, value)

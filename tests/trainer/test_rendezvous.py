@@ -30,7 +30,7 @@ def test_a_single_process_ignores_a_stale_master_address(tmp_path: Path) -> None
     make a one-process run wait: its process group lives on an in-memory store."""
     code = (
         "import torch\n"
-        "from kubetune.trainer.engines import init_distributed\n"
+        "from kubetune.trainer.distributing import init_distributed\n"
         "init_distributed(False)\n"
         "t = torch.ones(2); torch.distributed.all_reduce(t)\n"
         "print('world', torch.distributed.get_world_size(), t.tolist())\n"

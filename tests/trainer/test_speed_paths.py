@@ -36,7 +36,8 @@ def _bf16_engine(port: str):
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubetune.trainer.engines import init_distributed, use_norm_overflow_check
+    from kubetune.trainer.distributing import init_distributed
+    from kubetune.trainer.engines import use_norm_overflow_check
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
@@ -87,7 +88,7 @@ def test_norm_check_is_not_applied_where_deepspeed_scans_differently(stage):
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29618"}.items():
         os.environ.setdefault(key, value)
-    from kubetune.trainer.engines import init_distributed
+    from kubetune.trainer.distributing import init_distributed
 
     init_distributed(False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
