@@ -19,6 +19,7 @@ Tests marked ``k8s`` are skipped unless ``--kubeconfig PATH`` is given.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -28,6 +29,24 @@ import pytest
 
 from tests.support.clusters import Cluster, fresh_namespace_name, write_kubeconfig
 from tests.support.emulating import EmulatorThread
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Each test gets back the root logger's handlers and level it started with: code under test that
+    configures logging in-process (``logging.basicConfig(stream=sys.stdout, force=True)``) binds a
+    handler to the stream pytest captured for that test, which is closed once it ends, and a later
+    test's log call would print '--- Logging error ---' into what it captures."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
