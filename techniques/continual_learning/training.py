@@ -7,24 +7,11 @@
   reads every form the trainer writes) right after the model is built from ``model.source``
   (architecture, head, PEFT wrapping), so every plugin's ``prepare_model`` already sees the earlier
   weights (L2-SP and EWC anchor to them). An adapter trained on top of yet another job's weights is
-  refused. What it may point at (a path relative to the manifest's folder locally,
-  ``pvc://claim/path`` or a path under ``/workspace`` in a cluster):
-
-  ==========================  ==============================================================
-  an output folder            full weights (``*.safetensors``/``pytorch_model.bin`` with
-                              ``config.json``) — loaded into the model, also under a new PEFT
-                              adapter; or a PEFT adapter (``adapter_config.json``) — loaded into
-                              this run's adapter of the same method, or merged into the base
-                              for full fine-tuning
-  a checkpoint ``step-N/``    DeepSpeed's module state (ZeRO-3 shards are gathered to fp32);
-                              the PEFT method must be the one the checkpoint was trained with
-  a checkpoints folder        its latest complete checkpoint
-  a local run folder          its ``output/`` (``runs/<name>`` of ``kubetune train``)
-  ==========================  ==============================================================
-
-  ``model.source`` stays the base: its tokenizer and architecture are used, so it must be the model
-  the earlier job trained. A task head is loaded when its shape and label names fit; otherwise the
-  new head starts fresh (a warning says so).
+  refused. It may point at an output folder (full weights or a PEFT adapter), a checkpoint
+  ``step-N/``, a checkpoints folder (its latest complete checkpoint) or a local run folder; the
+  table of what each gives, and the rules for heads and the base model, are in
+  :mod:`kubetune.trainer.weights`. A path is relative to the manifest's folder locally,
+  ``pvc://claim/path`` or a path under ``/workspace`` in a cluster.
 * ``replay`` — rows of the earlier task's data (``source`` read with its own ``format``, default
   the first dataset's; canonical column names) are mixed into the training examples so that they
   make up ``ratio`` of them, seeded by ``training.seed`` (every replay row is used once per full
