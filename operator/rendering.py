@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kubetune.api import FineTuneJob
+from kubetune.operator import arranging
 from kubetune.operator.building import BuildOptions, plan
 
 
@@ -37,15 +38,14 @@ def render_job(job: FineTuneJob, options: BuildOptions) -> str:
         f"# kubetune render: objects for FineTuneJob {job.namespace}/{job.name}\n"
         "# ownerReferences to the FineTuneJob are added when the operator creates them.\n"
     )
-    if job.spec.techniques.hyperparameter_search is None:
+    hook = arranging.arranger_for(job.to_manifest())
+    if hook is None:
         objects = plan(job, options)
     else:
-        from kubetune.operator.searching import first_trials
-
-        # A search runs no trainer itself: it starts trials (child FineTuneJobs), the next ones
-        # proposed as trials finish, so only the first ones can be shown.
-        header += "# a hyperparameter search: the first trials it starts; later ones follow from their results.\n"
-        objects = first_trials(job)
+        # A technique that arranges runs (a search) starts no trainer itself: it makes runs (child
+        # FineTuneJobs), the next ones from the results of the first, so only the first can be shown.
+        header += f"# {hook.RENDER_NOTE}\n"
+        objects = hook.first_runs(job)
     docs = [yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True) for obj in objects]
     return header + "---\n".join(docs)
 

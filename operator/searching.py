@@ -508,4 +508,6 @@ async def _write_search_status(job: FineTuneJob, search: HyperparameterSearchSpe
 # --- the operator hook of technique 8 (kubetune.techniques.declarations.RunArranger) ---------------
 #: Runs of a search carry this label; the handlers send their events to :func:`reconcile`.
 CHILD_LABEL = SEARCH_LABEL
+RENDER_NOTE = "a hyperparameter search: the first trials it starts; later ones follow from their results."
+first_runs = first_trials
 ensure_runs = ensure_trials

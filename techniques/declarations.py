@@ -89,8 +89,12 @@ class RunArranger(Protocol):
     """
 
     CHILD_LABEL: str
+    #: One line for ``kubetune render``: what the objects it shows for such a job are.
+    RENDER_NOTE: str
 
     async def ensure_runs(self, body: dict[str, Any], settings: Any) -> None: ...
+
+    def first_runs(self, job: Any) -> list[dict[str, Any]]: ...
 
     async def reconcile(self, namespace: str, name: str, settings: Any) -> None: ...
 
