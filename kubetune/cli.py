@@ -34,7 +34,7 @@ def preview_lines(job: object, base_dir: Path, limit: int) -> list[str]:
     reported as a line, never a traceback, so validation itself still stands.
     """
     try:
-        from kubetune.techniques.prompt_engineering.training import preview
+        from kubetune.trainer.previewing import preview
     except ImportError as exc:  # the operator image has no trainer stack
         return [f"(no preview: {exc.name} is not installed; install kubetune[train])"]
     try:

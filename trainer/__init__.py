@@ -22,6 +22,7 @@ grouping        splitting optimizer parameter groups by a parameter-name predica
 losses          cross-entropy pieces shared by the loop and the plugins (hard loss, alignment)
 weights         reading start weights from a checkpoint, an export or an adapter
 buckets         s3:// sources and output (boto3)
+previewing      the first training examples as the model will read them (kubetune validate --preview)
 fetching        remote sources (s3://, hf://) fetched once per job into a cache (init container, local runs)
 training        the loop and the technique hook call points
 evaluating      eval loss/perplexity/accuracy/F1/exact match, all ranks

@@ -67,6 +67,20 @@ _FORMAT_FIELDS: dict[str, list[tuple[str, bool, type | tuple[type, ...], tuple[s
 }
 
 
+def dataset_templates(spec: Any) -> dict[str, str]:
+    """Dataset name → its own ``promptTemplate`` (names as :func:`load_examples` gives them)."""
+    return {(ds.name or f"dataset-{i}"): ds.prompt_template for i, ds in enumerate(spec.data.datasets) if ds.prompt_template}
+
+
+def instruction_prompt(example: dict[str, Any], templates: dict[str, str]) -> str:
+    """The rendered instruction prompt of an example: its ``_template`` (set by a technique), else its
+    dataset's template, else the default; in the format the technique marked (``_template_format``)."""
+    template = example.get("_template") or templates.get(example.get("_dataset", "")) or None
+    template_format = example.get("_template_format", "jinja") if template else "jinja"
+    variables = {k: v for k, v in example.items() if not k.startswith("_")}
+    return render_template(template or DEFAULT_INSTRUCTION_TEMPLATE, variables, template_format, _where(example))
+
+
 def render_template(template: str, variables: dict[str, Any], template_format: str = "jinja", where: str = "template") -> str:
     """Render a prompt template with an example's fields; a missing variable names the field."""
     if template_format == "format":
@@ -245,9 +259,7 @@ class Encoder:
         task = spec.techniques.task
         self.response_only = task.loss_on_response_only if task is not None else True
         self.max_target_length = (task.max_target_length if task is not None else None) or self.max_length
-        self.templates = {
-            (ds.name or f"dataset-{i}"): ds.prompt_template for i, ds in enumerate(spec.data.datasets) if ds.prompt_template
-        }
+        self.templates = dataset_templates(spec)
         self.labels = labels
         self.label_ids = {name: i for i, name in enumerate(labels or [])}
 
@@ -270,10 +282,7 @@ class Encoder:
 
     def prompt_text(self, example: dict[str, Any]) -> str:
         """The rendered instruction prompt of an example (see the module doc)."""
-        template = example.get("_template") or self.templates.get(example.get("_dataset", "")) or None
-        template_format = example.get("_template_format", "jinja") if template else "jinja"
-        variables = {k: v for k, v in example.items() if not k.startswith("_")}
-        return render_template(template or DEFAULT_INSTRUCTION_TEMPLATE, variables, template_format, _where(example))
+        return instruction_prompt(example, self.templates)
 
     # -- the entry point
     def __call__(self, example: dict[str, Any]) -> dict[str, Any]:

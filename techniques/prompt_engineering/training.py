@@ -19,16 +19,15 @@ original fields are kept under ``_raw`` so that template paraphrase (augmentatio
 from them, with ``_template_format``. Prompt, prefix and P-tuning are ``peft.method`` values built by
 ``kubetune.trainer.models`` (virtual tokens, optionally initialised from ``peft.initText``).
 
-:func:`preview` renders the first examples exactly as training will (after every enabled
-technique's ``transform_examples``) without loading a model; ``kubetune validate --preview`` and
-tests call it.
+``kubetune validate --preview`` shows the rendered examples (:mod:`kubetune.trainer.previewing`,
+which runs this plugin's ``transform_examples`` as training does).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kubetune.trainer.encoding import render_template
+from kubetune.trainer.encoding import dataset_templates, render_template
 from kubetune.trainer.techniques.base import Technique, TechniqueContext
 
 #: Per format: the field the rendered prompt template replaces (None: the encoder renders it).
@@ -41,11 +40,6 @@ _PROMPT_TARGET = {
     "question-answering": "question",
 }
 _RESPONSE_TARGET = {"instruction": "response", "seq2seq": "target"}
-
-
-def dataset_templates(spec: Any) -> dict[str, str]:
-    """Dataset name → its own promptTemplate (names as the encoder gives them)."""
-    return {(ds.name or f"dataset-{i}"): ds.prompt_template for i, ds in enumerate(spec.data.datasets) if ds.prompt_template}
 
 
 def variables(example: dict[str, Any]) -> dict[str, Any]:
@@ -95,48 +89,3 @@ class PromptEngineering(Technique):
     def describe(self, ctx: TechniqueContext) -> str | None:
         own = dataset_templates(self.spec)
         return f"templates rendered into every example ({'template' if self.config.template else 'no main template'}, {len(own)} per-dataset)"
-
-
-def preview(spec: Any, base_dir: Any, limit: int = 3) -> list[str]:
-    """The first ``limit`` training examples as the model will read them, as text.
-
-    Runs ``load_examples`` and every enabled technique's ``transform_examples`` (templates, task
-    prefixes, control codes), then renders what the encoder would tokenise: the prompt and the
-    response for instruction/preference data, else the input fields and the target. No model or
-    tokenizer is loaded.
-    """
-    from kubetune.trainer.encoding import DEFAULT_INSTRUCTION_TEMPLATE, load_examples
-    from kubetune.trainer.techniques.base import enabled_techniques
-
-    sets = load_examples(spec, base_dir)
-    examples = sets.train[:limit]
-    ctx = TechniqueContext(spec=spec, base_dir=base_dir)
-    for technique in enabled_techniques(spec):
-        # Split "preview": a plugin that acts on tokens or order, or needs the tokenizer, leaves the
-        # examples alone (the contract in kubetune.trainer.techniques.base).
-        technique.on_setup(ctx)
-        examples = technique.transform_examples(ctx, examples, "preview")
-    pe = spec.techniques.prompt_engineering
-    template_format = pe.template_format if pe is not None else "jinja"
-    own = dataset_templates(spec)
-    out = []
-    for e in examples:
-        fmt = e["_format"]
-        if fmt in {"instruction", "preference"}:
-            template = e.get("_template") or own.get(e["_dataset"])
-            values = {k: v for k, v in e.items() if not k.startswith("_")}
-            if fmt == "preference" and not template:
-                prompt = e["prompt"]
-            else:
-                prompt = render_template(template or DEFAULT_INSTRUCTION_TEMPLATE, values, template_format if template else "jinja")
-            target = e["response"] if fmt == "instruction" else f"chosen: {e['chosen']} | rejected: {e['rejected']}"
-            out.append(f"{prompt}{target}")
-        elif fmt == "chat":
-            out.append("\n".join(f"{m['role']}: {m['content']}" for m in e["messages"]))
-        elif fmt == "token-classification":
-            out.append(" ".join(f"{t}/{g}" for t, g in zip(e["tokens"], e["tags"])))
-        else:
-            shown = {"text": ["text"], "classification": ["text", "label"], "seq2seq": ["source", "target"],
-                     "question-answering": ["question", "context", "answer"]}[fmt]
-            out.append("\n".join(f"{k}: {e[k]}" for k in shown))
-    return out

@@ -69,7 +69,7 @@ def test_instruction_template_and_dataset_override(tiny_models, tokenizer, tmp_p
 
 
 def test_preview_shows_the_rendered_examples(tiny_models, tmp_path):
-    from kubetune.techniques.prompt_engineering.training import preview
+    from kubetune.trainer.previewing import preview
 
     write_jsonl(tmp_path / "reviews.jsonl", ROWS)
     doc = manifest(
