@@ -328,6 +328,14 @@ def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
     return None
 
 
+def evaluation_step(status: dict[str, Any]) -> int | None:
+    """The optimizer step of a trial's latest evaluation (``progress.evalStep``), or None."""
+    from kubetune.api.statuses import Progress
+
+    step = (status.get("progress") or {}).get(Progress.model_fields["eval_step"].alias or "eval_step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def trial_metric(status: dict[str, Any], metric: str) -> float | None:
     """The search metric from a trial's status (``progress.metrics`` or ``progress.evalLoss``)."""
     progress = status.get("progress") or {}

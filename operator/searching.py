@@ -57,6 +57,7 @@ from kubetune.api.searching import (
     search_label_value,
     trial_count,
     trial_manifest,
+    evaluation_step,
     trial_metric,
 )
 from kubetune.api.statuses import (
@@ -141,7 +142,7 @@ class Pruning(NamedTuple):
 
     def annotation(self) -> str:
         return json.dumps({"intermediate": {str(k): v for k, v in sorted(self.intermediate.items())},
-                           "prunerState": self.pruner_state, "prunedAtStep": self.pruned_at_step})
+                           "prunerState": self.pruner_state, "prunedStep": self.pruned_at_step})
 
 
 def trial_pruning(trial: dict[str, Any]) -> Pruning:
@@ -149,7 +150,7 @@ def trial_pruning(trial: dict[str, Any]) -> Pruning:
     try:
         saved = json.loads((trial["metadata"].get("annotations") or {})[PRUNING_ANNOTATION])
         intermediate = {int(k): float(v) for k, v in (saved.get("intermediate") or {}).items()}
-        step = saved.get("prunedAtStep")
+        step = saved.get("prunedStep")
         return Pruning(intermediate, dict(saved.get("prunerState") or {}),
                        int(step) if isinstance(step, int) and step in intermediate else None)
     except (KeyError, ValueError, TypeError, AttributeError):
@@ -159,9 +160,9 @@ def trial_pruning(trial: dict[str, Any]) -> Pruning:
 def new_evaluation(trial: dict[str, Any], metric_name: str) -> tuple[int, float] | None:
     """The step and metric of the trial's latest evaluation when the pruner has not seen it yet."""
     status = trial.get("status") or {}
-    step = (status.get("progress") or {}).get("evalStep")
+    step = evaluation_step(status)
     value = trial_metric(status, metric_name)
-    if isinstance(step, bool) or not isinstance(step, int) or value is None or step in trial_pruning(trial).intermediate:
+    if step is None or value is None or step in trial_pruning(trial).intermediate:
         return None
     return step, value
 

@@ -17,7 +17,7 @@ from kubernetes.client import ApiException
 
 from kubetune.api import KUEUE_QUEUE_LABEL, ConditionType, Reason
 from kubetune.operator import naming
-from tests.operator.operating import FTJ, JobController, condition, events, manifest, status, wait_phase
+from tests.operator.operating import FTJ, JobController, condition, events, manifest, status, wait_event, wait_phase
 from tests.support.clusters import Cluster
 
 CHILDREN = [
@@ -83,7 +83,7 @@ def test_deadline_fails_the_job_with_its_reason(
         failed = wait_phase(cluster, "late", "Failed", timeout=60)
         cond = next(c for c in failed["conditions"] if c["type"] == ConditionType.FAILED)
         assert cond["reason"] == Reason.DEADLINE_EXCEEDED and "deadline" in cond["message"]
-        assert ("Warning", Reason.DEADLINE_EXCEEDED) in [(t, r) for t, r, _ in events(cluster, "late")]
+        wait_event(cluster, "late", Reason.DEADLINE_EXCEEDED, "Warning")
 
 
 def test_suspend_and_resume(ftj_cluster: Cluster, operator_process: Callable[..., Any], job_controller: JobController) -> None:
@@ -106,7 +106,7 @@ def test_suspend_and_resume(ftj_cluster: Cluster, operator_process: Callable[...
         cluster.wait_for(lambda: (c := condition(cluster, "pausable", ConditionType.SUSPENDED)) and c["status"] == "False",
                          timeout=60, what="Suspended=False")
         assert status(cluster, "pausable")["phase"] != "Suspended"
-        assert Reason.RESUMED in [r for _, r, _ in events(cluster, "pausable")]
+        wait_event(cluster, "pausable", Reason.RESUMED)
 
 
 def test_restart_between_two_creates_makes_no_duplicates(

@@ -37,7 +37,7 @@ from kubetune import client as kclient
 from kubetune.api import ConditionType, Reason
 from kubetune.operator import building, kubeapi, naming
 from kubetune.trainer.running import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED
-from tests.operator.operating import FTJ, condition, events
+from tests.operator.operating import FTJ, condition, events, wait_event
 from tests.support.clusters import Cluster
 from tests.support.emulating import Address
 from tests.support.kubelet import KUBELET_USER_AGENT, LocalNode, PodRun
@@ -429,7 +429,7 @@ def test_bad_data_fails_the_job_with_the_file_and_row(emulated_cluster: Cluster,
     assert cond["status"] == "True"
     assert "broken.jsonl: row 3" in cond["message"] and "invalid JSON" in cond["message"], cond["message"]
     assert "broken.jsonl: row 3" in failed["message"]
-    assert ("Warning", cond["reason"]) in [(t, r) for t, r, _ in events(cluster, "broken")]
+    wait_event(cluster, "broken", cond["reason"], "Warning")
     assert "progress" not in failed
 
 

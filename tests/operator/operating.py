@@ -84,6 +84,13 @@ def events(cluster: Cluster, name: str) -> list[tuple[str, str, str]]:
     return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in found]
 
 
+def wait_event(cluster: Cluster, name: str, reason: str, kind: str | None = None, timeout: float = 30) -> None:
+    """Wait until the FineTuneJob ``name`` has an Event of ``reason`` (and type ``kind``): the operator
+    posts it right after the status write that a test usually waits for, so reading once races it."""
+    cluster.wait_for(lambda: any(r == reason and (kind is None or t == kind) for t, r, _ in events(cluster, name)),
+                     timeout=timeout, what=f"a {kind or ''} {reason} Event on {name}".replace("  ", " "))
+
+
 class JobController:
     """Plays the Job controller on the emulator (which has none); a no-op on a real cluster."""
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from kubetune.api import ConditionType, Reason
 from kubetune.operator import kubeapi
-from tests.operator.operating import FTJ, JobController, condition, events, manifest, status, wait_phase
+from tests.operator.operating import FTJ, JobController, condition, manifest, status, wait_event, wait_phase
 from tests.support.clusters import Cluster
 from tests.support.emulating import Address
 
@@ -34,7 +34,7 @@ def test_oom_killed_pod_fails_the_job_with_its_reason(
         assert cond["reason"] == Reason.OOM_KILLED
         assert "big-0-abcde" in cond["message"] and "OOMKilled" in cond["message"]
         assert failed["restarts"] == 1 and failed["completionTime"]
-        assert ("Warning", Reason.OOM_KILLED) in [(t, r) for t, r, _ in events(cluster, "big")]
+        wait_event(cluster, "big", Reason.OOM_KILLED, "Warning")
 
 
 def test_termination_message_reaches_the_status(
