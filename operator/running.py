@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import kopf
 
 from kubetune.api import GROUP, PLURAL
-from kubetune.operator import kubeapi, metrics, persistence
+from kubetune.operator import certificates, kubeapi, metrics, persistence
 from kubetune.operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,13 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
     if ours.webhook_port:
         # kopf serves the admission handlers over TLS and keeps the ValidatingWebhookConfiguration
         # (with the caBundle of its certificate) in line with them.
+        certfile, pkeyfile = ours.webhook_cert_file or None, ours.webhook_key_file or None
+        if certfile is None:  # a plain cluster: our own self-signed certificate (``certificates``)
+            made = certificates.self_signed(ours.webhook_host or None, Path(tempfile.mkdtemp(prefix="kubetune-webhook-")))
+            certfile, pkeyfile = str(made[0]), str(made[1])
         settings.admission.server = kopf.WebhookServer(
             addr="0.0.0.0", port=ours.webhook_port, host=ours.webhook_host or None,
-            certfile=ours.webhook_cert_file or None, pkeyfile=ours.webhook_key_file or None,
+            certfile=certfile, pkeyfile=pkeyfile,
         )
         settings.admission.managed = f"{PLURAL}.{GROUP}"
     kubeapi.connect()

@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     webhook_host: str = Field(
         default="", description="Host name the API server calls the webhook by (the Service's DNS name); in the certificate.")
     webhook_cert_file: str = Field(
-        default="", description=("TLS certificate of the webhook (PEM, e.g. from cert-manager); empty: kopf's self-signed "
-                                 "one (needs the certbuilder package)."))
+        default="", description=("TLS certificate of the webhook (PEM, e.g. from cert-manager); empty: a self-signed "
+                                 "one made at start-up for webhook_host (kubetune.operator.certificates)."))
     webhook_key_file: str = Field(default="", description="Private key of the webhook certificate (PEM).")
     webhook_failure_policy: str = Field(
         default="Fail", description="failurePolicy of the webhook: Fail (refuse when it cannot answer) or Ignore.")
