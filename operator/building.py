@@ -439,40 +439,31 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
     }
     env = trainer_env(job, options)
     fetching = fetched_sources(job)
-    container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": resources.image or options.trainer_image,
-        "command": trainer_command(job),
-        # Hub sources were fetched by the init container (or there are none): the trainer stays offline.
-        "env": [*env, {"name": "HF_HUB_OFFLINE", "value": "1"}],
-        "ports": [{"name": RENDEZVOUS_PORT_NAME, "containerPort": options.rendezvous_port, "protocol": "TCP"}],
-        "volumeMounts": mounts,
-        "workingDir": WORKSPACE_DIR,
-        "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": security,
-    }
-    if resources.image_pull_policy:
-        container["imagePullPolicy"] = resources.image_pull_policy
+    image = resources.image or options.trainer_image
+
+    def container_of(name: str, command: list[str], container_env: list[dict[str, Any]],
+                     container_mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the trainer and the fetch containers share: image, workspace, termination message, security."""
+        made: dict[str, Any] = {
+            "name": name, "image": image, "command": command, "env": container_env, "volumeMounts": container_mounts,
+            "workingDir": WORKSPACE_DIR, "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePolicy": "FallbackToLogsOnError", "securityContext": security,
+        }
+        if resources.image_pull_policy:
+            made["imagePullPolicy"] = resources.image_pull_policy
+        return made
+
+    # Hub sources were fetched by the init container (or there are none): the trainer stays offline.
+    container = container_of(CONTAINER_NAME, trainer_command(job), [*env, {"name": "HF_HUB_OFFLINE", "value": "1"}], mounts)
+    container["ports"] = [{"name": RENDEZVOUS_PORT_NAME, "containerPort": options.rendezvous_port, "protocol": "TCP"}]
     container_resources = _container_resources(job)
     if container_resources:
         container["resources"] = container_resources
 
     init_containers: list[dict[str, Any]] = []
     if fetching:
-        fetch: dict[str, Any] = {
-            "name": FETCH_CONTAINER_NAME,
-            "image": container["image"],
-            "command": ["python", "-m", FETCH_MODULE, "--config", CONFIG_PATH],
-            "env": env,
-            "volumeMounts": [m for m in mounts if m["name"] != "dshm"],
-            "workingDir": WORKSPACE_DIR,
-            "terminationMessagePath": "/dev/termination-log",
-            "terminationMessagePolicy": "FallbackToLogsOnError",
-            "securityContext": security,
-        }
-        if resources.image_pull_policy:
-            fetch["imagePullPolicy"] = resources.image_pull_policy
+        fetch = container_of(FETCH_CONTAINER_NAME, ["python", "-m", FETCH_MODULE, "--config", CONFIG_PATH], env,
+                             [m for m in mounts if m["name"] != "dshm"])
         amounts = {k: v for k, v in (container_resources.get("requests") or {}).items() if k != "nvidia.com/gpu"}
         if amounts:  # downloads need no GPU
             fetch["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
