@@ -138,7 +138,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from kubetune.operator.running import operator_main
+    from kubetune.operator.loading import without_client_libraries
+
+    with without_client_libraries():  # kopf would import the kubernetes client the operator does not use
+        from kubetune.operator.running import operator_main
 
     return operator_main(args)
 

@@ -80,14 +80,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # The same credentials as the gateway's: the kubernetes client's in-cluster or kubeconfig loading.
-    return kopf.login_via_client(**kwargs)
+def login(**kwargs: Any) -> kopf.ConnectionInfo:
+    # kopf and the gateway use the same credentials: service account or kubeconfig (kubeapi.login).
+    return kubeapi.login(**kwargs)
 
 
 @kopf.on.cleanup()
-def disconnect(**_: Any) -> None:
-    kubeapi.close()
+async def disconnect(**_: Any) -> None:
+    await kubeapi.aclose()
 
 
 @kopf.on.probe(id="api")

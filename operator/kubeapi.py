@@ -1,12 +1,30 @@
 """The one module of the operator that talks to the Kubernetes API.
 
 Handlers and their helpers (``creating``, ``statusing``, ``suspending``) call these coroutines;
-nothing else in ``kubetune.operator`` opens a connection (kopf's own watching aside). Calls run
-the official ``kubernetes`` client in a worker thread, so kubeconfig, in-cluster tokens and exec
-plugins behave exactly as in kubectl. The answers every caller would otherwise have to special-case
-are folded in here: :func:`create` treats 409 AlreadyExists as "already there" and returns the
-existing object, :func:`get` and :func:`delete` treat 404 as "absent". Every failed request is
-counted in ``kubetune.operator.metrics``.
+nothing else in ``kubetune.operator`` opens a connection (kopf's own watching aside). Requests go
+through ONE shared aiohttp session per event loop (aiohttp is kopf's own HTTP client), with raw
+JSON dicts in and out, at most :data:`MAX_IN_FLIGHT` requests at once (the connector's limit),
+closed at operator cleanup. Why not the official ``kubernetes`` client, as before: it is
+synchronous (urllib3), so every request in flight held a worker thread, and its imports and model
+(de)serialisation were a large share of the operator's memory and CPU; the handful of verbs below
+need only a URL, a JSON body and the credentials.
+
+Credentials (:func:`login`, which is also the operator's ``@kopf.on.login`` handler, so kopf's
+watches and this gateway authenticate the same way): kopf's public ``login_with_service_account``
+(in a pod) and ``login_with_kubeconfig`` (``KUBECONFIG`` or ``~/.kube/config``; tried first when
+``KUBECONFIG`` is set), turned into a session by ``kopf.ConnectionInfo``'s own
+``as_ssl_context()`` (CA, client certificate and key from paths or data, ``insecure``) and
+``as_http_headers()`` (bearer token or basic auth). A kubeconfig those parsers cannot use — a user
+with no token, certificate or password (an ``exec`` plugin as on EKS/GKE, ``tokenFile``), or a
+file they fail on — falls back to ``kopf.login_via_client``, the official client's loader, imported
+only then and logged as such. A 401 makes the gateway read the credentials again once (a rotated
+service-account token) and repeat the request.
+
+The answers every caller would otherwise have to special-case are folded in here: :func:`create`
+treats 409 AlreadyExists as "already there" and returns the existing object, :func:`get` and
+:func:`delete` treat 404 as "absent". Every failed request is counted in
+``kubetune.operator.metrics``; a failed answer is raised as :class:`ApiError` (status, reason,
+headers, the server's ``Status`` body).
 
 Transient failures — the connection refused or reset, a timeout, 429 Too Many Requests, 502, 503 or
 504 (an API server restarting, overloaded or behind a load balancer) — are retried here with
@@ -28,18 +46,19 @@ requests the operator really makes, and the Helm chart's ClusterRole is tested a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import datetime
-import functools
+import json
 import logging
 import os
 import random
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
-import kubernetes
+import aiohttp
+import kopf
 import tenacity
-import urllib3.exceptions
-from kubernetes.client import ApiClient, ApiException
 
 from kubetune.api import GROUP, PLURAL, VERSION
 from kubetune.operator import metrics
@@ -96,50 +115,156 @@ RETRY_WAIT_MAX = 5.0
 RETRY_AFTER_MAX = 30.0
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
-#: Requests in flight at once. The client is synchronous (urllib3), so each in-flight request holds a
-#: worker thread and a pooled connection; asyncio's default executor (cores + 4 threads, shared with
-#: kopf's sync handlers) capped a thousand FineTuneJobs' creates at 6 requests in flight (measured:
-#: N = 200, p99 create → Job 27 s).
+#: Requests in flight at once, per event loop (the connector's limit; more wait for a connection).
+#: The old thread-pool client needed this many threads; here it is only sockets.
 MAX_IN_FLIGHT = 32
-
-_client: ApiClient | None = None
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
+#: Seconds a request may wait to connect, or for the next bytes of its answer, before it fails as a
+#: timeout (``running.configure`` sets it from ``KUBETUNE_REQUEST_TIMEOUT``).
+REQUEST_TIMEOUT = 60.0
 
 
 class UndeclaredPermission(RuntimeError):
     """A call the operator makes is missing from REQUIRED_PERMISSIONS (a bug: the chart would lack it)."""
 
 
-def connect(config_file: str | None = None) -> None:
-    """Open the client: in-cluster credentials in a pod, else the kubeconfig (``KUBECONFIG`` or ~/.kube/config)."""
-    global _client, _executor
+class ApiError(Exception):
+    """The API server answered with an error: ``status`` (0 when it never answered), ``reason``,
+    the answer's ``headers`` and its ``Status`` body (``message``, ``details``) when it sent one."""
+
+    def __init__(self, status: int, reason: str = "", *, headers: Mapping[str, str] | None = None,
+                 body: dict[str, Any] | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers: Mapping[str, str] = headers or {}
+        self.body = body or {}
+        message = self.body.get("message")
+        super().__init__(f"{status} {reason}" + (f": {message}" if message else ""))
+
+
+# ------------------------------------------------------------------------------------ credentials
+
+_info: kopf.ConnectionInfo | None = None
+_headers: dict[str, str] = {}
+#: One session per event loop (kopf's loop in production; each test's loop in tests): an aiohttp
+#: session belongs to the loop it was made in.
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[tuple[Any, ...], aiohttp.ClientSession]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _authenticates(info: kopf.ConnectionInfo) -> bool:
+    return bool(info.token or info.scheme or (info.username and info.password)
+                or info.certificate_path or info.certificate_data)
+
+
+def read_credentials(*, settings: kopf.OperatorSettings | None = None, logger: Any = logger,
+                     **_: Any) -> kopf.ConnectionInfo:
+    """The credentials of the cluster (see the module docstring for the order and the fallback)."""
+    settings = settings if settings is not None else kopf.OperatorSettings()
+    readers = [kopf.login_with_service_account, kopf.login_with_kubeconfig]
+    if os.environ.get("KUBECONFIG"):  # named explicitly: it wins over a pod's service account, as in kubectl
+        readers.reverse()
+    reason = "neither a service account nor a kubeconfig was found"
+    for reader in readers:
+        try:
+            info = reader(settings=settings, logger=logger)
+        except Exception as exc:  # noqa: BLE001 — any parse failure: the official loader may still cope
+            reason = f"kopf's {reader.__name__} failed ({type(exc).__name__}: {exc})"
+            break
+        if info is None:
+            continue
+        if _authenticates(info):
+            return info
+        reason = f"the credentials of {reader.__name__} carry no token, certificate or password (an exec plugin?)"
+        break
+    logger.info("kubetune API gateway: %s; logging in through the kubernetes client library instead", reason)
+    info = kopf.login_via_client(settings=settings, logger=logger)
+    if info is None:
+        raise kopf.LoginError(f"cannot log in to the cluster: {reason}, and the kubernetes client is not installed")
+    return info
+
+
+def login(**kwargs: Any) -> kopf.ConnectionInfo:
+    """The operator's ``@kopf.on.login`` handler: read the credentials, use them here, give them to kopf."""
+    info = read_credentials(**kwargs)
+    use(info)
+    return info
+
+
+def use(info: kopf.ConnectionInfo) -> None:
+    """Send the gateway's requests with ``info`` (kopf's own connection info)."""
+    global _info, _headers
+    _info = info
+    _headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **info.as_http_headers()}
+
+
+def connect() -> None:
+    """Read the credentials now (the gateway would on its first request); used outside kopf."""
+    login()
+
+
+def _tls_key(info: kopf.ConnectionInfo) -> tuple[Any, ...]:
+    """What a session is built from besides the headers: a change (new certificates) makes a new one."""
+    return (info.server, info.ca_path, info.ca_data, info.insecure, info.certificate_path, info.certificate_data,
+            info.private_key_path, info.private_key_data, info.proxy_url, info.trust_env, MAX_IN_FLIGHT, REQUEST_TIMEOUT)
+
+
+def _session() -> tuple[aiohttp.ClientSession, str]:
+    if _info is None:
+        login()
+    info = _info
+    assert info is not None
+    loop = asyncio.get_running_loop()
+    key = _tls_key(info)
+    entry = _sessions.get(loop)
+    if entry is not None and entry[0] == key and not entry[1].closed:
+        return entry[1], info.server.rstrip("/")
+    if entry is not None and not entry[1].closed:  # certificates changed: requests still on it fail and are retried
+        loop.create_task(entry[1].close())
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_IN_FLIGHT, ssl=info.as_ssl_context()),
+        # per request on the wire: not the wait for one of the pool's connections (a burst queues there)
+        timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=REQUEST_TIMEOUT, sock_read=REQUEST_TIMEOUT),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    _sessions[loop] = (key, session)
+    return session, info.server.rstrip("/")
+
+
+async def aclose() -> None:
+    """Close this event loop's session (operator cleanup) and forget the credentials."""
+    entry = _sessions.pop(asyncio.get_running_loop(), None)
+    if entry is not None:
+        await entry[1].close()
     close()
-    configuration = type.__call__(kubernetes.client.Configuration)  # not a copy of the process-wide default
-    if config_file is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    else:
-        kubernetes.config.load_kube_config(config_file=config_file, client_configuration=configuration)
-    configuration.connection_pool_maxsize = MAX_IN_FLIGHT
-    _client = ApiClient(configuration)
-    _client.user_agent = USER_AGENT
-    _executor = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT, thread_name_prefix="kubeapi")
 
 
 def close() -> None:
-    global _client, _executor
-    if _client is not None:
-        _client.close()
-        _client = None
-    if _executor is not None:
-        _executor.shutdown(wait=False)
-        _executor = None
+    """Forget the credentials and drop every session (those of loops that are gone, too)."""
+    global _info
+    for _, session in list(_sessions.values()):
+        connector = session.connector
+        session.detach()
+        if connector is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: the sockets go with it
+                connector._close(abort_ssl=True)  # noqa: SLF001 — close() would need that loop
+    _sessions.clear()
+    _info = None
 
 
-def _api() -> ApiClient:
-    if _client is None:
-        connect()
-    assert _client is not None
-    return _client
+def is_connected() -> bool:
+    return _info is not None
+
+
+async def _login_again(rejected: kopf.ConnectionInfo | None) -> None:
+    """After a 401: read the credentials again, unless a request that met it too already did."""
+    if _info is not rejected:
+        return
+    logger.info("the API server refused the credentials (401); reading them again")
+    use(await asyncio.to_thread(read_credentials))
+
+
+# ------------------------------------------------------------------------------------ requests
 
 
 def is_declared(group: str, resource: str, verb: str) -> bool:
@@ -159,19 +284,30 @@ def _path(kind: str, namespace: str | None, name: str | None = None, subresource
     return "/".join(parts), f"{plural}/{subresource}" if subresource else plural
 
 
-def _call_sync(method: str, path: str, body: Any, query: dict[str, Any] | None, content_type: str) -> Any:
-    client = _api()
-    serialized = client.param_serialize(
-        method,
-        path,
-        query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
-        header_params={"Content-Type": content_type, "Accept": "application/json"},
-        body=body,
-        auth_settings=["BearerToken"],
-    )
-    response = client.call_api(*serialized)
-    response.read()
-    return client.response_deserialize(response, {"2XX": "object"}).data
+async def _send(method: str, path: str, body: Any, query: dict[str, Any] | None, content_type: str) -> Any:
+    for attempt in range(2):
+        session, server = _session()
+        sent_with = _info
+        headers = dict(_headers)
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = content_type
+        params = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        async with session.request(method, server + path, params=params or None, data=data, headers=headers) as answer:
+            payload = await answer.read()
+            if answer.status < 400:
+                return json.loads(payload) if payload else None
+            if answer.status == 401 and attempt == 0:
+                await _login_again(sent_with)
+                continue
+            try:
+                status_body = json.loads(payload) if payload else None
+            except ValueError:
+                status_body = None
+            raise ApiError(answer.status, answer.reason or "", headers=answer.headers.copy(),
+                           body=status_body if isinstance(status_body, dict) else None)
+    raise AssertionError("unreachable: the second 401 is raised")  # pragma: no cover
 
 
 async def _request(
@@ -216,7 +352,7 @@ def retry_after(exc: BaseException | None) -> float | None:
     """The seconds a 429/503 answer's ``Retry-After`` header asks for (capped at
     :data:`RETRY_AFTER_MAX`), or None when it names none: the server knows its load better than
     our backoff does, and a client that comes back sooner is only refused again."""
-    headers = getattr(exc, "headers", None) if isinstance(exc, ApiException) else None
+    headers = exc.headers if isinstance(exc, ApiError) else None
     value = headers.get("Retry-After") if headers else None
     try:
         return min(max(float(value), 0.0), RETRY_AFTER_MAX) if value is not None else None
@@ -232,24 +368,32 @@ def _first_wait() -> float:
 async def _attempt(verb: str, resource: str, method: str, path: str, body: Any, query: dict[str, Any] | None,
                    content_type: str) -> Any:
     try:
-        _api()  # connects (and makes the executor) on first use
-        call = functools.partial(_call_sync, method, path, body, query, content_type)
-        return await asyncio.get_running_loop().run_in_executor(_executor, call)
-    except ApiException as exc:
+        return await _send(method, path, body, query, content_type)
+    except ApiError as exc:
         if not (exc.status == 404 and verb in ("get", "delete")) and not (exc.status == 409 and verb == "create"):
-            metrics.count_api_error(verb, resource, int(exc.status or 0))
+            metrics.count_api_error(verb, resource, exc.status)
         raise
     except Exception:
         metrics.count_api_error(verb, resource, 0)
         raise
 
 
+#: Failures of the connection itself (refused, reset, cut mid-answer, timed out): worth another
+#: try, except a TLS failure (an untrusted certificate stays untrusted).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, TimeoutError)
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    return isinstance(exc, CONNECTION_ERRORS) and not isinstance(exc, aiohttp.ClientSSLError)
+
+
 def is_retryable_request(exc: BaseException) -> bool:
     """Whether a failed request is worth repeating as it is, here (see the module docstring);
     :func:`is_transient` is the wider test for a whole decision that re-reads first (``retrying``)."""
-    if isinstance(exc, ApiException):
-        return int(exc.status or 0) in TRANSIENT_STATUSES
-    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+    if isinstance(exc, ApiError):
+        return exc.status in TRANSIENT_STATUSES
+    return _connection_failed(exc)
 
 
 # ------------------------------------------------------------------------------------ verbs
@@ -260,7 +404,7 @@ async def get(kind: str, namespace: str | None, name: str, *, subresource: str |
     try:
         found: dict[str, Any] = await _request("get", kind, namespace, name, subresource=subresource)
         return found
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 404:
             return None
         raise
@@ -272,12 +416,12 @@ async def create(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     namespace = meta.get("namespace")
     try:
         return await _request("create", body["kind"], namespace, body=body), True
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status != 409:
             raise
     existing = await get(body["kind"], namespace, meta["name"])
     if existing is None:  # deleted between the two calls: let the caller's retry create it
-        raise ApiException(status=409, reason=f"{body['kind']} {meta['name']} is being replaced")
+        raise ApiError(409, f"{body['kind']} {meta['name']} is being replaced")
     return existing, False
 
 
@@ -295,7 +439,7 @@ async def patch(
         patched: dict[str, Any] = await _request("patch", kind, namespace, name, subresource=subresource, body=body,
                                                  content_type=MERGE_PATCH)
         return patched
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 404:
             return None
         raise
@@ -352,17 +496,14 @@ _TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed request can succeed when tried again (after re-reading): conflicts,
     throttling, server errors and broken connections; not 403/404/422 or our own bugs."""
-    if isinstance(exc, ApiException):
-        return int(exc.status or 0) in _TRANSIENT_STATUSES or not exc.status  # no status: the connection failed
-    return isinstance(exc, (ConnectionError, TimeoutError, urllib3.exceptions.HTTPError))
+    if isinstance(exc, ApiError):
+        return exc.status in _TRANSIENT_STATUSES or not exc.status  # no status: the connection failed
+    return _connection_failed(exc)
 
 
 def describe_failure(exc: BaseException) -> str:
     """One line for a failed request: the HTTP status and reason, or the connection error."""
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         return f"{exc.status} {exc.reason}".strip() if exc.status else f"no answer ({exc.reason})"
     return f"{type(exc).__name__}: {exc}"[:300]
 
-
-def is_connected() -> bool:
-    return _client is not None

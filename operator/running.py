@@ -37,7 +37,7 @@ _counts: Counter[str] = Counter()  # of _phases' values, kept as they change
 
 
 def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
-    """Apply our choices to kopf's settings and connect the API gateway; returns the Settings in use."""
+    """Apply our choices to kopf's settings and the API gateway's timeout; returns the Settings in use."""
     ours: Settings = memo.get("settings") if hasattr(memo, "get") and memo.get("settings") else Settings.from_env()
     memo["settings"] = ours
     settings.persistence.finalizer = f"{GROUP}/finalizer"
@@ -66,7 +66,7 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
             certfile=certfile, pkeyfile=pkeyfile,
         )
         settings.admission.managed = f"{PLURAL}.{GROUP}"
-    kubeapi.connect()
+    kubeapi.REQUEST_TIMEOUT = float(ours.request_timeout)  # the gateway logs in with kopf (handlers.login)
     _phases.clear()
     _counts.clear()
     logger.info("kubetune operator configured: %s", ours)
@@ -117,6 +117,8 @@ def operator_main(args: argparse.Namespace) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if settings.metrics_port:
         metrics.start_metrics_server(settings.metrics_port)
+    # A plain registry: kopf's default one imports every client library it finds to offer fallback logins.
+    kopf.set_default_registry(kopf.OperatorRegistry())
     from kubetune.operator import handlers  # noqa: F401 — registers the handlers
 
     kopf.run(

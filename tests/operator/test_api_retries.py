@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterator
 
 import kmock
 import pytest
-from kubernetes.client import ApiException
 
 from kubetune.operator import kubeapi, metrics
 from tests.support.emulating import EmulatorThread
@@ -20,7 +20,8 @@ JOBS = kmock.resource("batch", "v1", "jobs")
 def gateway(k8s_emulator: EmulatorThread, kubeconfig_file: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorThread]:
     monkeypatch.setattr(kubeapi, "RETRY_WAIT_MIN", 0.01)
     monkeypatch.setattr(kubeapi, "RETRY_WAIT_MAX", 0.05)
-    kubeapi.connect(str(kubeconfig_file))
+    assert os.environ["KUBECONFIG"] == str(kubeconfig_file)
+    kubeapi.connect()  # reads KUBECONFIG, as the operator does
     k8s_emulator.create_object("v1/configmaps", "default", {"metadata": {"name": "cm"}, "data": {"a": "1"}})
     k8s_emulator.create_object("batch/v1/jobs", "default", {"metadata": {"name": "job"}, "spec": {"suspend": False}})
     try:
@@ -50,7 +51,7 @@ async def test_retries_stop_after_the_last_attempt(gateway: EmulatorThread) -> N
     assert emulator is not None
     emulator["patch", JOBS] << 429 << {"kind": "Status", "code": 429, "message": "slow down"}
     before = _errors("patch", "429", "jobs")
-    with pytest.raises(ApiException) as raised:
+    with pytest.raises(kubeapi.ApiError) as raised:
         await kubeapi.patch("Job", "default", "job", {"spec": {"suspend": True}})
     assert raised.value.status == 429
     assert _errors("patch", "429", "jobs") - before == kubeapi.RETRY_ATTEMPTS
@@ -61,7 +62,7 @@ async def test_a_refused_request_is_not_repeated(gateway: EmulatorThread) -> Non
     assert emulator is not None
     emulator["patch", JOBS] << 500 << {"kind": "Status", "code": 500, "message": "broken"}
     before = _errors("patch", "500", "jobs")
-    with pytest.raises(ApiException) as raised:
+    with pytest.raises(kubeapi.ApiError) as raised:
         await kubeapi.patch("Job", "default", "job", {"spec": {"suspend": True}})
     assert raised.value.status == 500
     assert _errors("patch", "500", "jobs") - before == 1  # kopf retries the handler, not the gateway the request
@@ -80,8 +81,8 @@ async def test_retry_after_is_honoured(gateway: EmulatorThread) -> None:
 
 
 def test_retry_after_is_read_in_seconds_and_capped() -> None:
-    assert kubeapi.retry_after(ApiException(status=429)) is None
-    exc = ApiException(status=429)
+    assert kubeapi.retry_after(kubeapi.ApiError(429)) is None
+    exc = kubeapi.ApiError(429)
     exc.headers = {"Retry-After": "3"}
     assert kubeapi.retry_after(exc) == 3.0
     exc.headers = {"Retry-After": "86400"}

@@ -13,15 +13,10 @@ import kopf
 import pytest
 from cryptography import x509
 
-from kubetune.operator import kubeapi, running
+from kubetune.operator import running
 from kubetune.operator.settings import Settings
 
 HOST = "kubetune-webhook.kubetune-system.svc"
-
-
-@pytest.fixture(autouse=True)
-def _no_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kubeapi, "connect", lambda: None)  # configure() connects the gateway; nothing to reach here
 
 
 def _configured(**fields: object) -> kopf.WebhookServer:
