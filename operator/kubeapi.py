@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -156,6 +157,19 @@ def _authenticates(info: kopf.ConnectionInfo) -> bool:
                 or info.certificate_path or info.certificate_data)
 
 
+def in_cluster_address(info: kopf.ConnectionInfo) -> kopf.ConnectionInfo:
+    """The API server's address in a pod as client-go and the official client take it: the
+    ``KUBERNETES_SERVICE_HOST``/``_PORT`` the kubelet sets, so no cluster DNS lookup is needed (kopf's
+    reader names ``kubernetes.default.svc``, kept when the variables are absent). The server's
+    certificate carries the Service's IP, so TLS verification is unchanged."""
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return info
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return dataclasses.replace(info, server=f"https://{host}:{port}")
+
+
 def read_credentials(*, settings: kopf.OperatorSettings | None = None, logger: Any = logger,
                      **_: Any) -> kopf.ConnectionInfo:
     """The credentials of the cluster (see the module docstring for the order and the fallback)."""
@@ -173,7 +187,7 @@ def read_credentials(*, settings: kopf.OperatorSettings | None = None, logger: A
         if info is None:
             continue
         if _authenticates(info):
-            return info
+            return in_cluster_address(info) if reader is kopf.login_with_service_account else info
         reason = f"the credentials of {reader.__name__} carry no token, certificate or password (an exec plugin?)"
         break
     logger.info("kubetune API gateway: %s; logging in through the kubernetes client library instead", reason)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import aiohttp.web
 import kmock
+import kopf
 import pytest
 import yaml
 
@@ -239,3 +240,25 @@ def test_the_operator_process_never_imports_the_kubernetes_client(
     assert line is not None, output
     assert json.loads(line.removeprefix("MODULES ")) == [], output
     assert "kubernetes client library" not in output and "Traceback" not in output, output
+
+
+@pytest.mark.parametrize(("host", "port", "server"), [
+    ("10.96.0.1", "443", "https://10.96.0.1:443"),
+    ("fd00::1", "6443", "https://[fd00::1]:6443"),
+    (None, None, "https://kubernetes.default.svc"),
+])
+def test_in_a_pod_the_api_server_is_reached_at_the_service_address_the_kubelet_sets(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, host: str | None, port: str | None, server: str) -> None:
+    """As client-go does: KUBERNETES_SERVICE_HOST/PORT, no DNS lookup of kubernetes.default.svc (a pod whose
+    DNS is slow or blocked still reaches the API); kopf's name only where the kubelet set no address."""
+    for key, value in (("KUBERNETES_SERVICE_HOST", host), ("KUBERNETES_SERVICE_PORT", port)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    from_file = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="t0ken", ca_path=str(tmp_path / "ca.crt"))
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: from_file)
+    info = kubeapi.read_credentials()
+    assert info.server == server
+    assert info.token == "t0ken" and info.ca_path == from_file.ca_path
