@@ -23,12 +23,17 @@ What the spec decides:
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kubetune.trainer.optimizing import make_optimizer, make_scheduler
+
+log = logging.getLogger("kubetune.trainer")
+
 
 def resolve_precision(spec: Any, on_gpu: bool) -> str:
     """bf16, fp16 or fp32 for this run."""
@@ -150,7 +155,7 @@ def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     kind, why = engine_kind(spec, world_size, precision, on_gpu, model, resume_from)
     LAST_ENGINE_KIND = kind
-    logging.getLogger("kubetune.trainer").info("engine: %s (%s)", kind, why)
+    log.info("engine: %s (%s)", kind, why)
     if kind == "fused":
         return _build_fused(spec, model, groups, total_steps, precision, on_gpu)
     import deepspeed
@@ -263,8 +268,15 @@ def _build_fused(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
         from kubetune.trainer.models import ModelError
 
         raise ModelError("spec: no parameter is trainable after the techniques' hooks (check peft, techniques.layerSelection and techniques.transferLearning)")
+    # KUBETUNE_FUSED_UPDATE=buffers: fp32 gradient buffers and torch's fused AdamW + copy, the step
+    # before the one-pass kernel (bench A/B only; the default is the faster, leaner path).
+    previous = os.environ.get("KUBETUNE_FUSED_UPDATE", "") == "buffers"
     optimizer = MasterWeightAdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                                  decoupled=t.optimizer == "adamw")
+                                  decoupled=t.optimizer == "adamw",
+                                  grad_buffers=t.gradient_accumulation_steps > 1 or previous,
+                                  update="fused" if previous else "auto")
+    log.info("fused engine: %s update, %s", optimizer.kernel,
+             "fp32 gradient buffers" if optimizer.grad_buffers else "bf16 gradients read in place")
     scheduler = make_scheduler(spec, optimizer, total_steps)
     return FusedEngine(model, optimizer, scheduler, gradient_accumulation_steps=t.gradient_accumulation_steps,
                        max_grad_norm=t.max_grad_norm)
