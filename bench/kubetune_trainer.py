@@ -22,8 +22,12 @@ state for this model) and the export are skipped, since they are not training st
 Variants (sides of ``bench/throughput.py``): ``kubetune`` (the product defaults: on one GPU the
 fused engine, ``deepspeed.engine`` unset), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``,
 the DeepSpeed ZeRO-2 engine the trainer used before; same data and seed, so its losses are the
-numerics reference for the fused engine) and ``kubetune-budget`` (``training.packingMaxExamples``
-= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines).
+numerics reference for the fused engine), ``kubetune-budget`` (``training.packingMaxExamples``
+= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines) and
+``kubetune-buffers`` (the fused engine's step before the one-pass kernel: fp32 gradient buffers,
+``torch._fused_adamw_`` and a copy into the weights; an A/B reference).
+``KUBETUNE_BENCH_PROFILE=DIR`` adds one log interval after the timed ones and traces its last two
+steps with torch.profiler (:func:`profile_engine`; that interval is not timed).
 Run through ``bench/throughput.py``.
 """
 
@@ -90,7 +94,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-VARIANTS = ("default", "deepspeed", "budget")
+VARIANTS = ("default", "deepspeed", "budget", "buffers")
 
 # Kernel names -> the part of a training step they belong to (the profile summary's rows).
 KERNEL_KINDS = (
@@ -177,6 +181,8 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
         spec["deepspeed"]["engine"] = "deepspeed"
     elif variant == "budget":
         spec["training"]["packingMaxExamples"] = shape.micro_batch
+    elif variant == "buffers":  # the fused engine's step before the one-pass kernel (engines._build_fused)
+        os.environ["KUBETUNE_FUSED_UPDATE"] = "buffers"
     elif variant != "default":
         raise ValueError(f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if method == "lora":
@@ -232,7 +238,7 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
         engine = original_build(*args, **kwargs)
         kernel["update"] = getattr(getattr(engine, "optimizer", None), "kernel", None)
         if profile_dir and cuda:
-            label = f"{variant}-{workload}-{method}-{os.environ.get('KUBETUNE_BENCH_LABEL', 'run')}"
+            label = f"{variant}-{workload}-{method}-{os.environ.get('KUBETUNE_BENCH_LABEL', os.getpid())}"
             profile_engine(engine, Path(profile_dir), label, first=total - 2, count=2)
         return engine
 

@@ -42,7 +42,7 @@ TARGETS = {
     ("instruct", "full", "baseline"): 5.5, ("instruct", "full", "baseline-flat"): 2.5, ("instruct", "lora", "baseline"): 5.0,
 }
 BASELINE_SIDES = ("baseline", "baseline-flat", "baseline-liger")
-KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "loop")
+KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "kubetune-buffers", "loop")
 SIDES = BASELINE_SIDES + KUBETUNE_SIDES
 
 
@@ -159,7 +159,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Trainer throughput, {report['gpu']}, {report['date']} (torch {report['torch']}, "
         f"transformers {report['transformers']}); {report['steps']} timed steps after {report['warmup']} warm-up; "
-        f"baselines run {report['repeats']}x each.",
+        f"runs per side in the `runs` column (interleaved: each round runs every side once).",
         "",
         "| workload | method | side | runs | tok/s (mean) | min – max | spread | MFU | peak GiB | docs/step | engine |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default="baseline,kubetune", help=f"comma-separated, of: {', '.join(SIDES)}")
     p.add_argument("--repeats", type=int, default=2, help="runs of each baseline side (the spread is reported)")
     p.add_argument("--kubetune-repeats", type=int, default=1, help="runs of each kubetune side")
+    p.add_argument("--side-repeats", default="", help="e.g. kubetune-deepspeed=1: runs of a side, overriding the two above")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--loss-backend", default="auto")
@@ -244,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             row: dict[str, Any] = {"workload": workload, "method": method, "runs": {}}
             # Interleave the repeats (b1 k1 b2 ...) so a slow phase of the machine hits every side.
-            repeats = max(args.repeats, args.kubetune_repeats)
-            for i in range(repeats):
+            counts = {side: args.repeats if side in BASELINE_SIDES else args.kubetune_repeats for side in sides}
+            counts.update({k: int(v) for k, v in (x.split("=", 1) for x in args.side_repeats.split(",") if x)})
+            for i in range(max(counts.values())):
                 for side in sides:
-                    n = args.repeats if side in BASELINE_SIDES else args.kubetune_repeats
-                    if i >= n:
+                    if i >= counts[side]:
                         continue
                     result = _spawn(args, side, workload, method, out / f".{name}-{side}-{workload}-{method}-{i}.json")
                     row["runs"].setdefault(side, []).append(result)
