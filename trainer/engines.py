@@ -149,7 +149,6 @@ def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
 
     DeepSpeed: ``deepspeed.initialize`` with the derived config and a torch optimizer. Fused: the
     model cast to bf16 on this process's device under :class:`~kubetune.trainer.fused_engine.FusedEngine`."""
-    import logging
 
     global LAST_ENGINE_KIND
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
