@@ -247,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             # Interleave the repeats (b1 k1 b2 ...) so a slow phase of the machine hits every side.
             counts = {side: args.repeats if side in BASELINE_SIDES else args.kubetune_repeats for side in sides}
             counts.update({k: int(v) for k, v in (x.split("=", 1) for x in args.side_repeats.split(",") if x)})
-            for i in range(max(counts.values())):
+            rounds = max(counts.values())
+            for i in range(rounds):
                 for side in sides:
-                    if i >= counts[side]:
+                    if i < rounds - counts[side]:  # a side run fewer times runs in the last rounds
                         continue
                     result = _spawn(args, side, workload, method, out / f".{name}-{side}-{workload}-{method}-{i}.json")
                     row["runs"].setdefault(side, []).append(result)
