@@ -231,3 +231,40 @@ def test_emulated_fp8_training_follows_the_full_precision_loss_curve():
     assert fp8 != full
     assert fp8[-1] < fp8[0] - 1.0  # it learns
     assert max(abs(a - b) / a for a, b in zip(fp8, full)) < 0.05, (fp8, full)
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fused"])
+def test_float8_layers_train_under_both_engines(engine):
+    """The converted model goes to the engine the trainer builds (DeepSpeed ZeRO-2 flattens the weights
+    into its buffers; the fused engine keeps fp32 masters of them): float8 layers' weights learn under
+    either. CPU, fp32 weights and torchao's emulated float8; on a GPU the same path runs bf16 + FP8."""
+    pytest.importorskip("torchao.float8", reason="torchao is in the gpu extra")
+    import os
+
+    from kubetune.api import parse_spec
+    from kubetune.trainer.distributing import init_distributed
+    from kubetune.trainer.optimizing import default_param_groups
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29637"}.items():
+        os.environ.setdefault(key, value)
+    init_distributed(False)
+    spec = parse_spec({"model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "d.jsonl", "format": "text"}]},
+                       "training": {"precision": "fp32", "learningRate": 3e-3, "lrScheduler": "constant", "warmupSteps": 0,
+                                    "microBatchSize": 4},
+                       "deepspeed": {"zeroStage": 2, "engine": engine}})
+    model = _llama()
+    names = float8.convert(model, emulate=True)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    built = engines.build_engine(spec, model, default_param_groups(model, spec), 10, 1, "fp32", on_gpu=False)
+    assert engines.LAST_ENGINE_KIND == engine
+    batch = torch.randint(0, 16, (4, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(4):
+        loss = built(input_ids=batch, labels=batch).loss
+        built.backward(loss)
+        built.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    module = built.module
+    assert all(type(module.get_submodule(n)).__name__ == "Float8Linear" for n in names)
+    assert all(not torch.equal(module.get_submodule(n).weight.detach(), before[n]) for n in names)
