@@ -23,9 +23,12 @@ Variants (sides of ``bench/throughput.py``): ``kubetune`` (the product defaults:
 fused engine, ``deepspeed.engine`` unset), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``,
 the DeepSpeed ZeRO-2 engine the trainer used before; same data and seed, so its losses are the
 numerics reference for the fused engine), ``kubetune-budget`` (``training.packingMaxExamples``
-= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines) and
+= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines),
 ``kubetune-buffers`` (the fused engine's step before the one-pass kernel: fp32 gradient buffers,
-``torch._fused_adamw_`` and a copy into the weights; an A/B reference).
+``torch._fused_adamw_`` and a copy into the weights; an A/B reference),
+``kubetune-fp8`` (``training.precision: fp8``: torchao float8 linear layers, same data, seed and
+weights as ``kubetune``, whose losses are its reference; its MFU counts the same FLOPs against the
+same bf16 peak, so it reads as "bf16-equivalent" utilisation).
 ``KUBETUNE_BENCH_PROFILE=DIR`` adds one log interval after the timed ones and traces its last two
 steps with torch.profiler (:func:`profile_engine`; that interval is not timed).
 Run through ``bench/throughput.py``.
@@ -94,7 +97,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-VARIANTS = ("default", "deepspeed", "budget", "buffers")
+VARIANTS = ("default", "deepspeed", "budget", "buffers", "fp8")
 
 # Kernel names -> the part of a training step they belong to (the profile summary's rows).
 KERNEL_KINDS = (
@@ -183,6 +186,9 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
         spec["training"]["packingMaxExamples"] = shape.micro_batch
     elif variant == "buffers":  # the fused engine's step before the one-pass kernel (engines._build_fused)
         os.environ["KUBETUNE_FUSED_UPDATE"] = "buffers"
+    elif variant == "fp8":  # float8 linear layers (torchao); the API wants the GPU it needs declared
+        spec["training"]["precision"] = "fp8"
+        spec["resources"] = {"gpusPerNode": 1}
     elif variant != "default":
         raise ValueError(f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if method == "lora":
@@ -254,7 +260,8 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     examples = sum(r.get("window_examples", 0) for r in windows)
     seconds = sum(r["window_seconds"] for r in windows)
     # FLOPs: 6N/4N per token plus attention for the workload's documents (the mean attended
-    # context per token of the written dataset; exact for fixed-length data).
+    # context per token of the written dataset; exact for fixed-length data). The same count for
+    # fp8, against the same bf16 peak (wl.PEAK_FLOPS): fp8 MFU is comparable with bf16 MFU.
     arr = np.asarray(lengths, dtype=np.float64)
     per_token_attention = float((arr * (arr + 1) / 2).sum() / arr.sum())
     flops = tokens * ((6 if method == "full" else 4) * wl.n_params(shape)
@@ -268,7 +275,7 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
         # The trainer's tokens count every rank; MFU is per GPU.
         "mfu": wl.mfu(flops / int(os.environ.get("WORLD_SIZE", "1")), seconds) if seconds else None, "final_loss": records[-1]["loss"],
-        "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"),
+        "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"), "precision": job.spec.training.precision,
         "setup": ("product Trainer (kubetune.trainer.training) from a FineTuneJob: packing 16,384 tokens, "
                   f"{job.spec.training.precision}, engine {engines.LAST_ENGINE_KIND}, ZeRO stage {job.spec.deepspeed.zero_stage}, "
                   f"packingMaxExamples {job.spec.training.packing_max_examples}, compile {job.spec.training.compile} (unset = auto), "

@@ -13,7 +13,8 @@ engine's checkpoint (a run moved from one GPU to several) reads it through
 What the spec decides:
 
 * ``deepspeed.zeroStage`` 0–3, ``offloadOptimizer``/``offloadParams`` (cpu);
-* ``training.precision``: bf16/fp16 sections (auto = bf16 on a GPU that supports it, else fp32);
+* ``training.precision``: bf16/fp16 sections (auto = bf16 on a GPU that supports it, else fp32;
+  fp8 is bf16 here, its float8 layers are :mod:`kubetune.trainer.float8`'s);
 * ``training.maxGradNorm`` → ``gradient_clipping``; ``gradientAccumulationSteps`` and
   ``microBatchSize`` → the batch keys (always derived, even over the escape hatch);
 * ``deepspeed.config`` — the escape hatch — is deep-merged over the result (its keys win, except
@@ -34,10 +35,18 @@ from kubetune.trainer.optimizing import make_optimizer, make_scheduler
 
 log = logging.getLogger("kubetune.trainer")
 
+#: Precisions whose weights, DeepSpeed section and fused engine are bf16 (fp8 multiplies in float8 on top).
+BF16_WEIGHTS = ("bf16", "fp8")
+
 
 def resolve_precision(spec: Any, on_gpu: bool) -> str:
-    """bf16, fp16 or fp32 for this run."""
+    """bf16, fp16, fp32 or fp8 for this run; fp8 is refused where it cannot run (:mod:`kubetune.trainer.float8`)."""
     precision = spec.training.precision
+    if precision == "fp8":
+        from kubetune.trainer.float8 import check_support
+
+        check_support(on_gpu)
+        return precision
     if precision == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if not on_gpu and precision == "fp16":
@@ -83,7 +92,7 @@ def deepspeed_config(spec: Any, world_size: int, precision: str) -> dict[str, An
     }
     if t.max_grad_norm is not None:
         config["gradient_clipping"] = t.max_grad_norm
-    if precision == "bf16":
+    if precision in BF16_WEIGHTS:
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
@@ -121,7 +130,7 @@ def engine_kind(spec: Any, world_size: int, precision: str, on_gpu: bool, model:
     reasons = []
     if world_size > 1:
         reasons.append(f"{world_size} processes")
-    if not on_gpu or precision != "bf16":
+    if not on_gpu or precision not in BF16_WEIGHTS:
         reasons.append(f"{precision} on {'a GPU' if on_gpu else 'CPU'}")
     if t.optimizer not in ("adamw", "adam"):
         reasons.append(f"optimizer {t.optimizer}")
@@ -140,7 +149,7 @@ def engine_kind(spec: Any, world_size: int, precision: str, on_gpu: bool, model:
             reasons.append(f"resuming DeepSpeed checkpoint {resume_from.name}")
     if reasons:
         return "deepspeed", "; ".join(reasons)
-    return "fused", "one bf16 process on a GPU"
+    return "fused", f"one {precision} process on a GPU"
 
 
 def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, world_size: int, precision: str,
@@ -260,7 +269,7 @@ def _build_fused(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
 
     t = spec.training
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model.to(device=device, dtype=dtype)  # what DeepSpeed's engine does with bf16 enabled
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
     if not groups:
