@@ -243,6 +243,25 @@ def test_which_engine_a_run_gets(case, kwargs, expected):
     assert kind == expected, why
 
 
+@pytest.mark.parametrize(("accumulation", "env", "buffers", "update"), [
+    (1, None, False, "fused"),      # on CPU: torch's fused kernel over the bf16 gradients read in place
+    (2, None, True, "fused"),       # accumulation sums micro-batches into fp32 buffers
+    (1, "buffers", True, "fused"),  # KUBETUNE_FUSED_UPDATE=buffers: the step before the one-pass kernel (bench A/B)
+])
+def test_the_engine_keeps_fp32_gradient_buffers_only_under_accumulation(accumulation, env, buffers, update, monkeypatch):
+    from kubetune.trainer.engines import _build_fused
+
+    if env:
+        monkeypatch.setenv("KUBETUNE_FUSED_UPDATE", env)
+    else:
+        monkeypatch.delenv("KUBETUNE_FUSED_UPDATE", raising=False)
+    model = _mlp()
+    spec = _spec(gradientAccumulationSteps=accumulation)
+    engine = _build_fused(spec, model, [{"params": list(model.parameters()), "weight_decay": 0.0}], 10, "fp32", on_gpu=False)
+    assert engine.optimizer.grad_buffers is buffers
+    assert engine.optimizer.kernel == (update if engine.optimizer._fused_available(torch.device("cpu")) else "foreach")
+
+
 def test_a_deepspeed_checkpoint_keeps_the_deepspeed_engine(tmp_path):
     from kubetune.trainer.engines import engine_kind
 
