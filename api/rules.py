@@ -104,6 +104,24 @@ def _deepspeed_offload(spec: FineTuneJobSpec) -> Iterator[Problem]:
 
 
 @rule
+def _fp8_limits(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    """fp8 is torchao's float8 training of full-weight linear layers on GPUs (kubetune.trainer.float8)."""
+    if spec.training.precision != "fp8":
+        return
+    if spec.resources.gpus_per_node < 1:
+        yield Problem("spec.training.precision", "fp8 needs GPUs with FP8 tensor cores (compute capability >= 8.9, e.g. H100); "
+                      "set spec.resources.gpusPerNode >= 1, or use auto, bf16 or fp32 on CPU")
+    if spec.peft.method != "full":
+        # torchao's float8 linear computes the weight gradient even of a frozen weight, so an adapter
+        # over a frozen base would do more matrix work, not less (and qlora's base is 4-bit).
+        yield Problem("spec.training.precision", f"fp8 is for full fine-tuning (peft.method full), not {spec.peft.method!r}: "
+                      "the frozen base of a parameter-efficient method gains nothing from float8; use bf16 with it")
+    if spec.deepspeed.zero_stage == 3:
+        yield Problem("spec.deepspeed.zeroStage", "fp8 runs with ZeRO stages 0-2; ZeRO-3's gathered weights do not go through "
+                      "torchao's float8 linear layers; use zeroStage 2 or precision bf16")
+
+
+@rule
 def _fused_engine_limits(spec: FineTuneJobSpec) -> Iterator[Problem]:
     ds, r, t = spec.deepspeed, spec.resources, spec.training
     if ds.engine != "fused":

@@ -242,8 +242,15 @@ class TrainingSpec(SpecModel):
             "as many examples per optimizer step as an unpacked run does."
         ),
     )
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        default="auto", description="Mixed precision; auto is bf16 on GPUs that support it, else fp32."
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = Field(
+        default="auto",
+        description=(
+            "Mixed precision; auto is bf16 on GPUs that support it, else fp32. fp8: bf16 training whose "
+            "linear layers multiply in float8 (torchao's float8 training, tensorwise scaling; the lm_head, "
+            "frozen layers and layers whose sizes are not multiples of 16 stay bf16), for full fine-tuning "
+            "on GPUs with FP8 tensor cores (compute capability >= 8.9, e.g. H100, L4) with torchao installed "
+            "(the gpu extra); ZeRO stage 0-2, no peft method."
+        ),
     )
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = Field(default="adamw", description="Optimizer.")
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="Adam beta1.")
@@ -255,7 +262,10 @@ class TrainingSpec(SpecModel):
     log_every_steps: int = Field(default=10, ge=1, le=10**9, description="Log and report progress every N steps.")
     compile: bool | None = Field(
         default=None,
-        description="torch.compile each decoder layer (GPU only). Unset: on for GPU runs with packing, off otherwise.",
+        description=(
+            "torch.compile each decoder layer (GPU only). Unset: on for GPU runs with packing or precision fp8 "
+            "(float8 casts are fast only when compiled), off otherwise."
+        ),
     )
 
 

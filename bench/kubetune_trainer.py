@@ -22,8 +22,15 @@ state for this model) and the export are skipped, since they are not training st
 Variants (sides of ``bench/throughput.py``): ``kubetune`` (the product defaults: on one GPU the
 fused engine, ``deepspeed.engine`` unset), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``,
 the DeepSpeed ZeRO-2 engine the trainer used before; same data and seed, so its losses are the
-numerics reference for the fused engine) and ``kubetune-budget`` (``training.packingMaxExamples``
-= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines).
+numerics reference for the fused engine), ``kubetune-budget`` (``training.packingMaxExamples``
+= the baseline's micro-batch of 8: as many documents per optimizer step as the baselines),
+``kubetune-buffers`` (the fused engine's step before the one-pass kernel: fp32 gradient buffers,
+``torch._fused_adamw_`` and a copy into the weights; an A/B reference),
+``kubetune-fp8`` (``training.precision: fp8``: torchao float8 linear layers, same data, seed and
+weights as ``kubetune``, whose losses are its reference; its MFU counts the same FLOPs against the
+same bf16 peak, so it reads as "bf16-equivalent" utilisation).
+``KUBETUNE_BENCH_PROFILE=DIR`` adds one log interval after the timed ones and traces its last two
+steps with torch.profiler (:func:`profile_engine`; that interval is not timed).
 Run through ``bench/throughput.py``.
 """
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -89,7 +97,74 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-VARIANTS = ("default", "deepspeed", "budget")
+VARIANTS = ("default", "deepspeed", "budget", "buffers", "fp8")
+
+# Kernel names -> the part of a training step they belong to (the profile summary's rows).
+KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|sdpa|cudnn|attention", re.I)),
+    ("loss (fused linear + cross-entropy)", re.compile(r"liger|cross_entropy|_ce_|logsumexp", re.I)),
+    ("optimizer (norm, Adam, copies)", re.compile(r"adam|multi_tensor|foreach|norm_kernel|reduce_kernel", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|sm90_xmma|matmul|splitk", re.I)),
+    ("compiled elementwise (triton)", re.compile(r"^triton_", re.I)),
+    ("copies / casts / fills", re.compile(r"copy|elementwise|fill|memcpy|memset|cast", re.I)),
+)
+
+
+def profile_engine(engine: Any, folder: Path, label: str, first: int, count: int) -> None:
+    """Trace micro-steps ``first`` .. ``first + count - 1`` of ``engine`` (0-based) with torch.profiler.
+
+    Wraps ``engine.step`` (called after each micro-batch's backward): the profiler starts after step
+    ``first - 1`` and stops after step ``first + count - 1``, so the trace holds whole steps with the
+    trainer loop between them (data, hooks, logging). Writes ``profile-<label>.txt``: the GPU time per
+    kind of kernel, the GPU idle time (wall minus kernels: host gaps) and torch's kernel table.
+    """
+    import time
+
+    import torch
+
+    original = engine.step
+    calls = {"n": 0}
+    state: dict[str, Any] = {}
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == first:
+            torch.cuda.synchronize()
+            state["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        elif calls["n"] == first + count and "prof" in state:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - state["t0"]
+            prof = state.pop("prof")
+            prof.__exit__(None, None, None)
+            _write_profile(prof, wall, count, folder / f"profile-{label}.txt")
+        return out
+
+    engine.step = step
+
+
+def _write_profile(prof: Any, wall: float, steps: int, path: Path) -> None:
+    kinds: dict[str, float] = {}
+    kernel_us = 0.0
+    for event in prof.events():
+        if "CUDA" not in str(getattr(event, "device_type", "")):  # kernels, memcpy, memset: the GPU's own events
+            continue
+        us = float(event.time_range.elapsed_us())
+        kernel_us += us
+        kind = next((k for k, rx in KERNEL_KINDS if rx.search(event.name)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    per_step = 1e3 * wall / steps
+    lines = [f"{steps} steps traced; wall {per_step:.1f} ms/step, GPU kernels {kernel_us / 1e3 / steps:.1f} ms/step, "
+             f"GPU idle (host gaps) {per_step - kernel_us / 1e3 / steps:.1f} ms/step (profiler overhead included)", ""]
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:40s} {us / 1e3 / steps:8.1f} ms/step")
+    lines += ["", prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[: len(kinds) + 3]), flush=True)
 
 
 def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, steps: int, log_every: int,
@@ -109,6 +184,11 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
         spec["deepspeed"]["engine"] = "deepspeed"
     elif variant == "budget":
         spec["training"]["packingMaxExamples"] = shape.micro_batch
+    elif variant == "buffers":  # the fused engine's step before the one-pass kernel (engines._build_fused)
+        os.environ["KUBETUNE_FUSED_UPDATE"] = "buffers"
+    elif variant == "fp8":  # float8 linear layers (torchao); the API wants the GPU it needs declared
+        spec["training"]["precision"] = "fp8"
+        spec["resources"] = {"gpusPerNode": 1}
     elif variant != "default":
         raise ValueError(f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if method == "lora":
@@ -135,6 +215,9 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     log_every = max(1, warmup)
     timed = -(-steps // log_every) * log_every
     total = log_every + timed
+    profile_dir = os.environ.get("KUBETUNE_BENCH_PROFILE")
+    if profile_dir and cuda:  # one more log interval after the timed ones, its last two steps traced
+        total += log_every
     per_step = shape.token_budget // (shape.seq_len if workload == "fixed" else 150 * shape.seq_len // wl.SEQ_LEN)
     if variant == "budget":
         per_step = shape.micro_batch
@@ -150,37 +233,49 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     # Not training steps: the final checkpoint and the export (see the module doc).
     training.Trainer.save_checkpoint = lambda self: paths.checkpoint_dir  # type: ignore[method-assign]
     training.Trainer._export = lambda self: paths.output_dir  # type: ignore[method-assign]
-    if os.environ.get("KUBETUNE_BENCH_OVERFLOW_SCAN") == "1":  # A/B: DeepSpeed's own per-tensor scan
-        from kubetune.trainer import engines
+    from kubetune.trainer import engines
 
+    if os.environ.get("KUBETUNE_BENCH_OVERFLOW_SCAN") == "1":  # A/B: DeepSpeed's own per-tensor scan
         engines.use_norm_overflow_check = lambda engine: False
+    kernel = {}
+    original_build = training.build_engine  # the name the trainer calls
+
+    def build_engine(*args: Any, **kwargs: Any) -> Any:
+        engine = original_build(*args, **kwargs)
+        kernel["update"] = getattr(getattr(engine, "optimizer", None), "kernel", None)
+        if profile_dir and cuda:
+            label = f"{variant}-{workload}-{method}-{os.environ.get('KUBETUNE_BENCH_LABEL', os.getpid())}"
+            profile_engine(engine, Path(profile_dir), label, first=total - 2, count=2)
+        return engine
+
+    training.build_engine = build_engine  # type: ignore[assignment]
     code = run_job(job, paths, RunOptions(local=True, progress=False))
     if code != 0:
         raise RuntimeError(f"the trainer exited with {code}")
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     records = [json.loads(line) for line in (paths.output_dir / "trainer_log.jsonl").read_text().splitlines() if line]
-    windows = [r for r in records if r["step"] > log_every]
+    windows = [r for r in records if log_every < r["step"] <= log_every + timed]  # not the profiled interval
     tokens = sum(r["window_tokens"] for r in windows)
     examples = sum(r.get("window_examples", 0) for r in windows)
     seconds = sum(r["window_seconds"] for r in windows)
     # FLOPs: 6N/4N per token plus attention for the workload's documents (the mean attended
-    # context per token of the written dataset; exact for fixed-length data).
+    # context per token of the written dataset; exact for fixed-length data). The same count for
+    # fp8, against the same bf16 peak (wl.PEAK_FLOPS): fp8 MFU is comparable with bf16 MFU.
     arr = np.asarray(lengths, dtype=np.float64)
     per_token_attention = float((arr * (arr + 1) / 2).sum() / arr.sum())
     flops = tokens * ((6 if method == "full" else 4) * wl.n_params(shape)
                       + 12 * shape.layers * shape.hidden * per_token_attention)
-    from kubetune.trainer import engines
-
     side = "kubetune" if variant == "default" else f"kubetune-{variant}"
     return {
         "side": side, "workload": workload, "method": method, "steps": timed, "gpus": int(os.environ.get("WORLD_SIZE", "1")),
-        "engine": engines.LAST_ENGINE_KIND, "documents_per_step": examples / timed if timed else None,
+        "engine": engines.LAST_ENGINE_KIND, "update": kernel.get("update"), "label": os.environ.get("KUBETUNE_BENCH_LABEL"),
+        "documents_per_step": examples / timed if timed else None,
         "losses": [r["loss"] for r in records], "loss_steps": [r["step"] for r in records],
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
         # The trainer's tokens count every rank; MFU is per GPU.
         "mfu": wl.mfu(flops / int(os.environ.get("WORLD_SIZE", "1")), seconds) if seconds else None, "final_loss": records[-1]["loss"],
-        "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"),
+        "peak_mem_gib": records[-1].get("gpu_peak_memory_gib"), "precision": job.spec.training.precision,
         "setup": ("product Trainer (kubetune.trainer.training) from a FineTuneJob: packing 16,384 tokens, "
                   f"{job.spec.training.precision}, engine {engines.LAST_ENGINE_KIND}, ZeRO stage {job.spec.deepspeed.zero_stage}, "
                   f"packingMaxExamples {job.spec.training.packing_max_examples}, compile {job.spec.training.compile} (unset = auto), "

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call of the trainer benchmark (issues 8 and 15; see bench/README.md). Usage: bash bench/session.sh PART
-# PART fixed:    fixed-length full FT: stock HF+DS ZeRO-2 and stock + use_liger_kernel (2 runs each) against the
-#                product trainer (fused engine, the default on one GPU) and the trainer on DeepSpeed (numerics reference).
+# PART fixed:    fixed-length full FT: stock HF+DS ZeRO-2 and stock + use_liger_kernel against the product trainer
+#                (fused engine, the default on one GPU), 2 runs each, and the trainer on DeepSpeed (numerics reference, 1 run).
 # PART instruct: instruction-like full FT: the padded and the padding-free (DataCollatorWithFlattening) baselines
 #                (2 runs each) against the product trainer and the trainer at the baselines' 8 documents per step.
+# PART fp8:      training.precision fp8 (torchao float8 linear layers) against the same trainer in bf16, fixed full.
 # Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
 set -u
 # .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
@@ -15,18 +16,27 @@ export PYTHONPATH=/tmp/site${KUBETUNE_BENCH_DEPS:+:$KUBETUNE_BENCH_DEPS} PYTHONU
 # in .whl/ or in a folder named by KUBETUNE_BENCH_DEPS (the 2026-12-06 run copied them from a local venv; seqeval stubbed).
 python3 -c "import tenacity, torchmetrics, seqeval" || echo "WARNING: the kubetune sides will fail to import (see above)" >&2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}
+S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}; KR=${KUBETUNE_REPEATS:-$R}
+# Every side runs R times (the product trainer's sides too, KUBETUNE_REPEATS to change that; the DeepSpeed numerics
+# reference and the extra sides (KUBETUNE_EXTRA_SIDES=kubetune-fp8,kubetune-buffers) once, last); with KUBETUNE_BENCH_PROFILE=DIR each kubetune run traces two extra steps (profile-*.txt, untimed).
+FIXED_SIDES=baseline,baseline-liger,kubetune,kubetune-deepspeed${KUBETUNE_EXTRA_SIDES:+,$KUBETUNE_EXTRA_SIDES}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 quiet() { grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log-$1.txt" | tail -${2:-80}; }
 case "${1:-}" in
   fixed)
-    python3 -m bench.throughput --workloads fixed --methods full --sides baseline,baseline-liger,kubetune,kubetune-deepspeed \
-      --repeats $R --steps $S --warmup $W --out "$OUT" --tag fixed 2>&1 | quiet fixed ;;
+    python3 -m bench.throughput --workloads fixed --methods full --sides $FIXED_SIDES --side-repeats kubetune-deepspeed=1,kubetune-fp8=1,kubetune-buffers=1 \
+      --repeats $R --kubetune-repeats $KR --steps $S --warmup $W --out "$OUT" --tag fixed 2>&1 | quiet fixed ;;
   instruct)
     python3 -m bench.throughput --workloads instruct --methods full --sides baseline,baseline-flat,kubetune,kubetune-budget \
-      --repeats $R --steps $S --warmup $W --out "$OUT" --tag instruct 2>&1 | quiet instruct ;;
+      --repeats $R --kubetune-repeats $KR --steps $S --warmup $W --out "$OUT" --tag instruct 2>&1 | quiet instruct ;;
+  fp8)  # training.precision fp8 (torchao in .whl/): a tiny smoke first, then fixed full in bf16 and fp8 once each; ~4 min
+    python3 -m bench.throughput --tiny --device cuda --workloads fixed --methods full --sides kubetune-fp8 \
+      --repeats 1 --steps 2 --warmup 1 --out "$OUT/tiny" --tag fp8-tiny 2>&1 | quiet fp8-tiny 40
+    grep -q '"tokens_per_s": [0-9]' "$OUT"/tiny/*-fp8-tiny.json || { echo "fp8 smoke failed" >&2; exit 1; }
+    python3 -m bench.throughput --workloads fixed --methods full --sides kubetune,kubetune-fp8 \
+      --repeats 1 --steps $S --warmup $W --out "$OUT" --tag fp8 2>&1 | quiet fp8 ;;
   all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
     bash "$0" fixed; bash "$0" instruct ;;
-  *) echo "usage: bash bench/session.sh fixed|instruct|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|fp8|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

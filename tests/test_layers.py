@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"api": "kubetune.api", "operator": "kubetune.operator", "trainer": "kubetune.trainer", "kubetune": "kubetune",
           "techniques": "kubetune.techniques"}
-ML = {"torch", "transformers", "deepspeed", "peft", "datasets", "accelerate", "safetensors", "tokenizers", "tensorboard"}
+ML = {"torch", "transformers", "deepspeed", "peft", "datasets", "accelerate", "safetensors", "tokenizers", "tensorboard", "torchao"}
 
 #: The command-line layer (the ``kubetune`` folder's modules): it may import every other layer, none imports it.
 CLI = {"kubetune.cli", "kubetune.following", "kubetune.client", "kubetune.documenting", "kubetune.__main__"}

@@ -17,6 +17,7 @@ distributing    the process group (fast rendezvous, in-memory for one process) a
 optimizing      the torch optimizer and the LR schedule from spec.training
 engines         which engine (fused single-GPU or DeepSpeed) and the DeepSpeed config derived from the spec
 fused_engine    one bf16 GPU process without DeepSpeed: fp32 masters, fused AdamW
+float8          training.precision fp8: torchao's float8 linear layers, which layers, refusals
 resharding      a checkpoint resumed on another number of processes (DeepSpeed universal form)
 grouping        splitting optimizer parameter groups by a parameter-name predicate (for plugins)
 losses          cross-entropy pieces shared by the loop and the plugins (hard loss, alignment)

@@ -13,7 +13,8 @@ engine's checkpoint (a run moved from one GPU to several) reads it through
 What the spec decides:
 
 * ``deepspeed.zeroStage`` 0–3, ``offloadOptimizer``/``offloadParams`` (cpu);
-* ``training.precision``: bf16/fp16 sections (auto = bf16 on a GPU that supports it, else fp32);
+* ``training.precision``: bf16/fp16 sections (auto = bf16 on a GPU that supports it, else fp32;
+  fp8 is bf16 here, its float8 layers are :mod:`kubetune.trainer.float8`'s);
 * ``training.maxGradNorm`` → ``gradient_clipping``; ``gradientAccumulationSteps`` and
   ``microBatchSize`` → the batch keys (always derived, even over the escape hatch);
 * ``deepspeed.config`` — the escape hatch — is deep-merged over the result (its keys win, except
@@ -23,6 +24,8 @@ What the spec decides:
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,20 @@ import torch
 
 from kubetune.trainer.optimizing import make_optimizer, make_scheduler
 
+log = logging.getLogger("kubetune.trainer")
+
+#: Precisions whose weights, DeepSpeed section and fused engine are bf16 (fp8 multiplies in float8 on top).
+BF16_WEIGHTS = ("bf16", "fp8")
+
+
 def resolve_precision(spec: Any, on_gpu: bool) -> str:
-    """bf16, fp16 or fp32 for this run."""
+    """bf16, fp16, fp32 or fp8 for this run; fp8 is refused where it cannot run (:mod:`kubetune.trainer.float8`)."""
     precision = spec.training.precision
+    if precision == "fp8":
+        from kubetune.trainer.float8 import check_support
+
+        check_support(on_gpu)
+        return precision
     if precision == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if not on_gpu and precision == "fp16":
@@ -78,7 +92,7 @@ def deepspeed_config(spec: Any, world_size: int, precision: str) -> dict[str, An
     }
     if t.max_grad_norm is not None:
         config["gradient_clipping"] = t.max_grad_norm
-    if precision == "bf16":
+    if precision in BF16_WEIGHTS:
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
@@ -116,7 +130,7 @@ def engine_kind(spec: Any, world_size: int, precision: str, on_gpu: bool, model:
     reasons = []
     if world_size > 1:
         reasons.append(f"{world_size} processes")
-    if not on_gpu or precision != "bf16":
+    if not on_gpu or precision not in BF16_WEIGHTS:
         reasons.append(f"{precision} on {'a GPU' if on_gpu else 'CPU'}")
     if t.optimizer not in ("adamw", "adam"):
         reasons.append(f"optimizer {t.optimizer}")
@@ -135,7 +149,7 @@ def engine_kind(spec: Any, world_size: int, precision: str, on_gpu: bool, model:
             reasons.append(f"resuming DeepSpeed checkpoint {resume_from.name}")
     if reasons:
         return "deepspeed", "; ".join(reasons)
-    return "fused", "one bf16 process on a GPU"
+    return "fused", f"one {precision} process on a GPU"
 
 
 def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]], total_steps: int, world_size: int, precision: str,
@@ -144,13 +158,12 @@ def build_engine(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
 
     DeepSpeed: ``deepspeed.initialize`` with the derived config and a torch optimizer. Fused: the
     model cast to bf16 on this process's device under :class:`~kubetune.trainer.fused_engine.FusedEngine`."""
-    import logging
 
     global LAST_ENGINE_KIND
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     kind, why = engine_kind(spec, world_size, precision, on_gpu, model, resume_from)
     LAST_ENGINE_KIND = kind
-    logging.getLogger("kubetune.trainer").info("engine: %s (%s)", kind, why)
+    log.info("engine: %s (%s)", kind, why)
     if kind == "fused":
         return _build_fused(spec, model, groups, total_steps, precision, on_gpu)
     import deepspeed
@@ -256,15 +269,22 @@ def _build_fused(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
 
     t = spec.training
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model.to(device=device, dtype=dtype)  # what DeepSpeed's engine does with bf16 enabled
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
     if not groups:
         from kubetune.trainer.models import ModelError
 
         raise ModelError("spec: no parameter is trainable after the techniques' hooks (check peft, techniques.layerSelection and techniques.transferLearning)")
+    # KUBETUNE_FUSED_UPDATE=buffers: fp32 gradient buffers and torch's fused AdamW + copy, the step
+    # before the one-pass kernel (bench A/B only; the default is the faster, leaner path).
+    previous = os.environ.get("KUBETUNE_FUSED_UPDATE", "") == "buffers"
     optimizer = MasterWeightAdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                                  decoupled=t.optimizer == "adamw")
+                                  decoupled=t.optimizer == "adamw",
+                                  grad_buffers=t.gradient_accumulation_steps > 1 or previous,
+                                  update="fused" if previous else "auto")
+    log.info("fused engine: %s update, %s", optimizer.kernel,
+             "fp32 gradient buffers" if optimizer.grad_buffers else "bf16 gradients read in place")
     scheduler = make_scheduler(spec, optimizer, total_steps)
     return FusedEngine(model, optimizer, scheduler, gradient_accumulation_steps=t.gradient_accumulation_steps,
                        max_grad_norm=t.max_grad_norm)

@@ -6,16 +6,20 @@ to fp32 and flattens it into a partition, runs the optimizer over the flat copy,
 result back into the bf16 weights, with host syncs in between. With one process there is nothing
 to partition, so :class:`FusedEngine` keeps the same numerics without the copies:
 
-* the model stays in bf16 (as under DeepSpeed); each trainable parameter has an fp32 master copy,
-  Adam moments in fp32 and an fp32 gradient buffer, held by :class:`MasterWeightAdamW`;
-* a hook after each parameter's gradient is accumulated adds it into its fp32 buffer and frees the
-  bf16 gradient, during backward (gradient accumulation sums in fp32, and no bf16 gradient of the
-  whole model is ever alive at once);
-* at the step: one ``_foreach_norm`` for the global gradient norm, clipping and the non-finite
-  check folded into the fused kernel's ``grad_scale``/``found_inf`` arguments (no host sync:
-  a non-finite norm skips the update on the device, as DeepSpeed's bf16 step does), then
-  ``torch._fused_adamw_`` over the fp32 masters and one ``_foreach_copy_`` back into the bf16
-  weights. Without a fused kernel for the device the same update runs as foreach ops.
+* the model stays in bf16 (as under DeepSpeed); each trainable parameter has an fp32 master copy
+  and Adam moments in fp32, held by :class:`MasterWeightAdamW`;
+* with gradient accumulation (``gradient_accumulation_steps`` > 1) each parameter also has an
+  fp32 gradient buffer: a hook after each parameter's gradient is accumulated adds it into its
+  buffer and frees the bf16 gradient, during backward (micro-batches sum in fp32). Without
+  accumulation there is no buffer: the bf16 gradient autograd leaves in ``param.grad`` is read
+  directly by the step and freed after it (4 bytes per parameter less memory, no conversion pass);
+* at the step: one ``_foreach_norm`` (accumulated in fp32) for the global gradient norm, clipping
+  and the non-finite check as device scalars ``grad_scale``/``found_inf`` (no host sync: a
+  non-finite norm skips the update on the device, as DeepSpeed's bf16 step does), then on a CUDA
+  device one pass per parameter of :mod:`kubetune.trainer.adam_kernel` (reads gradient, master
+  and moments, writes master, moments and the bf16 weight). Without Triton the same update runs
+  as ``torch._fused_adamw_`` over the fp32 masters and one ``_foreach_copy_`` back into the bf16
+  weights, or as foreach ops where there is no fused kernel for the device.
 
 Hand-written rather than ``torch.optim.AdamW(fused=True)``: torch's fused AdamW needs the gradient
 and the parameter in one dtype, and running it on the bf16 weights would lose the fp32 master
@@ -61,15 +65,26 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     """Adam(W) over fp32 master copies of low-precision parameters (see the module doc).
 
     ``param_groups`` hold the model's own (bf16) parameters, so LR schedules and techniques see the
-    usual optimizer; the per-parameter state holds ``master``, ``exp_avg``, ``exp_avg_sq`` and the
-    fp32 gradient buffer ``grad``. :meth:`step` reads the gradients from those buffers, not from
-    ``param.grad``. ``decoupled`` selects AdamW (decoupled weight decay) or Adam (L2 in the gradient).
+    usual optimizer; the per-parameter state holds ``master``, ``exp_avg``, ``exp_avg_sq`` and, with
+    ``grad_buffers`` (gradient accumulation), the fp32 gradient buffer ``grad``. :meth:`step` reads
+    the gradients from those buffers, or without them from ``param.grad`` in the parameter's dtype.
+    ``decoupled`` selects AdamW (decoupled weight decay) or Adam (L2 in the gradient).
+
+    ``update`` picks the kernel: ``auto`` is the one-pass Triton kernel of
+    :mod:`kubetune.trainer.adam_kernel` on a CUDA device, else ``torch._fused_adamw_`` then a copy
+    into the weights (``fused``), else foreach ops (``foreach``).
     """
 
+    UPDATES = ("auto", "triton", "fused", "foreach")
+
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = True) -> None:
+                 weight_decay: float = 0.0, decoupled: bool = True, grad_buffers: bool = True,
+                 update: str = "auto") -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        if update not in self.UPDATES:
+            raise ValueError(f"update: must be one of {', '.join(self.UPDATES)}, got {update!r}")
         self.decoupled = decoupled
+        self.grad_buffers = grad_buffers
         device = None
         for group in self.param_groups:
             for p in group["params"]:
@@ -78,11 +93,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     "master": p.detach().to(torch.float32, copy=True),
                     "exp_avg": torch.zeros_like(p, dtype=torch.float32),
                     "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32),
-                    "grad": torch.zeros_like(p, dtype=torch.float32),
                 }
+                if grad_buffers:
+                    self.state[p]["grad"] = torch.zeros_like(p, dtype=torch.float32)
         # One step counter for every tensor (the kernels only read it): float32 on the device.
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
-        self._fused = self._fused_available(device)
+        from kubetune.trainer import adam_kernel
+
+        contiguous = all(p.is_contiguous() for g in self.param_groups for p in g["params"])
+        self._triton = update in ("auto", "triton") and adam_kernel.available(device) and contiguous
+        if update == "triton" and not self._triton:
+            raise ValueError("update: triton needs contiguous parameters on a CUDA device and Triton installed")
+        self._fused = update in ("auto", "fused") and self._fused_available(device)
+
+    @property
+    def kernel(self) -> str:
+        """The update that :meth:`step` runs: ``triton``, ``fused`` or ``foreach``."""
+        return "triton" if self._triton else "fused" if self._fused else "foreach"
 
     @staticmethod
     def _fused_available(device: torch.device | None) -> bool:
@@ -100,20 +127,27 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _tensors(self, group: dict[str, Any], key: str) -> list[torch.Tensor]:
         return [self.state[p][key] for p in group["params"]]
 
+    def _grads(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """This step's gradients: the fp32 buffers, or each ``param.grad`` (zeros where none arrived)."""
+        if self.grad_buffers:
+            return self._tensors(group, "grad")
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in group["params"]]
+
     def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm of the fp32 gradient buffers (a device scalar, no host sync)."""
-        grads = [g for group in self.param_groups for g in self._tensors(group, "grad")]
+        """The global L2 norm of the gradients, accumulated in fp32 (a device scalar, no host sync)."""
+        grads = [g for group in self.param_groups for g in self._grads(group)]
         if not grads:
             return torch.zeros((), dtype=torch.float32, device=self.step_count.device)
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
     @torch.no_grad()
     def step(self, closure: Any = None, *, max_grad_norm: float | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One update from the fp32 gradient buffers; returns the gradient norm before clipping.
+        """One update from this step's gradients; returns the gradient norm before clipping.
 
         The update is skipped (weights, moments and step count untouched) when the norm is not
         finite. With ``max_grad_norm`` the gradients are scaled by ``max_grad_norm / (norm + 1e-6)``
-        where that is below 1 (DeepSpeed's and ``clip_grad_norm_``'s rule).
+        where that is below 1 (DeepSpeed's and ``clip_grad_norm_``'s rule). Without gradient
+        buffers the caller frees ``param.grad`` afterwards (:meth:`FusedEngine.step` does).
         """
         norm = self.grad_norm()
         found_inf = (~torch.isfinite(norm)).to(torch.float32)
@@ -126,9 +160,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if not group["params"]:
                 continue
-            masters, grads = self._tensors(group, "master"), self._tensors(group, "grad")
+            masters, grads = self._tensors(group, "master"), self._grads(group)
             avgs, sqs = self._tensors(group, "exp_avg"), self._tensors(group, "exp_avg_sq")
             beta1, beta2 = group["betas"]
+            if self._triton:
+                from kubetune.trainer.adam_kernel import adam_update
+
+                adam_update(list(group["params"]), grads, masters, avgs, sqs, step=self.step_count, grad_scale=grad_scale,
+                            found_inf=found_inf, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"], decoupled=self.decoupled)
+                continue
+            grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
             if self._fused:
                 kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
                 kernel(masters, grads, avgs, sqs, [], [self.step_count] * len(masters), lr=float(group["lr"]),
@@ -182,8 +224,9 @@ class FusedEngine:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._touched: set[int] = set()
-        for p in self._params:
-            p.register_post_accumulate_grad_hook(self._accumulate)
+        if optimizer.grad_buffers:  # without buffers the gradients stay in param.grad until the step
+            for p in self._params:
+                p.register_post_accumulate_grad_hook(self._accumulate)
 
     def _accumulate(self, param: torch.Tensor) -> None:
         buffer = self.optimizer.state[param]["grad"]
@@ -225,11 +268,15 @@ class FusedEngine:
         self.micro_steps += 1
         if not boundary:
             return
-        for p in self._params:
-            if id(p) not in self._touched:  # no gradient reached it in this step
-                self.optimizer.state[p]["grad"].zero_()
-        self._touched.clear()
+        if self.optimizer.grad_buffers:
+            for p in self._params:
+                if id(p) not in self._touched:  # no gradient reached it in this step
+                    self.optimizer.state[p]["grad"].zero_()
+            self._touched.clear()
         self.last_grad_norm = self.optimizer.step(max_grad_norm=self.max_grad_norm)
+        if not self.optimizer.grad_buffers:
+            for p in self._params:
+                p.grad = None
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_steps += 1

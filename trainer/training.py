@@ -156,6 +156,11 @@ class Trainer:
         for technique in self.techniques:
             groups = technique.param_groups(self.ctx, self.model, groups)
 
+        if self.precision == "fp8":  # after the hooks: only layers trainable now go float8
+            from kubetune.trainer import float8
+
+            float8.convert(self.model, pad_inner_dim=not float8.tokens_aligned(spec.training))
+
         self.total_steps = self._total_steps()
         self.ctx.total_steps = self.total_steps
         resume_from = checkpoints.find_latest(self.paths.checkpoint_dir) if spec.checkpointing.resume else None
@@ -214,11 +219,12 @@ class Trainer:
         return spec.model_copy(update={"training": t.model_copy(update=update)})
 
     def _compile_enabled(self) -> bool:
-        """``training.compile``; unset, it is on for GPU runs of a packed causal LM (one graph shape)."""
+        """``training.compile``; unset, it is on for GPU runs of a packed causal LM (one graph shape)
+        and for fp8 runs (float8 casts are fast only when compiled)."""
         t = self.spec.training
         if t.compile is not None:
             return bool(t.compile) and self.on_gpu
-        return self.on_gpu and t.packing and self.spec.head == "causal-lm"
+        return self.on_gpu and ((t.packing and self.spec.head == "causal-lm") or t.precision == "fp8")
 
     def _loader(self, batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """Micro-batches ``batches`` (index lists) collated by worker processes into pinned memory.

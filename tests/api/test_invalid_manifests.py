@@ -90,6 +90,13 @@ CASES = [
     ("multi-task needs two datasets", _with(techniques={"multiTask": {}}), "spec.data.datasets", "at least two"),
     ("search path must exist", _with(techniques={"hyperparameterSearch": {"metric": "train_loss", "parameters": [{"path": "training.learningRat", "type": "float", "low": 1e-5, "high": 1e-3}]}}), "spec.techniques.hyperparameterSearch.parameters[0].path", "did you mean 'learningRate'"),
     ("search bounds ordered", _with(techniques={"hyperparameterSearch": {"metric": "train_loss", "parameters": [{"path": "training.learningRate", "type": "float", "low": 1e-3, "high": 1e-5}]}}), "spec.techniques.hyperparameterSearch.parameters[0].high", "must be > low"),
+    ("fp8 needs gpus", _with(training={"precision": "fp8"}), "spec.training.precision", "fp8 needs GPUs with FP8 tensor cores"),
+    ("fp8 is full fine-tuning only", _with(training={"precision": "fp8"}, resources={"gpusPerNode": 1}, peft={"method": "lora"}),
+     "spec.training.precision", "fp8 is for full fine-tuning (peft.method full), not 'lora'"),
+    ("fp8 with qlora", _with(training={"precision": "fp8"}, resources={"gpusPerNode": 1}, peft={"method": "qlora"}),
+     "spec.training.precision", "not 'qlora'"),
+    ("fp8 without zero 3", _with(training={"precision": "fp8"}, resources={"gpusPerNode": 1}, deepspeed={"zeroStage": 3}),
+     "spec.deepspeed.zeroStage", "fp8 runs with ZeRO stages 0-2"),
     ("param offload needs zero 3", _with(deepspeed={"zeroStage": 2, "offloadParams": "cpu"}), "spec.deepspeed.offloadParams", "zeroStage 3"),
     ("multi-node needs RWX", _with(resources={"nodes": 2}), "spec.checkpointing.storage.accessMode", "ReadWriteMany"),
     ("merge needs an adapter", _with(output={"mergeAdapters": True}), "spec.output.mergeAdapters", "can be merged"),
@@ -111,6 +118,17 @@ def test_valid_base_passes() -> None:
     job = parse_job(BASE)
     assert job.spec.head == "causal-lm"
     assert job.spec.peft.method == "full"
+
+
+def test_fp8_full_fine_tuning_on_gpus_passes() -> None:
+    job = parse_job(_with(training={"precision": "fp8"}, resources={"gpusPerNode": 1}, deepspeed={"zeroStage": 2}))
+    assert job.spec.training.precision == "fp8"
+
+
+def test_unknown_precision_lists_fp8_among_the_allowed() -> None:
+    _, problems = validate_manifest(_with(training={"precision": "float8"}))
+    by_path = {p.path: p.message for p in problems}
+    assert "fp8" in by_path["spec.training.precision"] and "bf16" in by_path["spec.training.precision"], by_path
 
 
 def test_every_problem_is_reported_at_once() -> None:

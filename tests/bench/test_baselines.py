@@ -42,3 +42,29 @@ def test_baseline_variants_are_the_ones_the_bench_names():
     assert baseline_hf.VARIANTS == ("padded", "flat", "liger")
     assert {"baseline", "baseline-flat", "baseline-liger", "kubetune-budget"} <= set(throughput.SIDES)
     assert throughput.TARGETS[("instruct", "full", "baseline-flat")] == 2.5
+
+
+def test_the_fp8_side_reports_speed_up_and_losses_against_bf16():
+    """``kubetune-fp8`` is the product trainer with ``training.precision: fp8``, checked against ``kubetune``."""
+    from pathlib import Path
+
+    from bench import kubetune_trainer, throughput
+    from bench import workload as wl
+
+    spec = kubetune_trainer.job_manifest(Path("m"), Path("d.jsonl"), wl.shape_for(True), "full", steps=4, log_every=1,
+                                         cuda=True, name="b", variant="fp8")["spec"]
+    assert spec["training"]["precision"] == "fp8" and spec["resources"] == {"gpusPerNode": 1}
+    from kubetune.api import parse_spec
+
+    parse_spec(spec)  # a valid FineTuneJob
+    run = {"losses": [12.0, 11.0], "loss_steps": [1, 2]}
+    row = {"runs": {"kubetune": [{**run, "tokens_per_s": 100.0, "mfu": 0.4}],
+                    "kubetune-fp8": [{**run, "losses": [12.0, 11.11], "tokens_per_s": 125.0, "mfu": 0.5}]}}
+    row["stats"] = {side: throughput._stats(runs) for side, runs in row["runs"].items()}
+    check = throughput.fp8_check(row)
+    assert check["speedup"] == pytest.approx(1.25) and check["mfu"] == pytest.approx(0.5)
+    assert check["losses"]["max_abs_diff"] == pytest.approx(0.11) and check["losses"]["reference"] == "kubetune"
+    row.update(workload="fixed", method="full", ratios=[], loss_check=None, fp8_check=check)
+    table = throughput.markdown({"gpu": "g", "date": "d", "torch": "t", "transformers": "x", "steps": 2, "warmup": 1,
+                                 "repeats": 1, "rows": [row]})
+    assert "fixed full: 1.250x (125 vs 100 tok/s; MFU 50.0% vs 40.0%" in table and "max |diff| 1.10e-01" in table

@@ -190,6 +190,20 @@ def test_trainer_versions_satisfy_the_train_extra() -> None:
     assert train["torch"].specifier.contains(torch)
 
 
+def test_trainer_image_pins_the_torchao_of_its_torch() -> None:
+    """torchao (training.precision fp8) is built for one torch release; the image holds the one of its torch."""
+    dockerfile = DOCKERFILES["trainer"]
+    gpu = {Requirement(r).name: Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["gpu"]}
+    torchao = Version(dockerfile.args["TORCHAO_VERSION"])
+    assert gpu["torchao"].specifier.contains(torchao)
+    torch = Version(re.search(r":(\d+\.\d+\.\d+)-cuda", dockerfile.args["TORCH_IMAGE"]).group(1))
+    # From each wheel's torchao/__init__.py: 0.13.0 is built with torch 2.8; 0.17.0 loads its
+    # extensions on torch >= 2.11 only. Add a row with a new image.
+    built_for = {(2, 8): (0, 13), (2, 11): (0, 17)}
+    assert built_for[(torch.major, torch.minor)] == torchao.release[:2], "update TORCHAO_VERSION with TORCH_IMAGE"
+    assert f"torchao=={torchao}" in dockerfile.run_text()
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_modules_the_build_imports_exist(name: str) -> None:
     """The build's own import checks name modules that exist (else every build would fail)."""

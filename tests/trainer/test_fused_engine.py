@@ -2,10 +2,13 @@
 
 Issue 15 moved one-GPU bf16 runs off DeepSpeed's ZeRO step onto
 :mod:`kubetune.trainer.fused_engine` (fp32 master weights updated by a fused AdamW over fp32
-gradient buffers). These tests run it on CPU: the optimizer against ``torch.optim.AdamW`` on fp32
-copies fed the same gradients (clipping, weight decay, Adam and AdamW, both the fused kernel and
-the foreach fallback), the non-finite skip, gradient accumulation, checkpoints written and
+gradient buffers; since then, without accumulation, over the bf16 gradients in place). These tests
+run it on CPU: the optimizer against ``torch.optim.AdamW`` on fp32 copies fed the same gradients
+(clipping, weight decay, Adam and AdamW, both the fused kernel and the foreach fallback, from fp32
+buffers and from bf16 ``param.grad``), the non-finite skip, gradient accumulation, checkpoints written and
 resumed by the trainer, a fused checkpoint resumed by DeepSpeed, and which engine a spec gets.
+The Triton kernel of :mod:`kubetune.trainer.adam_kernel` runs the same checks in
+``tests/trainer/test_gpu.py`` (CUDA only).
 """
 
 from __future__ import annotations
@@ -25,29 +28,36 @@ def _params(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(37, 5, generator=g), torch.randn(300, generator=g), torch.randn(4, 4, 3, generator=g)]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
-@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
-@pytest.mark.parametrize("max_norm", [None, 0.5], ids=["no-clip", "clip"])
-def test_update_matches_torch_adamw_on_fp32_copies(fused, decoupled, max_norm):
-    start = _params()
+def check_update_matches_torch_adamw(update, decoupled, max_norm, source, device="cpu"):
+    """Five steps of ``MasterWeightAdamW`` against ``torch.optim.AdamW``/``Adam`` on fp32 copies fed the same gradients.
+
+    ``source``: ``buffers`` (fp32 gradient buffers, as under gradient accumulation) or ``param.grad``
+    (the bf16 gradients autograd leaves, read in place). Shared with the GPU test of the Triton kernel.
+    """
+    start = [p.to(device) for p in _params()]
     low = [p.to(torch.bfloat16).requires_grad_() for p in start]
     ref = [p.to(torch.bfloat16).float().requires_grad_() for p in start]  # the same starting values
     wd = 0.1
-    ours = MasterWeightAdamW([{"params": low, "lr": 3e-3, "weight_decay": wd}], betas=(0.9, 0.95), eps=1e-8, decoupled=decoupled)
-    if fused and not ours._fused:
-        pytest.skip("this torch has no fused Adam kernel for CPU")
-    ours._fused = fused
+    ours = MasterWeightAdamW([{"params": low, "lr": 3e-3, "weight_decay": wd}], betas=(0.9, 0.95), eps=1e-8,
+                             decoupled=decoupled, grad_buffers=source == "buffers", update=update)
+    if update == "fused" and not ours._fused:
+        pytest.skip("this torch has no fused Adam kernel for this device")
+    assert ours.kernel == update
+    assert ("grad" in ours.state[low[0]]) == (source == "buffers")
     kind = torch.optim.AdamW if decoupled else torch.optim.Adam
     theirs = kind(ref, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd, foreach=False)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
-        grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16).float() * 3 for p in start]
+        grads = [(torch.randn(p.shape, generator=g) * 3).to(torch.bfloat16).to(device) for p in start]
         for p, grad in zip(low, grads):
-            ours.state[p]["grad"].copy_(grad)
+            if source == "buffers":
+                ours.state[p]["grad"].copy_(grad)
+            else:
+                p.grad = grad.clone()
         for p, grad in zip(ref, grads):
-            p.grad = grad.clone()
+            p.grad = grad.float()
         norm = ours.step(max_grad_norm=max_norm)
-        expected_norm = torch.linalg.vector_norm(torch.stack([gr.norm() for gr in grads]))
+        expected_norm = torch.linalg.vector_norm(torch.stack([gr.float().norm() for gr in grads]))
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(ref, max_norm)
         theirs.step()
@@ -59,15 +69,38 @@ def test_update_matches_torch_adamw_on_fp32_copies(fused, decoupled, max_norm):
     assert float(ours.step_count) == 5
 
 
-def test_a_non_finite_gradient_skips_the_whole_update():
+@pytest.mark.parametrize("update", ["fused", "foreach"], ids=["fused-kernel", "foreach"])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+@pytest.mark.parametrize("max_norm", [None, 0.5], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("source", ["buffers", "param.grad"])
+def test_update_matches_torch_adamw_on_fp32_copies(update, decoupled, max_norm, source):
+    check_update_matches_torch_adamw(update, decoupled, max_norm, source)
+
+
+def test_the_triton_update_is_asked_for_only_where_it_runs():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: tests/trainer/test_gpu.py runs the kernel")
     low = [p.to(torch.bfloat16) for p in _params()]
-    opt = MasterWeightAdamW([{"params": low, "lr": 1e-2, "weight_decay": 0.0}])
-    for p in low:
-        opt.state[p]["grad"].fill_(0.5)
+    assert MasterWeightAdamW([{"params": low}]).kernel in ("fused", "foreach")  # auto on CPU: never Triton
+    with pytest.raises(ValueError, match="update: triton needs .*CUDA"):
+        MasterWeightAdamW([{"params": low}], update="triton")
+    with pytest.raises(ValueError, match="update: must be one of auto, triton, fused, foreach, got 'fast'"):
+        MasterWeightAdamW([{"params": low}], update="fast")
+
+
+def check_non_finite_gradient_skips_the_whole_update(update="auto", device="cpu", source="buffers"):
+    low = [p.to(device=device, dtype=torch.bfloat16) for p in _params()]
+    opt = MasterWeightAdamW([{"params": low, "lr": 1e-2, "weight_decay": 0.0}], update=update,
+                            grad_buffers=source == "buffers")
+    grads = [opt.state[p]["grad"] for p in low] if source == "buffers" else [torch.empty_like(p) for p in low]
+    for p, grad in zip(low, grads):
+        grad.fill_(0.5)
+        if source != "buffers":
+            p.grad = grad
     opt.step(max_grad_norm=1.0)
     before = copy.deepcopy({k: [opt.state[p][k].clone() for p in low] for k in ("master", "exp_avg", "exp_avg_sq")})
     weights = [p.clone() for p in low]
-    opt.state[low[1]]["grad"][3] = float("nan")
+    grads[1][3] = float("nan")
     norm = opt.step(max_grad_norm=1.0)
     assert not torch.isfinite(norm)
     assert float(opt.step_count) == 1
@@ -76,13 +109,20 @@ def test_a_non_finite_gradient_skips_the_whole_update():
     assert all(torch.equal(a, b) for a, b in zip(weights, low))
 
 
+@pytest.mark.parametrize("source", ["buffers", "param.grad"])
+def test_a_non_finite_gradient_skips_the_whole_update(source):
+    check_non_finite_gradient_skips_the_whole_update(source=source)
+
+
 def _mlp(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
 def _fused_engine(model: torch.nn.Module, accumulation: int = 1, lr: float = 1e-2) -> FusedEngine:
-    opt = MasterWeightAdamW([{"params": list(model.parameters()), "lr": lr, "weight_decay": 0.01}])
+    # As engines._build_fused makes it: fp32 gradient buffers only under gradient accumulation.
+    opt = MasterWeightAdamW([{"params": list(model.parameters()), "lr": lr, "weight_decay": 0.01}],
+                            grad_buffers=accumulation > 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
     return FusedEngine(model, opt, sched, gradient_accumulation_steps=accumulation, max_grad_norm=1.0)
 
@@ -112,6 +152,27 @@ def test_gradient_accumulation_sums_micro_batches_like_one_big_batch():
     for a, b in zip(acc.module.parameters(), ref_model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
         assert a.grad is None  # gradients live in the fp32 buffers, never as a second copy
+
+
+def test_without_accumulation_the_step_reads_param_grad_and_frees_it():
+    batches = _batches(3)
+    engine = _fused_engine(_mlp())
+    assert all("grad" not in engine.optimizer.state[p] for p in engine.module.parameters())  # no fp32 copy
+    ref_model = _mlp()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda step: 1.0 / (1 + step))
+    for x, y in batches:
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        assert all(p.grad is not None for p in engine.module.parameters())  # left by autograd for the step
+        engine.step()
+        assert all(p.grad is None for p in engine.module.parameters())  # freed by the step
+        ref.zero_grad()
+        torch.nn.functional.mse_loss(ref_model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+        ref.step()
+        sched.step()
+    for a, b in zip(engine.module.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_checkpoint_resumes_exactly_where_it_stopped(tmp_path):
@@ -180,6 +241,25 @@ def test_which_engine_a_run_gets(case, kwargs, expected):
     spec = _spec(**kwargs.get("spec", {}))
     kind, why = engine_kind(spec, kwargs.get("world_size", 1), kwargs.get("precision", "bf16"), kwargs.get("on_gpu", True), _mlp())
     assert kind == expected, why
+
+
+@pytest.mark.parametrize(("accumulation", "env", "buffers", "update"), [
+    (1, None, False, "fused"),      # on CPU: torch's fused kernel over the bf16 gradients read in place
+    (2, None, True, "fused"),       # accumulation sums micro-batches into fp32 buffers
+    (1, "buffers", True, "fused"),  # KUBETUNE_FUSED_UPDATE=buffers: the step before the one-pass kernel (bench A/B)
+])
+def test_the_engine_keeps_fp32_gradient_buffers_only_under_accumulation(accumulation, env, buffers, update, monkeypatch):
+    from kubetune.trainer.engines import _build_fused
+
+    if env:
+        monkeypatch.setenv("KUBETUNE_FUSED_UPDATE", env)
+    else:
+        monkeypatch.delenv("KUBETUNE_FUSED_UPDATE", raising=False)
+    model = _mlp()
+    spec = _spec(gradientAccumulationSteps=accumulation)
+    engine = _build_fused(spec, model, [{"params": list(model.parameters()), "weight_decay": 0.0}], 10, "fp32", on_gpu=False)
+    assert engine.optimizer.grad_buffers is buffers
+    assert engine.optimizer.kernel == (update if engine.optimizer._fused_available(torch.device("cpu")) else "foreach")
 
 
 def test_a_deepspeed_checkpoint_keeps_the_deepspeed_engine(tmp_path):

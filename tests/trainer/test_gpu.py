@@ -59,3 +59,19 @@ def test_two_gpus_nccl(stage, tiny_model_dir, train_job, tmp_path):
     assert "2 processes" in run.output
     again = train_job(job, tmp_path / "run", nproc=2, max_steps=10)
     assert again.rc == 0 and "at step 8" in again.output
+
+
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+@pytest.mark.parametrize("max_norm", [None, 0.5], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("source", ["buffers", "param.grad"])
+def test_the_triton_update_matches_torch_adamw(decoupled, max_norm, source):
+    from tests.trainer.test_fused_engine import check_update_matches_torch_adamw
+
+    check_update_matches_torch_adamw("triton", decoupled, max_norm, source, device="cuda")
+
+
+@pytest.mark.parametrize("source", ["buffers", "param.grad"])
+def test_the_triton_update_skips_a_non_finite_gradient(source):
+    from tests.trainer.test_fused_engine import check_non_finite_gradient_skips_the_whole_update
+
+    check_non_finite_gradient_skips_the_whole_update("triton", device="cuda", source=source)
