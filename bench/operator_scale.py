@@ -287,7 +287,7 @@ class OperatorProcess:
     """``kubetune operator`` as production runs it, with RSS/CPU read from /proc."""
 
     def __init__(self, kubeconfig: pathlib.Path, namespace: str, log_path: pathlib.Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, profile: str | None = None) -> None:
         self.health_port = free_port()
         env = {
             **os.environ,
@@ -302,12 +302,26 @@ class OperatorProcess:
         command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune.cli"]
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen([*command, "operator", "--namespace", namespace], env=env,
+        command = [*command, "operator", "--namespace", namespace]
+        if profile:  # py-spy samples the operator (100/s, the thread holding the GIL: Python CPU, not threads blocked in I/O) and writes collapsed stacks at its exit
+            spy = pathlib.Path(sys.executable).with_name("py-spy")
+            command = [str(spy), "record", "--format", "raw", "--rate", "100", "--gil",
+                       "--output", str(pathlib.Path(profile).resolve()), "--", *command]
+        self.process = subprocess.Popen(command, env=env,
                                         stdout=self._log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+        self._profiled = bool(profile)
+        self._pid: int | None = None if profile else self.process.pid
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        """The operator's own process (py-spy's child when profiled)."""
+        while self._pid is None:
+            children = pathlib.Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            if children:
+                self._pid = int(children[0])
+            else:
+                time.sleep(0.05)
+        return self._pid
 
     async def wait_healthy(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -338,7 +352,8 @@ class OperatorProcess:
 
     def stop(self) -> str:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            # Profiled: the operator stops and py-spy, seeing it exit, writes its file.
+            os.kill(self.pid, signal.SIGINT) if self._profiled else self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -575,7 +590,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         async with Api(kubeconfig) as api:
             await api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                               "metadata": {"name": namespace}}, ok=(409,))
-            operator = OperatorProcess(kubeconfig, namespace, workdir / "operator.log", extra_env=args.operator_env)
+            operator = OperatorProcess(kubeconfig, namespace, workdir / "operator.log", extra_env=args.operator_env,
+                                       profile=args.profile_operator)
             await operator.wait_healthy()
             run = Run(api, namespace, args.n, args.concurrency)
             watchers = [asyncio.create_task(run.watch_jobs()), asyncio.create_task(run.watch_finetunejobs())]
@@ -687,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print the Markdown table row")
     parser.add_argument("--operator-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the operator process (repeatable)")
+    parser.add_argument("--profile-operator", default=None, metavar="FILE",
+                        help="sample the operator with py-spy (pip install py-spy) into FILE (collapsed stacks); "
+                             "python -m bench.profile_summary FILE prints its top functions")
     args = parser.parse_args(argv)
     args.operator_env = dict(item.split("=", 1) for item in args.operator_env)
     result = asyncio.run(run_bench(args))

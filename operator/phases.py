@@ -157,9 +157,17 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, user_susp
         return Observation("Suspended", Reason.SUSPENDED, cond.get("message") or "the Job is suspended", **times)
 
     running_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    # A pod that has finished successfully ran: until the Job counts the success (``SuccessCriteriaMet``
+    # just after), the run is Running, not waiting for pods to start. The Job's ``ready`` drops as the
+    # pod ends, before the Job controller counts it; judged from pods Running and ``ready`` alone, that
+    # moment read as Initializing: a status write that said something false, and a fourth per lifecycle
+    # (bench N = 200 under load: 3.56 status patches per lifecycle). It counts among the running pods,
+    # so the message does not change either (a write too).
+    finished = max(int(status.get("succeeded") or 0),
+                   sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"))
     ready = int(status.get("ready") or 0)
-    if ready or running_pods:
-        count = max(ready, len(running_pods))
+    if ready or running_pods or finished:
+        count = min(nodes, max(ready, len(running_pods) + finished))
         return Observation("Running", Reason.PODS_RUNNING, f"{count}/{nodes} trainer pods running", **times)
     detail = waiting_detail(pods)
     if detail:

@@ -1,0 +1,76 @@
+"""What one FineTuneJob lifecycle costs the API server in writes (issue 14: at most 12, children included).
+
+The real operator runs against the emulator; the test plays the Job controller and kubelet through
+a lifecycle as they write it — pod made, Running, then the pod ends and the Job drops ``ready``
+before it counts the success — and counts every write the operator (its gateway and kopf) made,
+by verb and resource, from the emulator's request log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from kubetune.api import ConditionType
+from kubetune.operator import kubeapi, naming
+from tests.operator.operating import JobController, condition, manifest, wait_event, wait_phase
+from tests.support.clusters import Cluster
+from tests.support.emulating import Address
+
+Operator = Callable[..., Any]
+WRITES = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def operator_writes(cluster: Cluster) -> Counter[str]:
+    """'verb resource[/subresource]' → count, of the operator's writes (its gateway's and kopf's)."""
+    counts: Counter[str] = Counter()
+    for request in list(cluster.emulator.emulator):  # type: ignore[union-attr]
+        address = Address.parse(request.url.path)
+        verb = WRITES.get(str(request.method.value).upper())
+        if address is None or verb is None or not request.headers.get("User-Agent", "").startswith((kubeapi.USER_AGENT, "kopf")):
+            continue
+        if address.namespace != cluster.namespace:
+            continue
+        counts[f"{verb} {address.plural}" + (f"/{address.subresource}" if address.subresource else "")] += 1
+    return counts
+
+
+def _terminated(exit_code: int) -> dict[str, Any]:
+    return {"phase": "Succeeded", "containerStatuses": [
+        {"name": "trainer", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": exit_code, "reason": "Completed"}}}]}
+
+
+def test_a_lifecycle_costs_three_status_writes_two_events_and_one_create_per_child(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster, name = emulated_cluster, "counted"
+    job = naming.names_for(name).job
+    with operator_process(cluster.namespace):
+        cluster.create(manifest(name))
+        cluster.wait_for(lambda: condition(cluster, name, ConditionType.CREATED))
+        job_controller.add_pod(job, 0, {"phase": "Pending"})
+        job_controller.set_status(job, {"startTime": "2026-01-01T00:00:00Z", "active": 1, "ready": 0})
+        cluster.patch("v1", "Pod", f"{job}-0-abcde", {"status": {"phase": "Running", "containerStatuses": [
+            {"name": "trainer", "ready": True, "restartCount": 0, "state": {"running": {}}}]}}, subresource="status")
+        job_controller.set_status(job, {"ready": 1})
+        wait_phase(cluster, name, "Running")
+        # The pod ends; the Job drops ready before it counts the success (kube-controller-manager's order).
+        cluster.patch("v1", "Pod", f"{job}-0-abcde", {"status": _terminated(0)}, subresource="status")
+        job_controller.set_status(job, {"ready": 0})
+        time.sleep(1.5)  # the operator judges this moment on its own (kopf batches an object's events for 0.1 s)
+        job_controller.set_status(job, {"active": 0, "succeeded": 1, "completionTime": "2026-01-01T00:05:00Z",
+                                        "conditions": [{"type": "SuccessCriteriaMet", "status": "True"},
+                                                       {"type": "Complete", "status": "True"}]})
+        wait_phase(cluster, name, "Succeeded")
+        wait_event(cluster, name, "JobSucceeded")
+        time.sleep(0.5)  # a late write would come now
+        writes = operator_writes(cluster)
+    # Created + Initializing in one patch, Running, Succeeded; Events for Running and Succeeded only.
+    assert writes["patch finetunejobs/status"] == 3, writes
+    assert writes["create events"] == 2, writes
+    assert writes["patch finetunejobs"] == 0, writes  # kopf's bookkeeping writes nothing
+    children = {key: count for key, count in writes.items() if key.startswith("create ") and key != "create events"}
+    assert set(children.values()) == {1}, writes  # one create per child, none repeated
+    assert sum(writes.values()) <= 12, writes
