@@ -66,7 +66,7 @@ TRAINER_ENV_DOC: dict[str, str] = {
     "HF_HUB_OFFLINE": "1 on the trainer: hf:// sources were fetched into HF_HOME by the init container",
     "HOME": "a writable home (/tmp) for libraries that write dotfiles",
     "OMP_NUM_THREADS": "CPU threads per process (CPU request / processes, at least 1)",
-    "MASTER_ADDR": "node 0's stable hostname <job>-0.<service>",
+    "MASTER_ADDR": "node 0's stable hostname <job>-0.<service> (several nodes); 127.0.0.1 on one node",
     "MASTER_PORT": "rendezvous port",
     "NNODES": "number of nodes (pods)",
     "NODE_RANK": "this pod's node rank, from the Job completion index",
@@ -234,8 +234,25 @@ def build_config_map(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
-def build_service(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[str, Any]:
-    """Headless Service giving the Indexed Job's pods stable hostnames for the rendezvous."""
+LOCAL_MASTER_ADDR = "127.0.0.1"
+
+
+def uses_service(job: FineTuneJob) -> bool:
+    """Whether the pods need the headless Service: only several nodes meet at node 0 over the network.
+    One pod's processes (torchrun's rendezvous, or one process with no network at all) meet on
+    loopback, so a single-node job has no Service: one object and one API write fewer per job."""
+    return job.spec.resources.nodes > 1
+
+
+def master_addr(job: FineTuneJob) -> str:
+    """Where the processes meet: node 0's hostname in the Service's subdomain, or loopback on one node."""
+    return naming.names_for(job.name).master_addr() if uses_service(job) else LOCAL_MASTER_ADDR
+
+
+def build_service(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[str, Any] | None:
+    """Headless Service giving the Indexed Job's pods stable hostnames for the rendezvous; None on one node."""
+    if not uses_service(job):
+        return None
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -337,7 +354,6 @@ def output_dir(job: FineTuneJob) -> str:
 
 def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> list[dict[str, Any]]:
     """The trainer container's environment (see TRAINER_ENV_DOC)."""
-    names = naming.names_for(job.name)
     env: list[dict[str, Any]] = [
         {"name": "KUBETUNE_JOB_NAME", "value": job.name},
         _field_env("KUBETUNE_NAMESPACE", "metadata.namespace"),
@@ -352,7 +368,7 @@ def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> lis
         {"name": "KUBETUNE_FETCH_DIR", "value": FETCH_DIR},
         {"name": "HOME", "value": "/tmp"},
         {"name": "OMP_NUM_THREADS", "value": str(_omp_threads(job))},
-        {"name": "MASTER_ADDR", "value": names.master_addr()},
+        {"name": "MASTER_ADDR", "value": master_addr(job)},
         {"name": "MASTER_PORT", "value": str(options.rendezvous_port)},
         {"name": "NNODES", "value": str(job.spec.resources.nodes)},
         _field_env("NODE_RANK", f"metadata.annotations['{JOB_COMPLETION_INDEX_ANNOTATION}']"),
@@ -471,7 +487,6 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "subdomain": names.service,
         "serviceAccountName": service_account_name(job),
         "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": options.termination_grace_seconds,
@@ -487,6 +502,8 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers
+    if uses_service(job):  # node 0 resolves as <job>-0.<service> (the Indexed Job names the pods' hostnames)
+        pod_spec["subdomain"] = names.service
     if options.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in options.image_pull_secrets]
     if resources.node_selector:

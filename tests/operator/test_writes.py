@@ -3,7 +3,8 @@
 The real operator runs against the emulator; the test plays the Job controller and kubelet through
 a lifecycle as they write it — pod made, Running, then the pod ends and the Job drops ``ready``
 before it counts the success — and counts every write the operator (its gateway and kopf) made,
-by verb and resource, from the emulator's request log.
+by verb and resource, from the emulator's request log; and that the operator's Job and pod watches
+ask the server for its own objects only (a label selector), not every pod of the namespace.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def operator_writes(cluster: Cluster) -> Counter[str]:
     return counts
 
 
+def watch_selectors(cluster: Cluster) -> dict[str, set[str]]:
+    """plural → the labelSelectors of kopf's watch requests of it."""
+    found: dict[str, set[str]] = {}
+    for request in list(cluster.emulator.emulator):  # type: ignore[union-attr]
+        address = Address.parse(request.url.path)
+        if (address is not None and str(request.method.value).upper() == "GET" and request.params.get("watch") in ("true", "1")
+                and request.headers.get("User-Agent", "").startswith("kopf")):
+            found.setdefault(address.plural, set()).add(request.params.get("labelSelector", ""))
+    return found
+
+
 def _terminated(exit_code: int) -> dict[str, Any]:
     return {"phase": "Succeeded", "containerStatuses": [
         {"name": "trainer", "ready": False, "restartCount": 0,
@@ -48,6 +60,9 @@ def test_a_lifecycle_costs_three_status_writes_two_events_and_one_create_per_chi
     cluster, name = emulated_cluster, "counted"
     job = naming.names_for(name).job
     with operator_process(cluster.namespace):
+        # a pod that is not the operator's, in the watched namespace: the server keeps it from the operator
+        cluster.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "someone-elses"},
+                        "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
         cluster.create(manifest(name))
         cluster.wait_for(lambda: condition(cluster, name, ConditionType.CREATED))
         job_controller.add_pod(job, 0, {"phase": "Pending"})
@@ -74,3 +89,8 @@ def test_a_lifecycle_costs_three_status_writes_two_events_and_one_create_per_chi
     children = {key: count for key, count in writes.items() if key.startswith("create ") and key != "create events"}
     assert set(children.values()) == {1}, writes  # one create per child, none repeated
     assert sum(writes.values()) <= 12, writes
+    # The Job and pod watches are label-selected on the server, not filtered in the operator.
+    managed = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
+    selectors = watch_selectors(cluster)
+    assert selectors["jobs"] == {managed} and selectors["pods"] == {managed}, selectors
+    assert selectors["finetunejobs"] == {""}, selectors
