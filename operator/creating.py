@@ -99,7 +99,8 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     new_job: dict[str, Any] | None = None
     for wanted, outcome in zip(children, outcomes, strict=True):
         assert not isinstance(outcome, BaseException)
-        await _check_made(job, wanted, *outcome, made, settings)
+        existing, created = outcome
+        await _check_made(job, wanted, existing, created, made, settings)
     existing, created = await kubeapi.create(job_manifest)
     await _check_made(job, job_manifest, existing, created, made, settings)
     if created:
