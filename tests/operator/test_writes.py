@@ -1,8 +1,8 @@
 """What one FineTuneJob lifecycle costs the API server in writes (issue 14: at most 12, children included).
 
 The real operator runs against the emulator; the test plays the Job controller and kubelet through
-a lifecycle as they write it — pod made, Running, then the pod ends and the Job drops ``ready``
-before it counts the success — and counts every write the operator (its gateway and kopf) made,
+a lifecycle as they write it — pod made, Running (seen before the Job's startTime), then the pod
+ends and the Job drops ``ready`` before it counts the success — and counts every write the operator (its gateway and kopf) made,
 by verb and resource, from the emulator's request log; and that the operator's Job and pod watches
 ask the server for its own objects only (a label selector), not every pod of the namespace.
 """
@@ -66,11 +66,15 @@ def test_a_lifecycle_costs_three_status_writes_two_events_and_one_create_per_chi
         cluster.create(manifest(name))
         cluster.wait_for(lambda: condition(cluster, name, ConditionType.CREATED))
         job_controller.add_pod(job, 0, {"phase": "Pending"})
-        job_controller.set_status(job, {"startTime": "2026-01-01T00:00:00Z", "active": 1, "ready": 0})
-        cluster.patch("v1", "Pod", f"{job}-0-abcde", {"status": {"phase": "Running", "containerStatuses": [
+        # The pod's Running is seen before the Job controller's startTime (separate watches): Running is
+        # written with the pod's start time, and the Job's, coming after, costs no write of its own.
+        cluster.patch("v1", "Pod", f"{job}-0-abcde", {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:01Z",
+                                                                 "containerStatuses": [
             {"name": "trainer", "ready": True, "restartCount": 0, "state": {"running": {}}}]}}, subresource="status")
+        assert wait_phase(cluster, name, "Running")["startTime"] == "2026-01-01T00:00:01Z"
+        job_controller.set_status(job, {"startTime": "2026-01-01T00:00:00Z", "active": 1, "ready": 0})
         job_controller.set_status(job, {"ready": 1})
-        wait_phase(cluster, name, "Running")
+        time.sleep(1.5)  # the operator judges these on its own
         # The pod ends; the Job drops ready before it counts the success (kube-controller-manager's order).
         cluster.patch("v1", "Pod", f"{job}-0-abcde", {"status": _terminated(0)}, subresource="status")
         job_controller.set_status(job, {"ready": 0})
