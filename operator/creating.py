@@ -107,9 +107,13 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
         new_job = existing
     if made:
         logger.info("created %s", ", ".join(made))
+    message, count = created_message(job, planned), len(planned)
+    # What was rendered and what the server answered is not needed any more: in a burst a thousand
+    # handlers wait here for their status write, each holding ~40 KB of these (peak RSS).
+    del planned, children, job_manifest, outcomes, existing
     await statusing.update_conditions(
         job.namespace, job.name,
-        [(ConditionType.CREATED, "True", Reason.RESOURCES_CREATED, created_message(job, planned))],
+        [(ConditionType.CREATED, "True", Reason.RESOURCES_CREATED, message)],
         extra=status_fields(techniques=building.techniques_summary(job), observed_generation=job.metadata.generation),
         defaults=status_fields(phase="Pending", message="resources created"),
         current=live, job=new_job,
@@ -117,7 +121,7 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     # The Job may have moved on meanwhile (a resume; its events while this ran found no Created yet):
     # from the indexes this costs no request when it has not.
     await statusing.refresh(job.namespace, job.name, seen)
-    return {"children": len(planned), "created": len(made)}
+    return {"children": count, "created": len(made)}
 
 
 async def _check_made(job: FineTuneJob, wanted: dict[str, Any], existing: dict[str, Any], created: bool,
