@@ -287,7 +287,7 @@ class OperatorProcess:
     """``kubetune operator`` as production runs it, with RSS/CPU read from /proc."""
 
     def __init__(self, kubeconfig: pathlib.Path, namespace: str, log_path: pathlib.Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, profile: str | None = None) -> None:
         self.health_port = free_port()
         env = {
             **os.environ,
@@ -302,12 +302,26 @@ class OperatorProcess:
         command = [str(script)] if script.exists() else [sys.executable, "-m", "kubetune.cli"]
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen([*command, "operator", "--namespace", namespace], env=env,
+        command = [*command, "operator", "--namespace", namespace]
+        if profile:  # py-spy samples the operator (100/s, the thread holding the GIL: Python CPU, not threads blocked in I/O) and writes collapsed stacks at its exit
+            spy = pathlib.Path(sys.executable).with_name("py-spy")
+            command = [str(spy), "record", "--format", "raw", "--rate", "100", "--gil",
+                       "--output", str(pathlib.Path(profile).resolve()), "--", *command]
+        self.process = subprocess.Popen(command, env=env,
                                         stdout=self._log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+        self._profiled = bool(profile)
+        self._pid: int | None = None if profile else self.process.pid
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        """The operator's own process (py-spy's child when profiled)."""
+        while self._pid is None:
+            children = pathlib.Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            if children:
+                self._pid = int(children[0])
+            else:
+                time.sleep(0.05)
+        return self._pid
 
     async def wait_healthy(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -338,7 +352,8 @@ class OperatorProcess:
 
     def stop(self) -> str:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            # Profiled: the operator stops and py-spy, seeing it exit, writes its file.
+            os.kill(self.pid, signal.SIGINT) if self._profiled else self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -575,7 +590,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         async with Api(kubeconfig) as api:
             await api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                               "metadata": {"name": namespace}}, ok=(409,))
-            operator = OperatorProcess(kubeconfig, namespace, workdir / "operator.log", extra_env=args.operator_env)
+            operator = OperatorProcess(kubeconfig, namespace, workdir / "operator.log", extra_env=args.operator_env,
+                                       profile=args.profile_operator)
             await operator.wait_healthy()
             run = Run(api, namespace, args.n, args.concurrency)
             watchers = [asyncio.create_task(run.watch_jobs()), asyncio.create_task(run.watch_finetunejobs())]
@@ -655,6 +671,127 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             emulator.stop()
 
 
+# ----------------------------------------------------------------------- the emulator alone
+
+
+class OperatorMix:
+    """The requests the operator makes per lifecycle, replayed by a lean client (no kopf, no handlers):
+    the GET of the new FineTuneJob, its children as ``building.plan`` renders them (the same objects,
+    so the same sizes; created at once, the Job last), the three status patches (Created with
+    Initializing, Running, Succeeded) and the two Events; and the operator's three watch streams
+    (FineTuneJobs; Jobs and pods label-selected), whose events are read and decoded."""
+
+    def __init__(self, run: Run) -> None:
+        sys.path.insert(0, str(REPO))
+        from kubetune.operator import building, creating
+
+        self.run, self.api = run, run.api
+        self._plan = lambda body: building.plan(creating.parse_body(body), building.BuildOptions(
+            trainer_image="example.test/kubetune-trainer:bench"))
+        self.events_seen = 0
+
+    async def watch(self, path: str, params: dict[str, str]) -> None:
+        async for _ in self.api.watch(path, params):
+            self.events_seen += 1
+
+    def watches(self) -> list[asyncio.Task[None]]:
+        ns = self.run._ns
+        return [asyncio.create_task(self.watch(path, params)) for path, params in (
+            (ns(GROUP, VERSION, PLURAL), {}), (ns("batch", "v1", "jobs"), {"labelSelector": MANAGED_SELECTOR}),
+            (ns("", "v1", "pods"), {"labelSelector": MANAGED_SELECTOR}))]
+
+    async def _status(self, name: str, phase: str, reason: str, first: bool = False) -> None:
+        at = now_iso()
+        conditions = ([{"type": "Created", "status": "True", "reason": "ResourcesCreated", "message": "created",
+                        "lastTransitionTime": at, "observedGeneration": 1}] if first else [])
+        conditions.append({"type": phase, "status": "True", "reason": reason, "message": f"{phase.lower()}",
+                           "lastTransitionTime": at, "observedGeneration": 1})
+        status: dict[str, Any] = {"phase": phase, "message": phase.lower(), "conditions": conditions}
+        if first:
+            status.update({"techniques": "full", "observedGeneration": 1})
+        await self.api.request("PATCH", self.run._ns(GROUP, VERSION, PLURAL, name, "status"), {"status": status},
+                               content_type="application/merge-patch+json")
+
+    async def _event(self, ftj: dict[str, Any], reason: str) -> None:
+        meta = ftj["metadata"]
+        await self.api.request("POST", self.run._ns("", "v1", "events"), {
+            "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{meta['name']}."},
+            "involvedObject": {"apiVersion": ftj["apiVersion"], "kind": ftj["kind"], "name": meta["name"],
+                               "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+            "reason": reason, "message": reason, "type": "Normal", "source": {"component": "kubetune-operator"},
+            "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1})
+
+    async def lifecycle(self, name: str) -> None:
+        run, api = self.run, self.api
+        async with run.limit:
+            await api.request("POST", run._ns(GROUP, VERSION, PLURAL), manifest(name))  # the user's create
+            run.created[name] = time.monotonic()
+            live = await api.request("GET", run._ns(GROUP, VERSION, PLURAL, name))
+            assert live is not None
+            *children, job = self._plan(live)
+            await asyncio.gather(*(api.request("POST", self._collection(child), child) for child in children))
+            made = await api.request("POST", self._collection(job), job)
+            assert made is not None
+            await self._status(name, "Initializing", "JobCreated", first=True)
+        run.jobs[name] = made
+        await run.start_job(name, made)  # the Job controller and kubelet, as in the full run
+        await self._status(name, "Running", "PodsRunning")
+        await self._event(live, "PodsRunning")
+        await run.complete_job(name)
+        await self._status(name, "Succeeded", "JobSucceeded")
+        await self._event(live, "JobSucceeded")
+
+    def _collection(self, obj: dict[str, Any]) -> str:
+        group, _, version = obj["apiVersion"].rpartition("/")
+        plural = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
+                  "ConfigMap": "configmaps", "PersistentVolumeClaim": "persistentvolumeclaims",
+                  "Service": "services", "Job": "jobs"}[obj["kind"]]
+        return self.run._ns(group, version, plural)
+
+
+async def run_emulator_only(args: argparse.Namespace) -> dict[str, Any]:
+    """N lifecycles of the operator's request mix against the emulator, with no operator: the
+    emulator's own ceiling (lifecycles per second, CPU per lifecycle) on this machine."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="kubetune-emulator-only-"))
+    emulator = EmulatorProcess()
+    kubeconfig = workdir / "kubeconfig.yaml"
+    kubeconfig.write_text(yaml.safe_dump(emulator.kubeconfig()))
+    namespace = f"emulator-only-{uuid.uuid4().hex[:6]}"
+    try:
+        async with Api(kubeconfig) as api:
+            await api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                              "metadata": {"name": namespace}}, ok=(409,))
+            run = Run(api, namespace, args.n, args.concurrency)
+            mix = OperatorMix(run)
+            watchers = mix.watches()
+            await asyncio.sleep(0.5)
+            before, bench_before, counts_before = emulator.stats(), os.times(), Counter(api.counts)
+            started = time.monotonic()
+            await asyncio.gather(*(mix.lifecycle(name) for name in run.names))
+            wall = time.monotonic() - started
+            await asyncio.sleep(0.5)  # the watch streams catch up
+            after, bench_after = emulator.stats(), os.times()
+            for task in watchers:
+                task.cancel()
+            emulator_cpu = after["cpu_seconds"] - before["cpu_seconds"]
+            counts = api.counts - counts_before
+            return {
+                "mode": "emulator-only", "n": args.n, "date": now_iso(), "cpus": os.cpu_count(),
+                "concurrency": args.concurrency, "wall_s": round(wall, 2),
+                "lifecycles_per_s": round(args.n / wall, 1),
+                "emulator_cpu_seconds": round(emulator_cpu, 2),
+                "emulator_cpu_ms_per_lifecycle": round(1000 * emulator_cpu / args.n, 2),
+                "emulator_ceiling_lifecycles_per_s": round(args.n / emulator_cpu, 1) if emulator_cpu else None,
+                "client_cpu_seconds": round((bench_after.user + bench_after.system)
+                                            - (bench_before.user + bench_before.system), 2),
+                "watch_events": mix.events_seen,
+                "api": requests_table(counts, args.n),
+                "errors": run.controller_errors,
+            }
+    finally:
+        emulator.stop()
+
+
 def markdown_row(result: dict[str, Any], label: str = "") -> str:
     api, op = result["api"], result["operator"]
     errors = result["errors"]
@@ -687,13 +824,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print the Markdown table row")
     parser.add_argument("--operator-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the operator process (repeatable)")
+    parser.add_argument("--profile-operator", default=None, metavar="FILE",
+                        help="sample the operator with py-spy (pip install py-spy) into FILE (collapsed stacks); "
+                             "python -m bench.profile_summary FILE prints its top functions")
+    parser.add_argument("--emulator-only", action="store_true",
+                        help="no operator: replay its request mix per lifecycle from a lean client and report the "
+                             "emulator's ceiling (lifecycles/s, CPU per lifecycle)")
     args = parser.parse_args(argv)
     args.operator_env = dict(item.split("=", 1) for item in args.operator_env)
-    result = asyncio.run(run_bench(args))
+    result = asyncio.run(run_emulator_only(args) if args.emulator_only else run_bench(args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
         pathlib.Path(args.output).write_text(text + "\n")
+    if args.emulator_only:
+        return 0 if not result["errors"] else 1
     if args.markdown:
         print(MARKDOWN_HEADER)
         print(markdown_row(result, args.label))

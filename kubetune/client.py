@@ -22,7 +22,7 @@ reporter in that log are left out, since the status carries the same facts; so a
 ``kubetune train`` shows locally. A missing pod log (not started, no RBAC for ``pods/log``) never
 stops a follow: the status alone still tells the story.
 
-Deleting: a FineTuneJob owns its children (Job, ConfigMap, Service, RBAC), which the garbage
+Deleting: a FineTuneJob owns its children (Job, ConfigMap, RBAC, the Service of a job of several nodes), which the garbage
 collector removes with it. Its workspace claim is owned only when
 ``checkpointing.storage.deleteWithJob`` is true; ``keep_output=True`` then takes the FineTuneJob's
 owner reference off the claim (and off the claims of a search's trials) before deleting, so the

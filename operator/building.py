@@ -66,7 +66,7 @@ TRAINER_ENV_DOC: dict[str, str] = {
     "HF_HUB_OFFLINE": "1 on the trainer: hf:// sources were fetched into HF_HOME by the init container",
     "HOME": "a writable home (/tmp) for libraries that write dotfiles",
     "OMP_NUM_THREADS": "CPU threads per process (CPU request / processes, at least 1)",
-    "MASTER_ADDR": "node 0's stable hostname <job>-0.<service>",
+    "MASTER_ADDR": "node 0's stable hostname <job>-0.<service> (several nodes); 127.0.0.1 on one node",
     "MASTER_PORT": "rendezvous port",
     "NNODES": "number of nodes (pods)",
     "NODE_RANK": "this pod's node rank, from the Job completion index",
@@ -223,19 +223,37 @@ def service_account_name(job: FineTuneJob) -> str:
 # ------------------------------------------------------------------------------------ builders
 
 
-def build_config_map(job: FineTuneJob) -> dict[str, Any]:
-    """The trainer config: the validated manifest as JSON, mounted at /etc/kubetune/job.json."""
+def build_config_map(job: FineTuneJob, config: str | None = None) -> dict[str, Any]:
+    """The trainer config: the validated manifest as JSON, mounted at /etc/kubetune/job.json
+    (``config``: :func:`trainer_config_json` already made for this job)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, naming.names_for(job.name).config_map, "config"),
         "immutable": True,
-        "data": {CONFIG_FILE: trainer_config_json(job)},
+        "data": {CONFIG_FILE: config if config is not None else trainer_config_json(job)},
     }
 
 
-def build_service(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[str, Any]:
-    """Headless Service giving the Indexed Job's pods stable hostnames for the rendezvous."""
+LOCAL_MASTER_ADDR = "127.0.0.1"
+
+
+def uses_service(job: FineTuneJob) -> bool:
+    """Whether the pods need the headless Service: only several nodes meet at node 0 over the network.
+    One pod's processes (torchrun's rendezvous, or one process with no network at all) meet on
+    loopback, so a single-node job has no Service: one object and one API write fewer per job."""
+    return job.spec.resources.nodes > 1
+
+
+def master_addr(job: FineTuneJob) -> str:
+    """Where the processes meet: node 0's hostname in the Service's subdomain, or loopback on one node."""
+    return naming.names_for(job.name).master_addr() if uses_service(job) else LOCAL_MASTER_ADDR
+
+
+def build_service(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[str, Any] | None:
+    """Headless Service giving the Indexed Job's pods stable hostnames for the rendezvous; None on one node."""
+    if not uses_service(job):
+        return None
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -337,7 +355,6 @@ def output_dir(job: FineTuneJob) -> str:
 
 def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> list[dict[str, Any]]:
     """The trainer container's environment (see TRAINER_ENV_DOC)."""
-    names = naming.names_for(job.name)
     env: list[dict[str, Any]] = [
         {"name": "KUBETUNE_JOB_NAME", "value": job.name},
         _field_env("KUBETUNE_NAMESPACE", "metadata.namespace"),
@@ -352,7 +369,7 @@ def trainer_env(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> lis
         {"name": "KUBETUNE_FETCH_DIR", "value": FETCH_DIR},
         {"name": "HOME", "value": "/tmp"},
         {"name": "OMP_NUM_THREADS", "value": str(_omp_threads(job))},
-        {"name": "MASTER_ADDR", "value": names.master_addr()},
+        {"name": "MASTER_ADDR", "value": master_addr(job)},
         {"name": "MASTER_PORT", "value": str(options.rendezvous_port)},
         {"name": "NNODES", "value": str(job.spec.resources.nodes)},
         _field_env("NODE_RANK", f"metadata.annotations['{JOB_COMPLETION_INDEX_ANNOTATION}']"),
@@ -408,7 +425,7 @@ def _container_resources(job: FineTuneJob) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[str, Any]:
+def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions(), config: str | None = None) -> dict[str, Any]:
     resources = job.spec.resources
     names = naming.names_for(job.name)
     volumes: list[dict[str, Any]] = [
@@ -471,7 +488,6 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "subdomain": names.service,
         "serviceAccountName": service_account_name(job),
         "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": options.termination_grace_seconds,
@@ -487,6 +503,8 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers
+    if uses_service(job):  # node 0 resolves as <job>-0.<service> (the Indexed Job names the pods' hostnames)
+        pod_spec["subdomain"] = names.service
     if options.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in options.image_pull_secrets]
     if resources.node_selector:
@@ -500,7 +518,7 @@ def build_pod_template(job: FineTuneJob, options: BuildOptions = BuildOptions())
 
     annotations = {
         naming.ANNOTATION_JOB: job.name,
-        naming.ANNOTATION_CONFIG_HASH: naming.short_hash(trainer_config_json(job), 16),
+        naming.ANNOTATION_CONFIG_HASH: naming.short_hash(config if config is not None else trainer_config_json(job), 16),
     }
     if job.metadata.uid:
         annotations[naming.ANNOTATION_JOB_UID] = job.metadata.uid
@@ -515,7 +533,7 @@ def job_suspended(job: FineTuneJob) -> bool:
     return job.spec.run_policy.suspend or job.queue_name is not None
 
 
-def build_job(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[str, Any]:
+def build_job(job: FineTuneJob, options: BuildOptions = BuildOptions(), config: str | None = None) -> dict[str, Any]:
     """batch/v1 Job, Indexed, one pod per node; runPolicy mapped onto the Job's own fields."""
     nodes = job.spec.resources.nodes
     policy = job.spec.run_policy
@@ -532,7 +550,7 @@ def build_job(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> dict[
         "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
             "containerName": name, "operator": "In", "values": [TRAINER_EXIT_BAD_INPUT]}}
             for name in (CONTAINER_NAME, *([FETCH_CONTAINER_NAME] if fetched_sources(job) else []))]},
-        "template": build_pod_template(job, options),
+        "template": build_pod_template(job, options, config),
     }
     if policy.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
@@ -559,13 +577,16 @@ def run_policy_patch(job: FineTuneJob, *, kueue_managed: bool) -> dict[str, Any]
 
 def plan(job: FineTuneJob, options: BuildOptions = BuildOptions()) -> list[dict[str, Any]]:
     """Every object for the job, in the order to create them (RBAC and data first, the Job last)."""
+    # Made once: the indented JSON goes through json's pure-Python encoder (0.4 ms), and both the
+    # ConfigMap and the pod template's config hash need it.
+    config = trainer_config_json(job)
     objects = [
         build_service_account(job),
         build_role(job),
         build_role_binding(job),
-        build_config_map(job),
+        build_config_map(job, config),
         build_claim(job),
         build_service(job, options),
-        build_job(job, options),
+        build_job(job, options, config),
     ]
     return [obj for obj in objects if obj is not None]

@@ -20,6 +20,7 @@ failures itself (``retrying``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -84,30 +85,35 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     if live is None or live["metadata"].get("deletionTimestamp") or live["metadata"].get("uid") != job.metadata.uid:
         return {"children": "none: the FineTuneJob is gone"}
     options = building.BuildOptions.from_settings(settings)
-    made: list[str] = []
     planned = building.plan(job, options)
+    *children, job_manifest = planned
+    assert job_manifest["kind"] == "Job", "plan() puts the Job last"
+    # The children do not depend on each other (a RoleBinding may name a Role not made yet), so they
+    # are made at once; the Job last, once they all exist: its pods name the ServiceAccount, which
+    # admission refuses when it is missing, and mount the ConfigMap and claim.
+    outcomes = await asyncio.gather(*(kubeapi.create(wanted) for wanted in children), return_exceptions=True)
+    failed = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+    if failed is not None:
+        raise failed  # a transient failure: the handler runs again and finds what was made (409 → existing)
+    made: list[str] = []
     new_job: dict[str, Any] | None = None
-    for wanted in planned:
-        existing, created = await kubeapi.create(wanted)
-        kind, name = wanted["kind"], wanted["metadata"]["name"]
-        if created:
-            made.append(f"{kind}/{name}")
-            if kind == "Job":
-                new_job = existing
-            continue
-        stale = _foreign_owner(existing, wanted)
-        if stale:
-            raise kopf.TemporaryError(
-                f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {stale}); "
-                "waiting for the garbage collector to remove it", delay=settings.retry_delay)
-        if kind == "PersistentVolumeClaim":
-            await _note_reused_claim(job, existing)
+    for wanted, outcome in zip(children, outcomes, strict=True):
+        assert not isinstance(outcome, BaseException)
+        existing, created = outcome
+        await _check_made(job, wanted, existing, created, made, settings)
+    existing, created = await kubeapi.create(job_manifest)
+    await _check_made(job, job_manifest, existing, created, made, settings)
+    if created:
+        new_job = existing
     if made:
         logger.info("created %s", ", ".join(made))
+    message, count = created_message(job, planned), len(planned)
+    # What was rendered and what the server answered is not needed any more: in a burst a thousand
+    # handlers wait here for their status write, each holding ~40 KB of these (peak RSS).
+    del planned, children, job_manifest, outcomes, existing
     await statusing.update_conditions(
         job.namespace, job.name,
-        [(ConditionType.CREATED, "True", Reason.RESOURCES_CREATED,
-          f"created the trainer Job {naming.names_for(job.name).job} and its ConfigMap, Service, claim and RBAC")],
+        [(ConditionType.CREATED, "True", Reason.RESOURCES_CREATED, message)],
         extra=status_fields(techniques=building.techniques_summary(job), observed_generation=job.metadata.generation),
         defaults=status_fields(phase="Pending", message="resources created"),
         current=live, job=new_job,
@@ -115,7 +121,36 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     # The Job may have moved on meanwhile (a resume; its events while this ran found no Created yet):
     # from the indexes this costs no request when it has not.
     await statusing.refresh(job.namespace, job.name, seen)
-    return {"children": len(planned), "created": len(made)}
+    return {"children": count, "created": len(made)}
+
+
+async def _check_made(job: FineTuneJob, wanted: dict[str, Any], existing: dict[str, Any], created: bool,
+                      made: list[str], settings: Settings) -> None:
+    """Note a child just made; for one that existed, wait while it belongs to an earlier namesake."""
+    kind, name = wanted["kind"], wanted["metadata"]["name"]
+    if created:
+        made.append(f"{kind}/{name}")
+        return
+    stale = _foreign_owner(existing, wanted)
+    if stale:
+        raise kopf.TemporaryError(
+            f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {stale}); "
+            "waiting for the garbage collector to remove it", delay=settings.retry_delay)
+    if kind == "PersistentVolumeClaim":
+        await _note_reused_claim(job, existing)
+
+
+_CHILD_WORDS = {"ConfigMap": "ConfigMap", "Service": "Service", "PersistentVolumeClaim": "claim"}
+
+
+def created_message(job: FineTuneJob, planned: list[dict[str, Any]]) -> str:
+    """What the ``Created`` condition says was made: the Job and the children its spec asked for."""
+    kinds = {obj["kind"] for obj in planned}
+    words = [word for kind, word in _CHILD_WORDS.items() if kind in kinds]
+    if kinds & {"ServiceAccount", "Role", "RoleBinding"}:
+        words.append("RBAC")
+    others = ", ".join(words[:-1]) + f" and {words[-1]}" if len(words) > 1 else "".join(words)
+    return f"created the trainer Job {naming.names_for(job.name).job}" + (f" and its {others}" if others else "")
 
 
 async def _note_reused_claim(job: FineTuneJob, claim: dict[str, Any]) -> None:

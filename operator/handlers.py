@@ -137,19 +137,18 @@ async def change_spec(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any
 
 @kopf.on.event(*FINETUNEJOBS)
 async def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    # Event handlers are coroutines: kopf would run a plain function in a thread each time.
+    # Event handlers are coroutines: kopf would run a plain function in a thread each time. One
+    # handler for every FineTuneJob event: a second one (or a ``when=`` filter, which kopf calls
+    # with a full set of kwargs) costs kopf's per-handler work on each of them.
     deleted = event["type"] == "DELETED"
     indexing.store().note_finetunejob(namespace, body, deleted=deleted)
     running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=deleted)
     if deleted:
         statusing.forget(namespace or "default", body.metadata.name or "")
-
-
-@kopf.on.event(*FINETUNEJOBS, when=lambda body, **_: statusing.stop_not_shown(dict(body)))
-async def show_early_stop(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
-    with _reconcile("FineTuneJob"):
-        await statusing.refresh(namespace or "default", body.metadata.name or "", _seen())
+    elif statusing.stop_not_shown(body):
+        # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
+        with _reconcile("FineTuneJob"):
+            await statusing.refresh(namespace or "default", body.metadata.name or "", _seen())
 
 
 def _follow_runs_of(hook: RunArranger) -> Any:

@@ -113,7 +113,11 @@ _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = weakref.W
 
 def store() -> Store:
     """This event loop's store (tests run several operators in one process, one loop each)."""
-    return _stores.setdefault(asyncio.get_running_loop(), Store())
+    loop = asyncio.get_running_loop()
+    found = _stores.get(loop)  # not setdefault: it made a Store and a weak reference on every event
+    if found is None:
+        found = _stores[loop] = Store()
+    return found
 
 
 @dataclass

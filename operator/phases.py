@@ -121,7 +121,11 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, user_susp
     status = job.get("status") or {}
     conds = _conditions(job)
     nodes = int((job.get("spec") or {}).get("completions") or 1)
-    times: dict[str, Any] = {"start_time": status.get("startTime"), "restarts": _restarts(job, pods)}
+    # The Job's startTime; before the Job controller's write of it has been seen (its pods' events can
+    # come first), the earliest pod's: a run shown Running has a start time, and it costs no write of its own.
+    pod_starts = [p["status"]["startTime"] for p in pods if (p.get("status") or {}).get("startTime")]
+    times: dict[str, Any] = {"start_time": status.get("startTime") or min(pod_starts, default=None),
+                             "restarts": _restarts(job, pods)}
 
     done = _true(conds, "Complete") or _true(conds, "SuccessCriteriaMet")
     if done:
@@ -157,9 +161,17 @@ def observe(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, user_susp
         return Observation("Suspended", Reason.SUSPENDED, cond.get("message") or "the Job is suspended", **times)
 
     running_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    # A pod that has finished successfully ran: until the Job counts the success (``SuccessCriteriaMet``
+    # just after), the run is Running, not waiting for pods to start. The Job's ``ready`` drops as the
+    # pod ends, before the Job controller counts it; judged from pods Running and ``ready`` alone, that
+    # moment read as Initializing: a status write that said something false, and a fourth per lifecycle
+    # (bench N = 200 under load: 3.56 status patches per lifecycle). It counts among the running pods,
+    # so the message does not change either (a write too).
+    finished = max(int(status.get("succeeded") or 0),
+                   sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"))
     ready = int(status.get("ready") or 0)
-    if ready or running_pods:
-        count = max(ready, len(running_pods))
+    if ready or running_pods or finished:
+        count = min(nodes, max(ready, len(running_pods) + finished))
         return Observation("Running", Reason.PODS_RUNNING, f"{count}/{nodes} trainer pods running", **times)
     detail = waiting_detail(pods)
     if detail:
@@ -245,9 +257,10 @@ def status_patch(status: dict[str, Any] | None, obs: Observation | None, *, gene
     conditions_changed = conditions != (status.get("conditions") or [])
     current_start = status.get(status_key("start_time"))
     start = current_start or obs.start_time
-    # The Job's startTime comes while its pods are still starting: it rides along with the next
-    # change (Running at the latest) instead of costing a write of its own.
-    if start and start != current_start and (fields or conditions_changed or obs.phase != "Initializing"):
+    # The start time rides along with the next change (Running at the latest) instead of costing a
+    # write of its own: the Job's startTime comes while its pods are still starting, and once one is
+    # written a later, different one (the Job's after a pod's, see ``observe``) changes nothing.
+    if start and start != current_start and (fields or conditions_changed):
         fields["start_time"] = start
     patch.update(status_fields(**fields))
     if conditions_changed:

@@ -10,6 +10,7 @@ calls, so the same kopf settings apply however the handlers are loaded (CLI, ``k
   (``persistence``: no annotation write in a normal lifecycle);
 * watch timeouts from the settings (the server closes a watch before the client gives up on it);
 * standalone by default — one replica, no KopfPeering objects; a peering name turns peering on;
+* the Job and pod watches label-selected on the server (``managed-by``: no other pod reaches the operator);
 * resource scanning off: the resources served are known at startup (the CRD ships with the
   chart), which saves the cluster-wide list/watch of CRDs and namespaces;
 * kopf's own Events only for warnings and errors (our Events say what happened to the job).
@@ -27,7 +28,7 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL
-from kubetune.operator import certificates, kubeapi, metrics, persistence
+from kubetune.operator import certificates, kubeapi, metrics, naming, persistence
 from kubetune.operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
         settings.peering.name = ours.peering
         settings.peering.mandatory = True
     settings.scanning.disabled = True
+    # Jobs and pods are watched server-side label-selected: only the operator's own reach it (the
+    # handlers' ``labels=`` filters run in the operator, after every pod of the watched namespaces
+    # has been sent, decoded and queued).
+    for selector in (("batch", "v1", "jobs"), ("v1", "pods")):
+        settings.watching.label_selectors[selector] = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
     settings.posting.level = logging.WARNING
     settings.batching.error_delays = (1, 2, 5, 10, 30, 60, 120)
     if ours.webhook_port:

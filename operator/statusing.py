@@ -23,6 +23,7 @@ import asyncio
 import logging
 import weakref
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from kubetune.api import API_VERSION, KIND, TERMINAL_PHASES, ConditionType, FineTuneJob, Reason
@@ -46,14 +47,24 @@ _written: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[indexing.Key
 )
 
 
-def _lock(namespace: str, name: str) -> asyncio.Lock:
+def _per_loop(registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any], make: Any) -> Any:
+    # get first: setdefault would build the default and a weak reference on every call (every event)
     loop = asyncio.get_running_loop()
-    return _locks.setdefault(loop, defaultdict(asyncio.Lock))[(namespace, name)]
+    found = registry.get(loop)
+    if found is None:
+        found = registry[loop] = make()
+    return found
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    locks: defaultdict[tuple[str, str], asyncio.Lock] = _per_loop(_locks, lambda: defaultdict(asyncio.Lock))
+    return locks[(namespace, name)]
 
 
 def written() -> dict[indexing.Key, dict[str, Any]]:
     """This operator's last status write per FineTuneJob (dropped once the index has caught up)."""
-    return _written.setdefault(asyncio.get_running_loop(), {})
+    found: dict[indexing.Key, dict[str, Any]] = _per_loop(_written, dict)
+    return found
 
 
 def forget(namespace: str, name: str) -> None:
@@ -255,7 +266,7 @@ async def accept_spec(body: dict[str, Any]) -> None:
                                   "the spec matches what was created")])
 
 
-def stop_not_shown(body: dict[str, Any]) -> bool:
+def stop_not_shown(body: Mapping[str, Any]) -> bool:
     """Whether the trainer reported an early stop that no ``EarlyStopped`` condition shows yet."""
     status = body.get("status") or {}
     if early_stop_condition(status.get("progress")) is None:

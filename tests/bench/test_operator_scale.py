@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_small_run_completes_and_counts_every_write() -> None:
     args = argparse.Namespace(n=3, kubeconfig=None, namespace=None, concurrency=8, timeout=60.0,
-                              settle=0.5, operator_env={})
+                              settle=0.5, operator_env={}, profile_operator=None)
     result = asyncio.run(operator_scale.run_bench(args))
 
     assert result["complete"], result
@@ -29,9 +29,11 @@ def test_small_run_completes_and_counts_every_write() -> None:
     assert result["operator"]["torch_loaded"] is False  # the operator image has no torch
     assert result["operator"]["peak_rss_mb"] > 0 and result["operator"]["cpu_seconds"] > 0
     per = result["api"]["per_lifecycle"]
-    for child in ("jobs", "configmaps", "services", "serviceaccounts", "roles", "rolebindings"):
+    for child in ("jobs", "configmaps", "persistentvolumeclaims", "serviceaccounts", "roles", "rolebindings"):
         assert per.get(f"create {child}") == 1.0, per  # one create per child, none made twice
-    assert result["api"]["writes_per_lifecycle"] >= 7
+    assert "create services" not in per, per  # single-node jobs: no rendezvous Service
+    assert per.get("patch finetunejobs/status") == 3.0, per
+    assert result["api"]["writes_per_lifecycle"] == 11.0, per
     for key in ("create_to_job_s", "last_create_to_job_s", "complete_to_succeeded_s"):
         assert result[key]["p99"] is not None and result[key]["p99"] >= result[key]["p50"] >= 0
 
@@ -51,3 +53,27 @@ def test_requests_are_named_as_the_api_server_names_them() -> None:
     assert classify("PATCH", "/apis/kubetune.io/v1alpha1/namespaces/a/finetunejobs/x/status", {}) == (
         "patch", "finetunejobs/status")
     assert classify("POST", "/api/v1/namespaces", {}) == ("create", "namespaces")
+
+
+def test_the_emulator_alone_replays_the_operators_request_mix() -> None:
+    args = argparse.Namespace(n=3, concurrency=8)
+    result = asyncio.run(operator_scale.run_emulator_only(args))
+    assert result["errors"] == [], result
+    per = result["api"]["per_lifecycle"]
+    for child in ("jobs", "configmaps", "persistentvolumeclaims", "serviceaccounts", "roles", "rolebindings"):
+        assert per.get(f"create {child}") == 1.0, per
+    assert per["get finetunejobs"] == 1.0 and per["patch finetunejobs/status"] == 3.0 and per["create events"] == 2.0
+    assert result["watch_events"] == 3 * 13  # FineTuneJob 4, Job 5, pod 4 per lifecycle, on the three watches
+    assert result["emulator_cpu_seconds"] > 0 and result["emulator_ceiling_lifecycles_per_s"] > 0
+
+
+def test_profile_summary_ranks_functions_and_packages() -> None:
+    from bench import profile_summary
+
+    text = ("main (/x/kubetune/cli.py:1);loads (/usr/lib/python3.11/json/__init__.py:3);"
+            "JSONDecoder.raw_decode (/usr/lib/python3.11/json/decoder.py:9) 3\n"
+            "main (/x/kubetune/cli.py:1);follow_job (/x/operator/handlers.py:5) 1\n")
+    summary = profile_summary.summarize(text, top=5)
+    assert "75.0%  JSONDecoder.raw_decode (/usr/lib/python3.11/json/decoder.py)" in summary
+    assert "25.0%  kubetune/operator" in summary
+    assert "100.0%  main (/x/kubetune/cli.py)" in summary

@@ -43,6 +43,7 @@ def test_apply_creates_owned_children_and_status_follows_the_job(
         ftj = cluster.create(manifest("sft"))
         job = cluster.wait_for(lambda: cluster.find("batch/v1", "Job", "sft"), what="the trainer Job")
         made = children(cluster, "sft")
+        assert made.pop("Service") is None  # one node: the processes meet on loopback, no rendezvous Service
         uid = ftj["metadata"]["uid"]
         for kind, obj in made.items():
             assert obj is not None, kind
@@ -54,6 +55,7 @@ def test_apply_creates_owned_children_and_status_follows_the_job(
         assert job["spec"]["completionMode"] == "Indexed"
         created = cluster.wait_for(lambda: condition(cluster, "sft", ConditionType.CREATED), what="Created")
         assert created["status"] == "True" and created["reason"] == Reason.RESOURCES_CREATED
+        assert created["message"] == "created the trainer Job sft and its ConfigMap, claim and RBAC"
         assert status(cluster, "sft")["techniques"] == "full"
         assert status(cluster, "sft")["observedGeneration"] == ftj["metadata"]["generation"]
         if job_controller.active:
@@ -113,9 +115,10 @@ def test_restart_between_two_creates_makes_no_duplicates(
         ftj_cluster: Cluster, operator_process: Callable[..., Any]) -> None:
     cluster = ftj_cluster
     with operator_process(cluster.namespace):
-        cluster.create(manifest("first"))
+        two_nodes = {"resources": {"nodes": 2}, "checkpointing": {"storage": {"accessMode": "ReadWriteMany"}}}
+        cluster.create(manifest("first", **two_nodes))  # two nodes: a rendezvous Service each
         cluster.wait_for(lambda: condition(cluster, "first", ConditionType.CREATED), what="first created")
-    cluster.create(manifest("second"))  # while the operator is down
+    cluster.create(manifest("second", **two_nodes))  # while the operator is down
     with operator_process(cluster.namespace):
         cluster.wait_for(lambda: condition(cluster, "second", ConditionType.CREATED), what="second created")
     selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"

@@ -479,3 +479,24 @@ def test_direct_store_access_emits_watch_events(k8s_emulator: EmulatorThread, ku
     k8s_emulator.patch_object("v1/configmaps", "default", "seen", {"data": {"k": "w"}})
     thread.join(5)
     assert received == [("ADDED", "seen"), ("MODIFIED", "seen")]
+
+
+def test_writes_never_change_a_stored_version_or_share_it_with_callers(k8s_emulator: EmulatorThread) -> None:
+    """The write paths read the stored version without copying it (a copy per step was most of a
+    write's cost): every earlier version, and what a caller got back, stay as they were."""
+    created = k8s_emulator.create_object("batch/v1/jobs", "default", {
+        "metadata": {"name": "kept", "labels": {"a": "1"}}, "spec": {"template": {"spec": {"containers": [{"name": "c"}]}}}})
+    status = k8s_emulator.patch_object("batch/v1/jobs", "default", "kept", {"status": {"active": 1}, "spec": {"x": 1}},
+                                       subresource="status")
+    assert status["status"] == {"active": 1} and "x" not in status["spec"]  # a status write touches status only
+    status["spec"]["template"]["spec"]["containers"][0]["name"] = "changed by the caller"
+    spec = k8s_emulator.patch_object("batch/v1/jobs", "default", "kept", {"metadata": {"labels": {"b": "2"}},
+                                                                         "status": {"active": 9}})
+    assert spec["status"] == {"active": 1} and spec["metadata"]["labels"] == {"a": "1", "b": "2"}
+    stored = k8s_emulator.call(lambda: k8s_emulator.emulator.objects[  # type: ignore[union-attr]
+        next(k for k in k8s_emulator.emulator.objects if k[2] == "kept")])  # type: ignore[union-attr]
+    versions = list(stored.history)  # every version, the first to the current
+    assert [v["status"] if "status" in v else None for v in versions] == [None, {"active": 1}, {"active": 1}]
+    assert all(v["spec"]["template"]["spec"]["containers"][0]["name"] == "c" for v in versions)
+    assert [v["metadata"].get("labels") for v in versions] == [{"a": "1"}, {"a": "1"}, {"a": "1", "b": "2"}]
+    assert created["metadata"]["resourceVersion"] < status["metadata"]["resourceVersion"] < spec["metadata"]["resourceVersion"]

@@ -68,15 +68,31 @@ class TestConfigMap:
 
 class TestService:
     def test_headless_and_selects_only_this_jobs_pods(self) -> None:
-        job = job_of()
+        job = job_of(resources={"nodes": 2})
         svc = building.build_service(job, BuildOptions(rendezvous_port=29400))
+        assert svc is not None
         validate(svc)
         assert svc["spec"]["clusterIP"] == "None"
         assert svc["spec"]["publishNotReadyAddresses"] is True
         pod_labels = building.build_job(job)["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items()
-        assert building.build_service(job_of("other"))["spec"]["selector"] != svc["spec"]["selector"]
+        other = building.build_service(job_of("other", resources={"nodes": 2}))
+        assert other is not None and other["spec"]["selector"] != svc["spec"]["selector"]
         assert svc["spec"]["ports"][0]["port"] == 29400
+
+    @pytest.mark.parametrize("processes", [1, 4])
+    def test_one_node_meets_on_loopback_with_no_service(self, processes: int) -> None:
+        # One pod: its processes (torchrun's static rendezvous on node rank 0, or a single process,
+        # which uses no network at all) meet on 127.0.0.1; no Service, no subdomain, no DNS wait.
+        job = job_of(resources={"nodes": 1, "processesPerNode": processes, "cpu": "4"})
+        assert building.build_service(job) is None
+        objects = building.plan(job)
+        assert "Service" not in [o["kind"] for o in objects]
+        built = objects[-1]
+        assert env_of(built)["MASTER_ADDR"] == "127.0.0.1" and env_of(built)["NNODES"] == "1"
+        assert "subdomain" not in built["spec"]["template"]["spec"]
+        command = built["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert ("--master-addr=$(MASTER_ADDR)" in command) == (processes > 1)
 
 
 class TestClaim:

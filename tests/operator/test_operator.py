@@ -182,7 +182,8 @@ def test_required_permissions_are_exactly_what_the_operator_uses(
     tested against the same list."""
     cluster = emulated_cluster
     with operator_process(cluster.namespace):
-        cluster.create(manifest("perm"))
+        # two nodes: a job of several nodes is the one that needs the rendezvous Service
+        cluster.create(manifest("perm", resources={"nodes": 2}, checkpointing={"storage": {"accessMode": "ReadWriteMany"}}))
         cluster.wait_for(lambda: condition(cluster, "perm", ConditionType.CREATED))
         from tests.operator.test_searching import search_job  # a search creates its trials (FineTuneJobs)
 

@@ -105,18 +105,21 @@ def test_operator_sigkilled_mid_create_and_while_jobs_run_leaves_no_duplicates_a
              and str(r.method.value).upper() == "POST" and r.resource is not None
              and r.resource.plural == "configmaps"] << hold
 
-    # 1. killed between two creates: three children made, the fourth in flight
+    # 1. killed mid-create: the other children made (at once, beside the ConfigMap), the ConfigMap's
+    # answer in flight, and so no Job yet (it is made only once every other child exists)
     first = operators()
     cluster.create(manifest("midway"))
     assert hold.reached.wait(90), (tmp_path / "operator.log").read_text()[-3000:]
-    assert cluster.find("rbac.authorization.k8s.io/v1", "RoleBinding", naming.names_for("midway").role_binding)
+    cluster.wait_for(lambda: cluster.find("rbac.authorization.k8s.io/v1", "RoleBinding", naming.names_for("midway").role_binding),
+                     timeout=30, what="the RoleBinding made beside the held ConfigMap")
+    time.sleep(0.5)  # were the Job made before the ConfigMap's answer, it would be there by now
     assert cluster.find("batch/v1", "Job", "midway") is None
     assert cluster.find("v1", "ConfigMap", naming.names_for("midway").config_map)  # landed; its answer is held
     first.kill()
     hold.released.set()
     second = operators()
     cluster.wait_for(lambda: condition(cluster, "midway", ConditionType.CREATED), timeout=90, what="midway created")
-    assert_children_once(cluster, ["midway"])
+    assert_children_once(cluster, ["midway"], multi_node=[])
 
     # 2. killed while the job runs: it completes and another job is applied while no operator is up
     job_controller.add_pod("midway", 0, {"phase": "Running"})
@@ -130,7 +133,7 @@ def test_operator_sigkilled_mid_create_and_while_jobs_run_leaves_no_duplicates_a
     operators()
     final = wait_phase(cluster, "midway", "Succeeded", timeout=90)
     cluster.wait_for(lambda: condition(cluster, "meanwhile", ConditionType.CREATED), timeout=90, what="meanwhile created")
-    assert_children_once(cluster, ["midway", "meanwhile"])
+    assert_children_once(cluster, ["midway", "meanwhile"], multi_node=[])
     assert {c["type"]: c["status"] for c in final["conditions"]}[ConditionType.SUCCEEDED] == "True"
     log = (tmp_path / "operator.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-5000:]

@@ -46,6 +46,30 @@ class TestObserve:
         assert obs is not None and (obs.phase, obs.reason, obs.start_time) == ("Running", Reason.PODS_RUNNING, "2026-01-01T00:00:05Z")
         assert obs.message == "2/2 trainer pods running"
 
+    def test_a_pod_that_finished_before_the_job_counts_it_is_still_running(self) -> None:
+        # The pod succeeded and the Job dropped ``ready``, but has not counted the success yet: the
+        # run is finishing, not waiting for its pods to start; the status stays as it was (no write).
+        ended = pod("p-0", "Succeeded", containerStatuses=[{"name": "trainer", "restartCount": 0,
+                                                            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}])
+        running = observe(job(active=1, ready=1), [pod("p-0", "Running")])
+        finishing = observe(job(active=1, ready=0), [ended])
+        assert running is not None and finishing is not None
+        assert (finishing.phase, finishing.reason, finishing.message) == (running.phase, running.reason, running.message)
+        status = phases.status_patch({}, running, generation=1, timestamp="2026-01-01T00:00:00Z")
+        assert phases.status_patch(status, finishing, generation=1, timestamp="2026-01-01T00:01:00Z") == {}
+        # two nodes, one done and one still running: both ran, the message stays "2/2"
+        two = observe(job(completions=2, active=1, ready=1, succeeded=1), [ended, pod("p-1", "Running")])
+        assert two is not None and (two.phase, two.message) == ("Running", "2/2 trainer pods running")
+
+    def test_a_running_pod_seen_before_the_jobs_start_time_gives_the_start_time(self) -> None:
+        early = observe(job(active=1), [pod("p-0", "Running", startTime="2026-01-01T00:00:03Z")])
+        assert early is not None and (early.phase, early.start_time) == ("Running", "2026-01-01T00:00:03Z")
+        status = phases.status_patch({}, early, generation=1, timestamp="2026-01-01T00:00:04Z")
+        assert status["startTime"] == "2026-01-01T00:00:03Z"
+        # the Job's own startTime arrives next: no write for it (the run's start is already shown)
+        later = observe(job(active=1, ready=1, startTime="2026-01-01T00:00:01Z"), [pod("p-0", "Running")])
+        assert later is not None and phases.status_patch(status, later, generation=1, timestamp="2026-01-01T00:00:05Z") == {}
+
     def test_complete_is_succeeded(self) -> None:
         obs = observe(job(succeeded=1, completionTime="2026-01-01T02:00:00Z", conditions=[cond("Complete")]))
         assert obs is not None and (obs.phase, obs.completion_time) == ("Succeeded", "2026-01-01T02:00:00Z")

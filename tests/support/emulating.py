@@ -354,8 +354,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return (address.resource, address.namespace, name or address.name or "")
 
     def _current(self, key: tuple[kmock.resource, str | None, str]) -> dict[str, Any] | None:
+        stored = self._stored(key)
+        return copy.deepcopy(stored) if stored is not None else None
+
+    def _stored(self, key: tuple[kmock.resource, str | None, str]) -> dict[str, Any] | None:
+        """The stored version itself, not a copy: for reading only (stored versions never change in place)."""
         if key in self.objects and not self.objects[key].deleted:
-            return copy.deepcopy(self.objects[key].raw)
+            return self.objects[key].raw  # type: ignore[no-any-return]
         return None
 
     def _live(self, address: Address) -> Iterator[tuple[tuple[kmock.resource, str | None, str], dict[str, Any]]]:
@@ -410,13 +415,15 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         params = {"labelSelector": label_selector} if label_selector else {}
         return copy.deepcopy(self._list(self._address(resource, namespace), params)["items"])
 
-    def _read(self, address: Address) -> dict[str, Any]:
+    def _read(self, address: Address, *, copied: bool = True) -> dict[str, Any]:
+        """The object at ``address``; ``copied=False`` gives the stored version itself (read-only: the
+        write paths read it, patch a copy and commit that; a copy per step was most of a write's cost)."""
         info = self._info(address)
         if address.subresource is not None and address.subresource not in info.subresources:
             raise ApiError(404, "NotFound", f"{address.plural} has no subresource {address.subresource!r}")
         if address.subresource not in (None, "status"):
             raise ApiError(404, "NotFound", f"subresource {address.subresource!r} is not emulated")
-        obj = self._current(self._key(address))
+        obj = self._current(self._key(address)) if copied else self._stored(self._key(address))
         if obj is None:
             raise ApiError(404, "NotFound", f'{address.plural} "{address.name}" not found',
                            name=address.name, group=address.group, kind=address.plural)
@@ -457,7 +464,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             alphabet = string.ascii_lowercase + string.digits
             meta["name"] = meta["generateName"] + "".join(random.choices(alphabet, k=5))
         key = self._key(address, meta["name"])
-        if self._current(key) is not None:
+        if self._stored(key) is not None:
             raise ApiError(409, "AlreadyExists", f'{address.plural} "{meta["name"]}" already exists',
                            name=meta["name"], group=address.group, kind=address.plural)
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "generation", "managedFields"):
@@ -491,17 +498,28 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                                             "the object has been modified; please apply your changes to the "
                                             "latest version and try again", name=address.name, kind=address.plural)
 
-    def _update(self, address: Address, old: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
-        """Turn a candidate body into the next version of ``old`` and commit it (or nothing)."""
+    def _update(self, address: Address, old: dict[str, Any], candidate: dict[str, Any], *,
+                fresh: bool = False) -> dict[str, Any]:
+        """Turn a candidate body into the next version of ``old`` and commit it (or nothing).
+        ``fresh``: the candidate is this call's own copy (a patch's result), used without copying again;
+        ``old`` is only read (it may be the stored version itself)."""
         info = self._info(address)
-        if address.subresource == "status":
+        if address.subresource == "status" and fresh:
+            new = candidate  # the status subresource writes status only: the rest stays old's
+            for field in set(new) | set(old):
+                if field != "status" and new.get(field) != old.get(field):
+                    if field in old:
+                        new[field] = copy.deepcopy(old[field])
+                    else:
+                        del new[field]
+        elif address.subresource == "status":
             new = copy.deepcopy(old)
             if "status" in candidate:
                 new["status"] = copy.deepcopy(candidate["status"])
             else:
                 new.pop("status", None)
         else:
-            new = copy.deepcopy(candidate)
+            new = candidate if fresh else copy.deepcopy(candidate)
             if "status" in info.subresources:
                 if "status" in old:
                     new["status"] = copy.deepcopy(old["status"])
@@ -524,7 +542,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if not meta.get("finalizers"):
             meta.pop("finalizers", None)
         if new == old:
-            return old  # a no-op write: no new resourceVersion, no event
+            return copy.deepcopy(old)  # a no-op write: no new resourceVersion, no event
         if self._tracks_generation(address):
             skip = {"metadata", "status"} if "status" in info.subresources else {"metadata"}
             if {k: v for k, v in new.items() if k not in skip} != {k: v for k, v in old.items() if k not in skip}:
@@ -536,7 +554,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return self._commit(address, key, "MODIFIED", new, old)
 
     def _replace(self, address: Address, body: Any) -> dict[str, Any]:
-        old = self._read(address)
+        old = self._read(address, copied=False)
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the request body must be a JSON object")
         body_meta = body.get("metadata") or {}
@@ -564,16 +582,16 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 _meta(body).setdefault("name", address.name)
                 return self._create(Address(address.group, address.version, address.plural, address.namespace), body)
             kind = patching.MERGE_PATCH
-        old = self._read(address)
+        old = self._read(address, copied=False)
         try:
-            candidate = patching.apply_patch(kind, old, patch)
+            candidate = patching.apply_patch(kind, old, patch)  # a new copy: ``old`` is left as it is
         except patching.PatchError as exc:
             reason = {400: "BadRequest", 415: "UnsupportedMediaType", 422: "Invalid"}.get(exc.status, "Invalid")
             raise ApiError(exc.status, reason, exc.message) from exc
         if not isinstance(candidate, dict):
             raise ApiError(422, "Invalid", "the patched object is not a JSON object")
         self._precondition(address, old, (candidate.get("metadata") or {}).get("resourceVersion"))
-        return self._update(address, old, candidate)
+        return self._update(address, old, candidate, fresh=True)
 
     def _default_policy(self, address: Address) -> str:
         return "Orphan" if (address.group, address.version, address.plural) in ORPHAN_BY_DEFAULT else "Background"

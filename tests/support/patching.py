@@ -76,15 +76,24 @@ def apply_patch(content_type: str, target: dict[str, Any], patch: Any) -> dict[s
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: dicts merge recursively, ``null`` removes a key, anything else replaces."""
+    """RFC 7386: dicts merge recursively, ``null`` removes a key, anything else replaces. The target
+    is deep-copied once (not again at every level of the patch: a Job's status patch copied the Job
+    once per level)."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    return _merge_into(copy.deepcopy(target) if isinstance(target, dict) else {}, patch)
+
+
+def _merge_into(result: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``patch`` into ``result`` (already the caller's own copy) in place."""
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
+        elif isinstance(value, dict):
+            current = result.get(key)
+            result[key] = _merge_into(current if isinstance(current, dict) else {}, value)
         else:
-            result[key] = merge_patch(result.get(key), value)
+            result[key] = copy.deepcopy(value)
     return result
 
 
