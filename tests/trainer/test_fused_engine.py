@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -354,3 +355,28 @@ def test_deepspeed_resumes_a_fused_checkpoint(tmp_path):
         assert torch.equal(safe_get_full_fp32_param(p), fused.optimizer.state[q]["master"]), name
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(safe_get_full_optimizer_state(p, key), fused.optimizer.state[q][key]), (name, key)
+
+
+@pytest.mark.slow
+def test_layers_compile_once_for_packs_of_varying_length_under_a_packing_budget():
+    """training.packingMaxExamples gives packs of varying length: the layers are compiled for a dynamic
+    length from the first pack, so a new length never recompiles (by default torch compiles the first
+    length statically and recompiles on the second: on the GPU a budget run of 12 steps spent most of
+    its time compiling)."""
+    import torch._dynamo
+    import torch._dynamo.utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubetune.trainer.training import _compile
+
+    torch._dynamo.reset()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    _compile(SimpleNamespace(module=model), dynamic=True)
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        for length in (256, 512, 768):
+            model(input_ids=torch.randint(0, 64, (1, length)), use_cache=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
