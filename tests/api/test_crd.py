@@ -64,6 +64,16 @@ def test_no_enum_is_nullable() -> None:
     assert ModelSpec.model_fields["head"].default is None
 
 
+def test_patterns_mean_the_same_to_the_api_server_and_to_python() -> None:
+    """The API server matches patterns with RE2, where \\d, \\s, \\w and \\b are ASCII only; in
+    Python (and pydantic) they are Unicode: "-𞥑෦" matched the layers pattern for the models only
+    (found on the real CRD server). Patterns spell their classes out instead."""
+    full = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    patterns = {path: node["pattern"] for path, node in _nodes(full) if "pattern" in node}
+    assert patterns, "the schema has patterns"
+    assert {p: v for p, v in patterns.items() if any(c in v for c in ("\\d", "\\s", "\\w", "\\b", "\\D", "\\S", "\\W"))} == {}
+
+
 def test_every_spec_field_is_described_for_kubectl_explain() -> None:
     spec = _schema()["properties"]["spec"]
     undocumented = [path for path, node in _nodes(spec, "spec") if path and not path.endswith("[]") and "{" not in path and not node.get("description")]

@@ -195,6 +195,8 @@ def test_crd_and_models_agree_on_mutated_specs(spec: Any) -> None:
         {"model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}, "training": {"maxSteps": True}},
         {"model": {"source": "hf://o/m", "revision": None}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}},
         {"model": {"source": "hf://o/m", "head": None}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}},
+        {"model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}, "techniques": {"layerSelection": {"layers": ["-\U0001e951\u0de6"]}}},
+        {"model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}, "resources": {"image": "repo/img\u00a0:1"}},
         {"model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}, "deepspeed": {"config": {"any": {"thing": [1]}}}},
         {"model": {"source": "hf://o/m"}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}, "techniques": {"continualLearning": {"ewc": {"lambda": 5.0}}}},
     ],

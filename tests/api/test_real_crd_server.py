@@ -140,6 +140,17 @@ def test_null_for_a_nullable_enum_is_accepted(real: Cluster) -> None:
 
 
 @pytest.mark.crdserver
+@pytest.mark.parametrize("spec", [
+    dict(MINIMAL, techniques={"layerSelection": {"layers": ["-\U0001e951\u0de6"]}}),  # Unicode digits: \\d is ASCII in RE2
+    dict(MINIMAL, resources={"image": "repo/img\u00a0:1"}),  # a no-break space: \\s is ASCII in RE2
+    dict(MINIMAL, resources={"image": "repo/img:1"}),
+    dict(MINIMAL, techniques={"layerSelection": {"layers": ["-2:", "0:4"]}}),
+])
+def test_patterns_agree_with_the_models_on_unicode(real: Cluster, spec: dict[str, Any]) -> None:
+    assert _server_accepts(real, spec) == _models_accept(spec), spec
+
+
+@pytest.mark.crdserver
 @pytest.mark.parametrize("field, value", [
     ("model", {"source": "hf://org/other"}),
     ("data", {"datasets": [{"source": "data/other.jsonl", "format": "text"}]}),

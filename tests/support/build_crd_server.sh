@@ -7,7 +7,7 @@
 # configuration and installed packages are not touched, no root needed): etcd-server (a binary),
 # Go, and k8s.io/apiextensions-apiserver with all it imports as Debian Go source packages
 # (golang-*-dev). Go then builds the server's main package in GOPATH mode. About 400 MB of
-# packages, and 4-5 CPU-minutes for the build (10 min wall on 2 busy cores).
+# packages, and about 5 CPU-minutes for the build (10 to 30 min wall on 2 shared cores).
 #
 # Why not kube-apiserver: none of the registries these machines reach ships it (looked at: PyPI and
 # npm for kube-apiserver, envtest / setup-envtest, kwok, k3s, k0s, kine, minikube, kind; Debian
