@@ -49,10 +49,14 @@ VALIDATOR = jsonschema.Draft4Validator(SCHEMA)
 
 def server_decoded(value: Any, node: Any = None) -> Any:
     """``value`` as the API server validates and stores it: a null in a field whose schema is not
-    ``nullable`` is dropped first (the same as leaving the field out), at any depth."""
+    ``nullable`` is dropped first (the same as leaving the field out), and an integral float is an
+    integer (``0.0`` for an integer field is stored as ``0``), at any depth. The models are stricter
+    on the raw manifest (``kubetune validate`` refuses both), never on what the server stores."""
     node = spec_schema() if node is None else node
     if not isinstance(node, dict):
         return value
+    if isinstance(value, float) and node.get("type") == "integer" and value.is_integer():
+        return int(value)
     if isinstance(value, list):
         return [server_decoded(item, node.get("items")) for item in value]
     if not isinstance(value, dict) or node.get("x-kubernetes-preserve-unknown-fields"):
@@ -209,6 +213,8 @@ def test_known_edge_cases_agree(spec: dict) -> None:
 def test_a_null_enum_is_dropped_as_the_server_does() -> None:
     spec = {"model": {"source": "hf://o/m", "head": None, "revision": None}, "data": {"datasets": [{"source": "x.jsonl", "format": "text"}]}}
     assert server_decoded(spec)["model"] == {"source": "hf://o/m", "revision": None}
+    assert server_decoded({"runPolicy": {"ttlSecondsAfterFinished": 0.0, "backoffLimit": 1.5}})["runPolicy"] == {
+        "ttlSecondsAfterFinished": 0, "backoffLimit": 1.5}
 
 
 def test_pattern_anchor_rewrite_is_needed() -> None:

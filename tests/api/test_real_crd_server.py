@@ -127,6 +127,16 @@ def test_the_real_server_and_the_models_agree_on_mutated_specs(crd_server: CrdAp
 
 
 @pytest.mark.crdserver
+def test_the_server_decodes_an_integral_float_as_an_integer(real: Cluster) -> None:
+    """What ``server_decoded`` assumes (found by the mutated-spec sample): 0.0 for an integer field
+    is accepted and stored as 0; 1.5 is refused, as by the models."""
+    stored = _create(real, _job("integral", dict(MINIMAL, runPolicy={"ttlSecondsAfterFinished": 0.0})), dry_run=True)
+    assert stored["spec"]["runPolicy"] == {"ttlSecondsAfterFinished": 0} and isinstance(stored["spec"]["runPolicy"]["ttlSecondsAfterFinished"], int)
+    assert not _server_accepts(real, dict(MINIMAL, runPolicy={"ttlSecondsAfterFinished": 1.5}))
+    assert not _models_accept(dict(MINIMAL, runPolicy={"ttlSecondsAfterFinished": 1.5}))
+
+
+@pytest.mark.crdserver
 def test_null_for_a_nullable_enum_is_accepted(real: Cluster) -> None:
     """The models accept `head: null` (None, the default); the server must too (it once did not),
     dropping it, which means the same."""
