@@ -13,7 +13,9 @@ status subresource and resourceVersion conflicts), run stand-alone. It serves no
 it (marked ``crdserver``) check what the API server does with kubetune's CRD and objects.
 
 Authentication is a client certificate from a CA made here; its subject is in ``system:masters``,
-the group the delegated authorizer lets through without a core API server to ask.
+the group the delegated authorizer lets through without a core API server to ask. Anyone else
+(anonymous, a ServiceAccount token) gets a 500: their SubjectAccessReview has nowhere to go. So
+RBAC, impersonation and ServiceAccount tokens cannot be tested here.
 """
 
 from __future__ import annotations
