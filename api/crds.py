@@ -73,7 +73,13 @@ def _structural(node: Any) -> Any:
             raise ValueError(f"cannot express a union of {len(options)} types structurally: {options}")
         inner = dict(options[0])
         node = {**inner, **node}
-        if nullable:
+        if nullable and "enum" in node:
+            # The API server checks an enum on null as well and refuses it, listed or not. Left
+            # not nullable, a null is dropped before validation instead: the same as leaving the
+            # field out, which is what None means here. A null distinct from "absent" cannot be had.
+            if node.get("default") is not None:
+                raise ValueError(f"a nullable enum with default {node['default']!r} cannot be expressed: {node}")
+        elif nullable:
             node["nullable"] = True
     if "const" in node:
         node["enum"] = [node.pop("const")]
@@ -103,7 +109,7 @@ def _structural(node: Any) -> Any:
         if node.get("nullable"):
             out["nullable"] = True
     if "type" not in out and "enum" in out:
-        out["type"] = "string" if all(isinstance(v, str) for v in out["enum"]) else "integer"
+        out["type"] = "string" if all(isinstance(v, str) for v in out["enum"] if v is not None) else "integer"
     return out
 
 

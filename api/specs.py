@@ -323,7 +323,7 @@ class ResourcesSpec(SpecModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod, e.g. `64Gi`.")
     shm_size: Quantity = Field(default="8Gi", description="Size of the memory-backed /dev/shm volume.")
     image: str | None = Field(
-        default=None, max_length=512, pattern=r"^[^\s]+$", description="Trainer image; default is the operator's configured trainer image."
+        default=None, max_length=512, pattern=r"^[!-~]+$", description="Trainer image; default is the operator's configured trainer image."
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(default=None, description="Image pull policy.")
     node_selector: dict[str, str] | None = Field(default=None, description="Node labels the pods must run on.")
@@ -433,7 +433,7 @@ class S3Spec(SpecModel):
     endpoint_url: str | None = Field(
         default=None,
         max_length=1024,
-        pattern=r"^https?://[^\s]+$",
+        pattern=r"^https?://[!-~]+$",
         description="Endpoint of an S3-compatible store (MinIO, Ceph, R2…), e.g. `http://minio.storage:9000`. Unset: AWS S3.",
     )
     region: str | None = Field(

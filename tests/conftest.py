@@ -14,7 +14,14 @@ Fixtures (see ``tests/support`` for the classes):
 * ``cluster`` — the same :class:`Cluster` interface, parametrised: ``emulator`` always, ``real``
   (marked ``k8s``) only with ``--kubeconfig``. Write a test once against ``cluster``.
 
-Tests marked ``k8s`` are skipped unless ``--kubeconfig PATH`` is given.
+* ``crd_server`` — a real CRD API server (etcd + ``apiextensions-apiserver``, see
+  ``tests/support/apiserver.py``) for the session, kubetune's CRD installed; ``crd_backend`` —
+  a :class:`Cluster` serving finetunejobs, parametrised: ``emulator`` always, ``crdserver``
+  (marked ``crdserver``) only with ``--crd-server DIR``.
+
+Tests marked ``k8s`` are skipped unless ``--kubeconfig PATH`` is given, and tests marked
+``crdserver`` unless ``--crd-server DIR`` (or ``KUBETUNE_CRD_SERVER``) names the folder that
+``tests/support/build_crd_server.sh`` built.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Iterator
 
 import kubernetes
 import pytest
+import yaml
 
+from tests.support.apiserver import CrdApiServer, find_binaries
 from tests.support.clusters import Cluster, fresh_namespace_name, write_kubeconfig
 from tests.support.emulating import EmulatorThread
 
@@ -54,15 +64,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--kubeconfig", action="store", default=None, metavar="PATH",
         help="run the tests marked k8s against the real cluster of this kubeconfig (skipped without it)",
     )
+    parser.addoption(
+        "--crd-server", action="store", default=os.environ.get("KUBETUNE_CRD_SERVER") or None, metavar="DIR",
+        help="run the tests marked crdserver against etcd + apiextensions-apiserver from DIR "
+             "(built by tests/support/build_crd_server.sh; default $KUBETUNE_CRD_SERVER; skipped without it)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--kubeconfig"):
-        return
-    skip = pytest.mark.skip(reason="needs a real cluster: pass --kubeconfig PATH")
-    for item in items:
-        if "k8s" in item.keywords:
-            item.add_marker(skip)
+    needs = {
+        "k8s": (config.getoption("--kubeconfig"), "needs a real cluster: pass --kubeconfig PATH"),
+        "crdserver": (config.getoption("--crd-server"), "needs the real CRD API server: pass --crd-server DIR"),
+    }
+    for marker, (given, reason) in needs.items():
+        if given:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, path: pathlib.Path) -> None:
@@ -136,3 +156,64 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     kubeconfig: pathlib.Path = request.getfixturevalue("kubeconfig_file")
     assert os.environ["KUBECONFIG"] == str(kubeconfig)
     yield from _namespaced_cluster(kubeconfig, emulator)
+
+
+CRD_FILE = pathlib.Path(__file__).resolve().parents[1] / "crds" / "finetunejobs.kubetune.io.yaml"
+
+
+@pytest.fixture(scope="session")
+def crd_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrdApiServer]:
+    """etcd + apiextensions-apiserver for the whole session, with ``crds/`` installed and Established."""
+    value = pytestconfig.getoption("--crd-server")
+    if not value:
+        pytest.skip("needs the real CRD API server: pass --crd-server DIR")
+    try:
+        find_binaries(value)
+    except FileNotFoundError as exc:
+        raise pytest.UsageError(f"--crd-server: {exc}") from exc
+    server = CrdApiServer(pathlib.Path(value), tmp_path_factory.mktemp("crd-server")).start()
+    try:
+        admin = Cluster(server.kubeconfig_path, namespace="default")
+        try:
+            crd = yaml.safe_load(CRD_FILE.read_text())
+            admin.create(crd)
+            name = crd["metadata"]["name"]
+
+            def established() -> bool:
+                found = admin.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
+                return any(c["type"] == "Established" and c["status"] == "True" for c in (found.get("status") or {}).get("conditions") or [])
+
+            admin.wait_for(established, timeout=30, what=f"CRD {name} Established")
+            deadline = time.monotonic() + 30
+            while True:  # discovery of the new group lags Established by a moment
+                try:
+                    admin.resolve("kubetune.io/v1alpha1", "FineTuneJob")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        finally:
+            admin.close()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["emulator", pytest.param("crdserver", marks=pytest.mark.crdserver)])
+def crd_backend(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A :class:`Cluster` serving finetunejobs: the emulator, or the real CRD API server.
+
+    The namespace is a fresh name; on the CRD server it is not created (no core API there, and
+    without the NamespaceLifecycle admission plugin a namespaced custom resource needs none)."""
+    if request.param == "emulator":
+        emulator: EmulatorThread = request.getfixturevalue("k8s_emulator")
+        kubeconfig: pathlib.Path = request.getfixturevalue("kubeconfig_file")
+        yield from _namespaced_cluster(kubeconfig, emulator)
+        return
+    server: CrdApiServer = request.getfixturevalue("crd_server")
+    cluster = Cluster(server.kubeconfig_path, namespace=fresh_namespace_name())
+    try:
+        yield cluster
+    finally:
+        cluster.close()

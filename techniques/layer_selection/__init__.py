@@ -27,7 +27,7 @@ class LayerLearningRate(SpecModel):
 class LayerSelectionSpec(SpecModel):
     """Train only chosen layers/modules; the rest is frozen."""
 
-    layers: list[Annotated[str, Field(pattern=r"^-?\d+(:(-?\d+)?)?$", max_length=32)]] | None = Field(
+    layers: list[Annotated[str, Field(pattern=r"^-?[0-9]+(:(-?[0-9]+)?)?$", max_length=32)]] | None = Field(
         default=None,
         max_length=1024,
         description="Block indices or Python-style ranges: `3`, `8:12` (end exclusive), `-4:` (the last four); negatives count from the end.",

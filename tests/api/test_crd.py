@@ -52,6 +52,28 @@ def test_schema_is_structural() -> None:
             assert "additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields") or path == ".metadata", path
 
 
+def test_no_enum_is_nullable() -> None:
+    """The API server checks an enum on null too and refuses it (found on the real CRD server):
+    `head: null`, which the models accept as "not set", was refused with 'Unsupported value: null'.
+    An enum is left not nullable, so the server drops a null before validation, as "not set"."""
+    from kubetune.api.specs import ModelSpec
+    full = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    enums = [path for path, node in _nodes(full) if "enum" in node]
+    assert ".spec.model.head" in enums and ".status.phase" in enums
+    assert [path for path, node in _nodes(full) if "enum" in node and (node.get("nullable") or None in node["enum"])] == []
+    assert ModelSpec.model_fields["head"].default is None
+
+
+def test_patterns_mean_the_same_to_the_api_server_and_to_python() -> None:
+    """The API server matches patterns with RE2, where \\d, \\s, \\w and \\b are ASCII only; in
+    Python (and pydantic) they are Unicode: "-𞥑෦" matched the layers pattern for the models only
+    (found on the real CRD server). Patterns spell their classes out instead."""
+    full = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    patterns = {path: node["pattern"] for path, node in _nodes(full) if "pattern" in node}
+    assert patterns, "the schema has patterns"
+    assert {p: v for p, v in patterns.items() if any(c in v for c in ("\\d", "\\s", "\\w", "\\b", "\\D", "\\S", "\\W"))} == {}
+
+
 def test_every_spec_field_is_described_for_kubectl_explain() -> None:
     spec = _schema()["properties"]["spec"]
     undocumented = [path for path, node in _nodes(spec, "spec") if path and not path.endswith("[]") and "{" not in path and not node.get("description")]
