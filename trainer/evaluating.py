@@ -22,7 +22,9 @@ Metrics (keys as they appear in status, TensorBoard and ``checkpointing.metric``
 
 seqeval itself works on whole tag sequences of one process; :class:`EntityF1` keeps its counts
 (true entities, predicted entities, correct ones, found by seqeval's ``get_entities``) as
-torchmetrics states, so they are summed across ranks like any other metric.
+torchmetrics states, so they are summed across ranks like any other metric. seqeval (which loads
+scikit-learn) is imported when an entity F1 is first updated, not with this module: every trainer
+process imports this module, few of them tag tokens, and the import costs about a second of CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from seqeval.metrics.sequence_labeling import get_entities
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -59,6 +60,8 @@ class EntityF1(Metric):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, actual: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> None:  # type: ignore[override]
+        from seqeval.metrics.sequence_labeling import get_entities  # see the module doc
+
         for gold, guess in zip(actual, predicted):
             true_entities = set(get_entities([seqeval_tag(t) for t in gold]))
             found_entities = set(get_entities([seqeval_tag(t) for t in guess]))

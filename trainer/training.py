@@ -47,7 +47,6 @@ from kubetune.trainer.encoding import Encoder, label_names, load_examples
 from kubetune.trainer.distributing import all_reduce, init_distributed
 from kubetune.trainer.engines import build_engine, resolve_precision
 from kubetune.trainer.optimizing import default_param_groups
-from kubetune.trainer.evaluating import evaluate
 from kubetune.trainer.fingerprinting import run_length, training_spec
 from kubetune.trainer.running import RunOptions, RunPaths, make_run_reporter
 from kubetune.trainer.techniques.base import TechniqueContext, enabled_techniques
@@ -549,6 +548,10 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     def _evaluate(self) -> dict[str, float]:
+        # Imported here, not with this module: torchmetrics (and the scipy it loads) costs about 1.5 s
+        # of CPU at every process start, and runs without an eval split never need it.
+        from kubetune.trainer.evaluating import evaluate
+
         assert self.eval_set is not None
         metrics = evaluate(
             self.engine, self.eval_set, self.collate, head=self.spec.head,
