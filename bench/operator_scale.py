@@ -683,9 +683,10 @@ class OperatorMix:
 
     def __init__(self, run: Run) -> None:
         sys.path.insert(0, str(REPO))
-        from kubetune.operator import building, creating
+        from kubetune.operator import building, creating, kubeapi
 
         self.run, self.api = run, run.api
+        self._event_body, self._resources = kubeapi.event_body, kubeapi.RESOURCES
         self._plan = lambda body: building.plan(creating.parse_body(body), building.BuildOptions(
             trainer_image="example.test/kubetune-trainer:bench"))
         self.events_seen = 0
@@ -713,13 +714,8 @@ class OperatorMix:
                                content_type="application/merge-patch+json")
 
     async def _event(self, ftj: dict[str, Any], reason: str) -> None:
-        meta = ftj["metadata"]
-        await self.api.request("POST", self.run._ns("", "v1", "events"), {
-            "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{meta['name']}."},
-            "involvedObject": {"apiVersion": ftj["apiVersion"], "kind": ftj["kind"], "name": meta["name"],
-                               "namespace": meta.get("namespace"), "uid": meta.get("uid")},
-            "reason": reason, "message": reason, "type": "Normal", "source": {"component": "kubetune-operator"},
-            "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1})
+        event = self._event_body(ftj, reason=reason, message=reason)  # the operator's own Event
+        await self.api.request("POST", self.run._ns("", "v1", "events"), event)
 
     async def lifecycle(self, name: str) -> None:
         run, api = self.run, self.api
@@ -742,11 +738,7 @@ class OperatorMix:
         await self._event(live, "JobSucceeded")
 
     def _collection(self, obj: dict[str, Any]) -> str:
-        group, _, version = obj["apiVersion"].rpartition("/")
-        plural = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
-                  "ConfigMap": "configmaps", "PersistentVolumeClaim": "persistentvolumeclaims",
-                  "Service": "services", "Job": "jobs"}[obj["kind"]]
-        return self.run._ns(group, version, plural)
+        return self.run._ns(*self._resources[obj["kind"]])
 
 
 async def run_emulator_only(args: argparse.Namespace) -> dict[str, Any]:

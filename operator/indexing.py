@@ -111,12 +111,20 @@ class Store:
 _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = weakref.WeakKeyDictionary()
 
 
-def store() -> Store:
-    """This event loop's store (tests run several operators in one process, one loop each)."""
+def per_loop(registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any], make: Any) -> Any:
+    """``registry``'s entry for the running event loop, made by ``make()`` the first time (tests run
+    several operators in one process, one loop each). Not ``setdefault``: that built the default and
+    a weak reference on every call, i.e. on every event."""
     loop = asyncio.get_running_loop()
-    found = _stores.get(loop)  # not setdefault: it made a Store and a weak reference on every event
+    found = registry.get(loop)
     if found is None:
-        found = _stores[loop] = Store()
+        found = registry[loop] = make()
+    return found
+
+
+def store() -> Store:
+    """This event loop's store."""
+    found: Store = per_loop(_stores, Store)
     return found
 
 

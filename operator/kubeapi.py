@@ -464,19 +464,12 @@ async def list_objects(kind: str, namespace: str | None, *, label_selector: str 
     return list(answer.get("items") or [])
 
 
-async def post_event(
-    involved: dict[str, Any],
-    *,
-    reason: str,
-    message: str,
-    type: str = "Normal",
-) -> None:
-    """Record an Event on ``involved`` (a body with apiVersion, kind and metadata). Best effort: an
-    Event that cannot be written is logged, never a reason to fail a reconcile."""
+def event_body(involved: dict[str, Any], *, reason: str, message: str, type: str = "Normal") -> dict[str, Any]:
+    """The Event the operator records on ``involved`` (a body with apiVersion, kind and metadata)."""
     meta = involved.get("metadata", {})
     namespace = meta.get("namespace") or "default"
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    event = {
+    return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"generateName": f"{meta.get('name', 'kubetune')}.", "namespace": namespace},
@@ -498,6 +491,19 @@ async def post_event(
         "lastTimestamp": now,
         "count": 1,
     }
+
+
+async def post_event(
+    involved: dict[str, Any],
+    *,
+    reason: str,
+    message: str,
+    type: str = "Normal",
+) -> None:
+    """Record an Event on ``involved`` (a body with apiVersion, kind and metadata). Best effort: an
+    Event that cannot be written is logged, never a reason to fail a reconcile."""
+    event = event_body(involved, reason=reason, message=message, type=type)
+    namespace, meta = event["metadata"]["namespace"], involved.get("metadata", {})
     try:
         await _request("create", "Event", namespace, body=event)
     except Exception as exc:  # noqa: BLE001 — an Event is never worth failing the reconcile for

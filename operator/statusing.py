@@ -47,23 +47,14 @@ _written: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[indexing.Key
 )
 
 
-def _per_loop(registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any], make: Any) -> Any:
-    # get first: setdefault would build the default and a weak reference on every call (every event)
-    loop = asyncio.get_running_loop()
-    found = registry.get(loop)
-    if found is None:
-        found = registry[loop] = make()
-    return found
-
-
 def _lock(namespace: str, name: str) -> asyncio.Lock:
-    locks: defaultdict[tuple[str, str], asyncio.Lock] = _per_loop(_locks, lambda: defaultdict(asyncio.Lock))
+    locks: defaultdict[tuple[str, str], asyncio.Lock] = indexing.per_loop(_locks, lambda: defaultdict(asyncio.Lock))
     return locks[(namespace, name)]
 
 
 def written() -> dict[indexing.Key, dict[str, Any]]:
     """This operator's last status write per FineTuneJob (dropped once the index has caught up)."""
-    found: dict[indexing.Key, dict[str, Any]] = _per_loop(_written, dict)
+    found: dict[indexing.Key, dict[str, Any]] = indexing.per_loop(_written, dict)
     return found
 
 

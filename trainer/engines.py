@@ -269,7 +269,7 @@ def _build_fused(spec: Any, model: torch.nn.Module, groups: list[dict[str, Any]]
 
     t = spec.training
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch.bfloat16 if precision in BF16_WEIGHTS else {"fp16": torch.float16}.get(precision, torch.float32)
     model.to(device=device, dtype=dtype)  # what DeepSpeed's engine does with bf16 enabled
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups if g["params"]]
     if not groups:
