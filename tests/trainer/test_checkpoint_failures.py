@@ -1,0 +1,125 @@
+"""A checkpoint write that fails on one rank of a two-process run (gloo, CPU) stops every rank at once.
+
+One rank's write is refused (``tests/support/failing_writes``: rank 1's optimizer shard on a full
+volume, or rank 0's metadata on a volume turned read-only) and that rank keeps its connections open
+afterwards, as a failed peer looks under NCCL; the other rank must not wait at the checkpoint's
+barrier for the collective timeout (30 minutes): both say the same one-line reason, naming the rank
+and the path, and exit within seconds; the previous checkpoint stays the latest and loads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer import checkpoints
+from kubetune.trainer.distributing import COLLECTIVE_TIMEOUT
+from tests.support.tiny_models import manifest, write_dataset
+from tests.trainer.conftest import trainer_env
+from tests.trainer.test_checkpointing import _assert_intact
+
+HOOK = Path(__file__).resolve().parents[1] / "support" / "failing_writes"
+#: How long the ranks may take to stop once the write failed; the old code waited out COLLECTIVE_TIMEOUT.
+STOP_WITHIN_S = 30
+#: How long the test waits before it gives up on a hanging run (and fails).
+GIVE_UP_S = 90
+#: The failing rank keeps its connections open this long (as NCCL peers look, see the hook): the
+#: others must learn of the failure from the save itself, not from the failing process going away.
+LINGER_S = 600
+
+
+def _start(run_dir: Path, job: dict, fail: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+    env = trainer_env(
+        PYTHONPATH=os.pathsep.join([str(HOOK), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        KUBETUNE_TEST_FAIL_WRITES=fail, KUBETUNE_TEST_FAIL_WRITES_MARK=str(run_dir / "failed-at"),
+        KUBETUNE_TEST_FAIL_WRITES_LINGER=str(LINGER_S),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir),
+         "--no-progress", "--nproc", str(nproc), *extra],
+        cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _kill(proc: subprocess.Popen) -> str:
+    """Kill the run and its workers (torchrun starts each in a session of its own); its output."""
+    import psutil  # a dependency of deepspeed
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return proc.communicate()[0].decode()
+
+
+def _wait_after_failure(proc: subprocess.Popen, run_dir: Path) -> tuple[float, str]:
+    """Seconds from the refused write until every process exited, and the run's output."""
+    mark = run_dir / "failed-at"
+    deadline = time.monotonic() + 600
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not mark.exists():
+        raise AssertionError(f"the injected write failure never happened: {_kill(proc)[-3000:]}")
+    try:
+        proc.wait(timeout=GIVE_UP_S)
+    except subprocess.TimeoutExpired:
+        output = _kill(proc)
+        raise AssertionError(
+            f"still running {GIVE_UP_S} s after one rank's checkpoint write failed (the collective timeout is "
+            f"{COLLECTIVE_TIMEOUT}): {output[-3000:]}"
+        ) from None
+    elapsed = time.time() - float(mark.read_text())
+    return elapsed, proc.stdout.read().decode()
+
+
+CASES = {
+    # rank 1's optimizer shard on a full volume, inside DeepSpeed's own save
+    "rank 1 shard ENOSPC": ("1", "*/.tmp-step-00000004/state/*", "ENOSPC", "No space left on device"),
+    # rank 0's trainer.json (written after every rank's shards) on a volume turned read-only
+    "rank 0 metadata EROFS": ("0", "*/.tmp-step-00000004/trainer.json", "EROFS", "Read-only file system"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_write_failing_on_one_rank_stops_every_rank_at_once_and_keeps_the_previous_checkpoint(
+        case, tiny_model_dir, train_job, tmp_path):
+    rank, pattern, errno_name, strerror = CASES[case]
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=48)
+    job = manifest(tiny_model_dir("llama"), data, "text", overrides={
+        "deepspeed.zeroStage": 2, "training.maxSteps": 6, "checkpointing.everySteps": 2, "data.eval": None,
+    })
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, job, f"{rank}:{pattern}:{errno_name}")
+    elapsed, output = _wait_after_failure(proc, run_dir)
+    assert proc.returncode == 1, output[-3000:]
+    assert elapsed < STOP_WITHIN_S, f"{elapsed:.1f} s: {output[-3000:]}"
+    root = run_dir / "checkpoints"
+    said = [line.split("kubetune.trainer: ", 1)[1] for line in output.splitlines() if "ERROR kubetune.trainer: " in line]
+    assert len(said) == 2 and said[0] == said[1], output[-4000:]  # every rank, the same line
+    reason = said[0]
+    assert reason.startswith(f"checkpointing: cannot write step-00000004 to {root} (rank {rank} of 2"), reason
+    assert strerror in reason and "the previous checkpoint step-00000002 is intact" in reason, reason
+    assert "Traceback" not in output, output[-4000:]
+    assert checkpoints.find_latest(root).name == "step-00000002"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(("step-", ".tmp-"))) == ["step-00000002"]
+    _assert_intact(root)
+    if rank == "1":  # the volume has room again: both ranks resume from the previous checkpoint
+        again = train_job(job, run_dir, nproc=2)
+        assert again.rc == 0, again.output[-4000:]
+        assert "resumed from" in again.output and "at step 2" in again.output
+        assert again.checkpoint_state(6)["step"] == 6
