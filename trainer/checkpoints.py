@@ -48,13 +48,6 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _barrier() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as handle:
@@ -114,68 +107,189 @@ def save(
     """Write a checkpoint of ``engine`` and ``state`` (every rank calls this).
 
     Returns its path, whether it is now the best (rank 0 only knows), and the checkpoints rotation
-    deleted (rank 0).
+    deleted (rank 0). A write refused on any rank raises :class:`CheckpointStorageError` on every
+    rank, with the same message (see :func:`_agree`).
     """
     name = checkpoint_name(int(state["step"]))
     final = root / name
     tmp = root / f".tmp-{name}"
-    if rank == 0:
+    failure = None
+    if rank == 0:  # the folder every rank writes into
         try:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        except OSError as exc:
-            raise _storage_error(exc, root, name) from None
-    _barrier()
+        except Exception as exc:
+            failure = exc
+    _agree(failure, root, name, tmp, rank)
     if final.exists():  # the same step saved twice (e.g. the end right after a periodic save)
-        _barrier()
+        _agree(None, root, name, tmp, rank)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         return final, False, []
-    try:
-        import torch
-
-        engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
-        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint taking the space
-        raise _storage_error(exc, root, name) from None
-    _barrier()
-    best, deleted = False, []
+    _agree(_write_parts(engine, tmp, rank), root, name, tmp, rank)
+    best, deleted, failure = False, [], None
     if rank == 0:
-        state = {**state, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        try:  # the volume can turn read-only between two writes (a remount after an I/O error)
-            _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
-            os.rename(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _storage_error(exc, root, name) from None
-        _fsync_dir(root)
         try:
-            _write_atomic(root / "latest", name + "\n")
-        except OSError as exc:  # the checkpoint is whole (renamed into place); "latest" still names the one before
-            raise _storage_error(exc, root, name) from None
-        best = _update_best(root, name, state, metric, mode)
-        deleted = rotate(root, keep_last, keep_best)
-    _barrier()
+            best, deleted = _complete_checkpoint(root, name, tmp, state, keep_last, keep_best, metric, mode)
+        except Exception as exc:
+            failure = exc
+    _agree(failure, root, name, tmp, rank)
     return final, best, deleted
 
 
-def _storage_error(exc: OSError, root: Path, name: str) -> CheckpointStorageError:
-    previous = find_latest(root)
-    if previous is not None and previous.name == name:
-        kept = f"{name} itself is complete, only the 'latest' pointer was not updated"
+def _write_parts(engine: Any, tmp: Path, rank: int) -> Exception | None:
+    """This rank's files of the checkpoint (its DeepSpeed shards, its RNG states); the first error,
+    or None.
+
+    DeepSpeed's ``save_checkpoint`` runs collectives before and after its writes; a write error
+    raised out of it on one rank would leave the others in its last barrier while this rank is
+    already in :func:`_agree`. Its writes go through ``engine.checkpoint_engine.save``, so that is
+    where the first error is caught: the remaining writes of this rank are skipped and DeepSpeed's
+    collectives still run on every rank, in step.
+    """
+    errors: list[Exception] = []
+    writer = getattr(engine, "checkpoint_engine", None)
+    real = getattr(writer, "save", None)
+
+    def save(*args: Any, **kwargs: Any) -> Any:
+        if errors:
+            return None
+        try:
+            return real(*args, **kwargs)  # type: ignore[misc]
+        except Exception as exc:
+            errors.append(exc)
+            return None
+
+    own = real is not None and "save" in vars(writer)
+    if real is not None:
+        writer.save = save
+    try:
+        engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
+    except Exception as exc:
+        errors.append(exc)
+    finally:
+        if own:
+            writer.save = real
+        elif real is not None:
+            del writer.save  # the class's own method again
+    if not errors:
+        try:
+            import torch
+
+            with open(tmp / f"rng-{rank}.pt", "wb") as handle:  # a Python file: errors arrive as OSError
+                torch.save(_rng_state(), handle)
+        except Exception as exc:
+            errors.append(exc)
+    return errors[0] if errors else None
+
+
+def _complete_checkpoint(root: Path, name: str, tmp: Path, state: dict[str, Any], keep_last: int, keep_best: bool,
+                         metric: str, mode: str) -> tuple[bool, list[Path]]:
+    """Rank 0, once every rank wrote its part: the trainer state, the rename into place, ``latest``,
+    ``best.json`` and rotation. The volume can turn read-only between two of these (a remount after
+    an I/O error): until the rename the checkpoint is not complete, after it ``latest`` may lag."""
+    state = {**state, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True))
+    os.rename(tmp, root / name)
+    _fsync_dir(root)
+    _write_atomic(root / "latest", name + "\n")
+    best = _update_best(root, name, state, metric, mode)
+    return best, rotate(root, keep_last, keep_best)
+
+
+#: Bytes of the failing rank's message that the others receive (a message is one line, well under it).
+MESSAGE_BYTES = 2048
+
+
+def _agree(failure: Exception | None, root: Path, name: str, tmp: Path, rank: int) -> None:
+    """Every rank learns whether a step of the save failed on any rank, and if so all fail alike.
+
+    Takes the place of a barrier: each rank calls it after its part of a step of :func:`save`,
+    whatever happened (every path of that step ends here, errors included), so no rank can be left
+    waiting for the collective timeout by another that gave up. If any rank failed, the lowest
+    failing rank's one-line message goes to all, the half-written ``.tmp-step-N`` is removed (rank 0,
+    now that no rank writes into it) and every rank raises :class:`CheckpointStorageError` with that
+    message; a rank whose own error was not the volume's (a bug) re-raises it, with its traceback.
+    One process: the same, without the collectives.
+    """
+    import torch
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    own = None if failure is None else _failure_message(failure, root, name, rank, world)
+    if world == 1:
+        message = own
     else:
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        from kubetune.trainer.distributing import all_reduce
+
+        failed = torch.zeros(world, dtype=torch.int32)
+        failed[rank] = int(own is not None)
+        failed = all_reduce(failed)
+        message = None
+        if bool(failed.any()):
+            first = int(torch.nonzero(failed)[0])
+            text = torch.zeros(MESSAGE_BYTES, dtype=torch.int32)
+            if rank == first:
+                data = (own or "").encode("utf-8")[:MESSAGE_BYTES]
+                text[: len(data)] = torch.tensor(list(data), dtype=torch.int32)
+            text = all_reduce(text)
+            message = bytes(int(b) for b in text.tolist() if b).decode("utf-8", errors="ignore")
+    if message is None:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint taking the space
+    if failure is not None and not _is_storage(failure):
+        raise failure
+    raise CheckpointStorageError(message)
+
+
+def _is_storage(exc: Exception) -> bool:
+    """Whether ``exc`` is the volume refusing a write: an OSError, or torch's C++ writer failing
+    (``torch.save`` to a path on a full disk raises ``RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos …``; to a Python file it raises OSError)."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        words in str(exc) for words in ("inline_container.cc", "PytorchStreamWriter", "cannot be opened"))
+
+
+def _failure_message(exc: Exception, root: Path, name: str, rank: int, world: int) -> str:
+    if isinstance(exc, OSError):
+        return str(_storage_error(exc, root, name, rank=rank, world=world))
+    where = f" (rank {rank} of {world})" if world > 1 else ""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return (f"checkpointing: cannot write {name} to {root}{where}: {type(exc).__name__}: {first}; "
+            f"{_kept(root, name)}")
+
+
+def _storage_error(exc: OSError, root: Path, name: str, *, rank: int = 0, world: int = 1) -> CheckpointStorageError:
+    where = ""
+    if world > 1:
+        where = f" (rank {rank} of {world}"
+        if exc.filename:
+            path = Path(os.fsdecode(exc.filename))
+            where += f", {path.relative_to(root) if path.is_relative_to(root) else path}"
+        where += ")"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = ("Mount the checkpoint volume read-write (spec.checkpointing.storage: a claim the pods may write, "
                "or a writable folder for a local run)")
     else:
         fix = "Free or enlarge the checkpoint volume (spec.checkpointing.storage)"
     return CheckpointStorageError(
-        f"checkpointing: cannot write {name} to {root}: {exc.strerror or exc} (errno {exc.errno}); {kept}. "
-        f"{fix}, then the run resumes from there"
+        f"checkpointing: cannot write {name} to {root}{where}: {exc.strerror or exc} (errno {exc.errno}); "
+        f"{_kept(root, name)}. {fix}, then the run resumes from there"
     )
+
+
+def _kept(root: Path, name: str) -> str:
+    """What a failed save left: the previous checkpoint, or this one whole."""
+    previous = find_latest(root)
+    if previous is not None and previous.name == name:
+        pointer = root / "latest"
+        if pointer.exists() and pointer.read_text(encoding="utf-8").strip() == name:
+            return f"{name} itself is complete and the latest"
+        return f"{name} itself is complete, only the 'latest' pointer was not updated"
+    return f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -106,6 +106,7 @@ def test_a_write_failing_on_one_rank_stops_every_rank_at_once_and_keeps_the_prev
     run_dir = tmp_path / "run"
     proc = _start(run_dir, job, f"{rank}:{pattern}:{errno_name}")
     elapsed, output = _wait_after_failure(proc, run_dir)
+    print(f"{case}: every process exited {elapsed:.1f} s after the refused write")  # shown with -s
     assert proc.returncode == 1, output[-3000:]
     assert elapsed < STOP_WITHIN_S, f"{elapsed:.1f} s: {output[-3000:]}"
     root = run_dir / "checkpoints"
