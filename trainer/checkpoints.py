@@ -14,10 +14,17 @@ the checkpoint directory (``KUBETUNE_CHECKPOINT_DIR``, ``<run>/checkpoints`` loc
     best.json                 {"name", "step", "metric", "value"} of the best by checkpointing.metric
     .tmp-step-00000040/       a checkpoint being written (removed at the next start)
 
-Atomicity: every rank writes into ``.tmp-step-N``; after a barrier rank 0 renames it to ``step-N``
+Atomicity: every rank writes into ``.tmp-step-N``; once all have, rank 0 renames it to ``step-N``
 (a rename within one filesystem is atomic) and only then replaces ``latest`` (write a temporary
 file, then ``os.replace``). A crash at any point leaves ``latest`` naming a complete checkpoint,
 and :func:`find_latest` also falls back to the newest ``step-*`` folder holding ``trainer.json``.
+
+Failures: where a barrier would stand between the steps of a save, the ranks agree instead
+(:func:`_agree`, an all-reduce of each rank's failure flag): a write refused on any rank (a full or
+read-only volume) makes every rank raise the same one-line :class:`CheckpointStorageError`, naming
+that rank and file, at once. A bare barrier left the others waiting for the 30-minute collective
+timeout whenever the failed rank's exit went unnoticed (NCCL does not notice; gloo does when the
+socket closes, and then printed its own traceback on the other ranks instead of the reason).
 Rotation keeps the newest ``keepLast`` plus the best. Multi-node runs need a shared
 (ReadWriteMany) volume, which the API already requires.
 

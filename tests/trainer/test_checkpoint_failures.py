@@ -124,3 +124,120 @@ def test_a_write_failing_on_one_rank_stops_every_rank_at_once_and_keeps_the_prev
         assert again.rc == 0, again.output[-4000:]
         assert "resumed from" in again.output and "at step 2" in again.output
         assert again.checkpoint_state(6)["step"] == 6
+
+
+# ---------------------------------------------------------------- every path of a save reaches the agreement
+
+
+class _Writer:
+    """DeepSpeed's checkpoint engine: its ``save`` writes one file."""
+
+    def __init__(self, refuse: Exception | None) -> None:
+        self.refuse = refuse
+
+    def save(self, state_dict: dict, path: str) -> None:
+        import torch
+
+        if self.refuse is not None:
+            raise self.refuse
+        torch.save(state_dict, path)
+
+
+class _Engine:
+    """Saves like DeepSpeed: collectives before and after the writes, which go through the writer."""
+
+    def __init__(self, rank: int, refuse: Exception | None = None) -> None:
+        self.rank, self.checkpoint_engine = rank, _Writer(refuse)
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> bool:
+        import torch
+
+        torch.distributed.barrier()
+        Path(save_dir, tag).mkdir(exist_ok=True)
+        self.checkpoint_engine.save({"rank": self.rank}, str(Path(save_dir, tag, f"shard-{self.rank}.pt")))
+        torch.distributed.barrier()
+        return True
+
+
+def _save_on_two_ranks(rank: int, root: str, port: int, results: object) -> None:
+    """One rank of a 2-process gloo group: a good save, then each failure in turn; what each raised."""
+    import errno
+    from datetime import timedelta
+    from unittest import mock
+
+    import torch
+
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=60))
+    # The collective timeout is long, as in the trainer: a rank left waiting shows up as the test's timeout.
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(minutes=30))
+    base = Path(root)
+    kwargs = dict(rank=rank, keep_last=5, keep_best=True, metric="eval_loss", mode="min")
+
+    def attempt(step: int, engine: _Engine) -> str:
+        state = {"step": step, "metrics": {"eval_loss": 1.0 / step}}
+        try:
+            checkpoints.save(engine, base, state, **kwargs)
+        except checkpoints.CheckpointStorageError as exc:
+            return f"CheckpointStorageError: {exc}"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "ok"
+
+    outcome = {"good": attempt(2, _Engine(rank))}
+    full = OSError(errno.ENOSPC, "No space left on device", str(base / ".tmp-step-00000004" / "state" / "shard-1.pt"))
+    outcome["shard"] = attempt(4, _Engine(rank, full if rank == 1 else None))
+    outcome["bug"] = attempt(6, _Engine(rank, ValueError("cannot pickle 'generator' object") if rank == 1 else None))
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kw: object) -> None:  # rank 0 cannot make the folder
+        if self.name == ".tmp-step-00000008":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kw)
+
+    with mock.patch.object(Path, "mkdir", mkdir):
+        outcome["folder"] = attempt(8, _Engine(rank))
+    with mock.patch.object(checkpoints, "_update_best", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        outcome["best"] = attempt(10, _Engine(rank))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    results.put((rank, outcome))  # type: ignore[attr-defined]
+
+
+def test_every_path_of_a_save_reaches_the_agreement_on_every_rank(tmp_path):
+    """A refused shard on rank 1 (inside the engine's own collectives), a bug on rank 1, rank 0
+    failing before any rank wrote, and rank 0 failing after the rename: no rank is left waiting,
+    every rank raises, the same one line where the volume refused."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    procs = [context.Process(target=_save_on_two_ranks, args=(rank, str(tmp_path), port, results)) for rank in (0, 1)]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = dict(results.get(timeout=GIVE_UP_S) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    zero, one = outcomes[0], outcomes[1]
+    assert zero["good"] == one["good"] == "ok"
+    assert zero["shard"] == one["shard"], (zero["shard"], one["shard"])
+    assert zero["shard"].startswith(f"CheckpointStorageError: checkpointing: cannot write step-00000004 to {tmp_path} "
+                                    "(rank 1 of 2, .tmp-step-00000004/state/shard-1.pt): No space left on device")
+    assert "the previous checkpoint step-00000002 is intact" in zero["shard"]
+    # A bug is no storage problem: its rank raises it as it is (a traceback), the others one line naming it.
+    assert one["bug"] == "ValueError: cannot pickle 'generator' object"
+    assert zero["bug"].startswith("CheckpointStorageError: checkpointing: cannot write step-00000006 to "), zero["bug"]
+    assert "(rank 1 of 2): ValueError: cannot pickle 'generator' object" in zero["bug"]
+    assert zero["folder"] == one["folder"] and "(rank 0 of 2, .tmp-step-00000008): Read-only file system" in zero["folder"]
+    assert zero["best"] == one["best"] and "step-00000010 itself is complete and the latest" in zero["best"]
+    assert checkpoints.find_latest(tmp_path).name == "step-00000010"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".tmp-"))) == [
+        "step-00000002", "step-00000010"]  # no half-written folder is left, none is marked complete
