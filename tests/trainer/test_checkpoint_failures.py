@@ -10,6 +10,7 @@ and the path, and exit within seconds; the previous checkpoint stays the latest 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +126,42 @@ def test_a_write_failing_on_one_rank_stops_every_rank_at_once_and_keeps_the_prev
         assert "resumed from" in again.output and "at step 2" in again.output
         assert again.checkpoint_state(6)["step"] == 6
 
+
+
+@pytest.mark.slow
+def test_a_write_failing_on_one_rank_during_the_sigterm_checkpoint_is_told_by_every_rank(
+        tiny_model_dir, train_job, tmp_path):
+    """Preemption: every rank saves at the same step after a SIGTERM; rank 1's shard is refused. Both
+    ranks say why within seconds, the previous checkpoint stays the latest. (torchrun, stopping on
+    the SIGTERM, kills a rank still there after 30 s, as the kubelet would: without the agreement the
+    other rank died in the barrier without a word.)"""
+    from datetime import datetime
+
+    from tests.trainer.test_checkpointing import _wait_for_step
+
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=64)
+    job = manifest(tiny_model_dir("llama"), data, "text", overrides={
+        "deepspeed.zeroStage": 2, "training.maxSteps": 2, "checkpointing.everySteps": 1000, "data.eval": None,
+    })
+    run_dir = tmp_path / "run"
+    first = train_job(job, run_dir, nproc=2)  # ends with the checkpoint of step 2
+    assert first.rc == 0, first.output[-3000:]
+    proc = _start(run_dir, job, "1:*/.tmp-step-*/state/*:ENOSPC", extra=("--max-steps", "400"))
+    _wait_for_step(proc, run_dir, 4)
+    proc.send_signal(signal.SIGTERM)  # to `kubetune train`, which passes it on to torchrun and the ranks
+    _, output = _wait_after_failure(proc, run_dir)
+    failed_at = float((run_dir / "failed-at").read_text())
+    said = [line.split(" ERROR kubetune.trainer: ", 1) for line in output.splitlines() if " ERROR kubetune.trainer: " in line]
+    assert len(said) == 2 and said[0][1] == said[1][1], output[-4000:]  # every rank, the same line
+    told = [datetime.strptime(when[-23:], "%Y-%m-%d %H:%M:%S,%f").timestamp() - failed_at for when, _ in said]
+    print(f"sigterm: both ranks said why {max(told):.1f} s after the refused write")  # shown with -s
+    assert max(told) < STOP_WITHIN_S, output[-3000:]
+    root, reason = run_dir / "checkpoints", said[0][1]
+    assert f"to {root} (rank 1 of 2, .tmp-step-" in reason and "No space left on device" in reason, reason
+    assert "the previous checkpoint step-00000002 is intact" in reason and "Traceback" not in output
+    assert checkpoints.find_latest(root).name == "step-00000002"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(("step-", ".tmp-"))) == ["step-00000002"]
+    _assert_intact(root)
 
 # ---------------------------------------------------------------- every path of a save reaches the agreement
 
