@@ -18,6 +18,8 @@ Atomicity: every rank writes into ``.tmp-step-N``; once all have, rank 0 renames
 (a rename within one filesystem is atomic) and only then replaces ``latest`` (write a temporary
 file, then ``os.replace``). A crash at any point leaves ``latest`` naming a complete checkpoint,
 and :func:`find_latest` also falls back to the newest ``step-*`` folder holding ``trainer.json``.
+Rotation keeps the newest ``keepLast`` plus the best. Multi-node runs need a shared
+(ReadWriteMany) volume, which the API already requires.
 
 Failures: where a barrier would stand between the steps of a save, the ranks agree instead
 (:func:`_agree`, an all-reduce of each rank's failure flag): a write refused on any rank (a full or
@@ -25,8 +27,6 @@ read-only volume) makes every rank raise the same one-line :class:`CheckpointSto
 that rank and file, at once. A bare barrier left the others waiting for the 30-minute collective
 timeout whenever the failed rank's exit went unnoticed (NCCL does not notice; gloo does when the
 socket closes, and then printed its own traceback on the other ranks instead of the reason).
-Rotation keeps the newest ``keepLast`` plus the best. Multi-node runs need a shared
-(ReadWriteMany) volume, which the API already requires.
 
 torch is imported by the functions that use it, not with this module: ``kubetune train --nproc N``
 reads the latest checkpoint's state (``trainer.json``) before it starts torchrun, and that parent
