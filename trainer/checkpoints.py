@@ -168,7 +168,7 @@ def _write_parts(engine: Any, tmp: Path, rank: int) -> Exception | None:
             errors.append(exc)
             return None
 
-    own = real is not None and "save" in vars(writer)
+    own = real is not None and "save" in getattr(writer, "__dict__", {})
     if real is not None:
         writer.save = save
     try:

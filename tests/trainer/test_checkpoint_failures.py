@@ -240,7 +240,7 @@ def _save_on_two_ranks(rank: int, root: str, port: int, results: object) -> None
     results.put((rank, outcome))  # type: ignore[attr-defined]
 
 
-def test_every_path_of_a_save_reaches_the_agreement_on_every_rank(tmp_path):
+def test_every_path_of_a_save_reaches_the_agreement_on_every_rank(tmp_path, monkeypatch):
     """A refused shard on rank 1 (inside the engine's own collectives), a bug on rank 1, rank 0
     failing before any rank wrote, and rank 0 failing after the rename: no rank is left waiting,
     every rank raises, the same one line where the volume refused."""
@@ -253,7 +253,7 @@ def test_every_path_of_a_save_reaches_the_agreement_on_every_rank(tmp_path):
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     procs = [context.Process(target=_save_on_two_ranks, args=(rank, str(tmp_path), port, results)) for rank in (0, 1)]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
     for proc in procs:
         proc.start()
     try:
