@@ -25,7 +25,9 @@ the DeepSpeed ZeRO-2 engine the trainer used before; same data and seed, so its 
 numerics reference for the fused engine), ``kubetune-budget`` (``training.packingMaxExamples``
 = the baseline's micro-batch of 8: as many documents per optimizer step as the baselines),
 ``kubetune-buffers`` (the fused engine's step before the one-pass kernel: fp32 gradient buffers,
-``torch._fused_adamw_`` and a copy into the weights; an A/B reference),
+``torch._fused_adamw_`` and a copy into the weights; an A/B reference), ``kubetune-saveall``
+(``KUBETUNE_COMPILE_SAVE_ALL=1``: the compiled layers save their elementwise results for backward,
+torch's default partitioning, instead of recomputing them; an A/B reference for speed and peak memory),
 ``kubetune-fp8`` (``training.precision: fp8``: torchao float8 linear layers, same data, seed and
 weights as ``kubetune``, whose losses are its reference; its MFU counts the same FLOPs against the
 same bf16 peak, so it reads as "bf16-equivalent" utilisation).
@@ -97,7 +99,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-VARIANTS = ("default", "deepspeed", "budget", "buffers", "fp8")
+VARIANTS = ("default", "deepspeed", "budget", "buffers", "fp8", "saveall")
 
 # Kernel names -> the part of a training step they belong to (the profile summary's rows).
 KERNEL_KINDS = (
@@ -186,6 +188,8 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
         spec["training"]["packingMaxExamples"] = shape.micro_batch
     elif variant == "buffers":  # the fused engine's step before the one-pass kernel (engines._build_fused)
         os.environ["KUBETUNE_FUSED_UPDATE"] = "buffers"
+    elif variant == "saveall":  # torch.compile's default partitioning: elementwise results saved, not recomputed
+        os.environ["KUBETUNE_COMPILE_SAVE_ALL"] = "1"
     elif variant == "fp8":  # float8 linear layers (torchao); the API wants the GPU it needs declared
         spec["training"]["precision"] = "fp8"
         spec["resources"] = {"gpusPerNode": 1}

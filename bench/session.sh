@@ -4,12 +4,16 @@
 #                (fused engine, the default on one GPU), 2 runs each, and the trainer on DeepSpeed (numerics reference, 1 run).
 # PART instruct: instruction-like full FT: the padded and the padding-free (DataCollatorWithFlattening) baselines
 #                (2 runs each) against the product trainer and the trainer at the baselines' 8 documents per step.
+# PART recompute: the compiled layers recomputing elementwise results in backward (kubetune, the default) against
+#                saving them (kubetune-saveall, torch's default), fixed full, once each (~1.5 min); for instruct-like data
+#                KUBETUNE_EXTRA_SIDES=kubetune-saveall bash bench/session.sh instruct.
 # PART fp8:      training.precision fp8 (torchao float8 linear layers) against the same trainer in bf16, fixed full.
 # Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
 set -u
 # .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site/.kubetune-bench ]; then  # once per machine (parts run in one call)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  touch /tmp/site/.kubetune-bench
 fi
 export PYTHONPATH=/tmp/site${KUBETUNE_BENCH_DEPS:+:$KUBETUNE_BENCH_DEPS} PYTHONUNBUFFERED=1 KUBETUNE_BENCH_WORKDIR=/tmp/ktb
 # The trainer imports tenacity, torchmetrics (+ lightning_utilities) and seqeval, which the GPU image lacks: put them
@@ -24,11 +28,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 quiet() { grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log-$1.txt" | tail -${2:-80}; }
 case "${1:-}" in
   fixed)
-    python3 -m bench.throughput --workloads fixed --methods full --sides $FIXED_SIDES --side-repeats kubetune-deepspeed=1,kubetune-fp8=1,kubetune-buffers=1 \
+    python3 -m bench.throughput --workloads fixed --methods full --sides $FIXED_SIDES --side-repeats kubetune-deepspeed=1,kubetune-fp8=1,kubetune-buffers=1,kubetune-saveall=1 \
       --repeats $R --kubetune-repeats $KR --steps $S --warmup $W --out "$OUT" --tag fixed 2>&1 | quiet fixed ;;
   instruct)
-    python3 -m bench.throughput --workloads instruct --methods full --sides baseline,baseline-flat,kubetune,kubetune-budget \
+    python3 -m bench.throughput --workloads instruct --methods full \
+      --sides baseline,baseline-flat,kubetune,kubetune-budget${KUBETUNE_EXTRA_SIDES:+,$KUBETUNE_EXTRA_SIDES} --side-repeats kubetune-saveall=1 \
       --repeats $R --kubetune-repeats $KR --steps $S --warmup $W --out "$OUT" --tag instruct 2>&1 | quiet instruct ;;
+  recompute)
+    python3 -m bench.throughput --workloads fixed --methods full --sides kubetune,kubetune-saveall \
+      --repeats 1 --kubetune-repeats 1 --steps $S --warmup $W --out "$OUT" --tag recompute 2>&1 | quiet recompute ;;
   fp8)  # training.precision fp8 (torchao in .whl/): a tiny smoke first, then fixed full in bf16 and fp8 once each; ~4 min
     python3 -m bench.throughput --tiny --device cuda --workloads fixed --methods full --sides kubetune-fp8 \
       --repeats 1 --steps 2 --warmup 1 --out "$OUT/tiny" --tag fp8-tiny 2>&1 | quiet fp8-tiny 40
@@ -37,6 +45,6 @@ case "${1:-}" in
       --repeats 1 --steps $S --warmup $W --out "$OUT" --tag fp8 2>&1 | quiet fp8 ;;
   all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
     bash "$0" fixed; bash "$0" instruct ;;
-  *) echo "usage: bash bench/session.sh fixed|instruct|fp8|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -12,7 +12,8 @@ Sides (``--sides``, comma-separated):
   defaults), ``kubetune-deepspeed`` (``deepspeed.engine: deepspeed``, the numerics reference of the
   fused engine), ``kubetune-budget`` (``training.packingMaxExamples: 8``, the baselines' documents
   per step), ``kubetune-fp8`` (``training.precision: fp8``; its speed-up and losses are reported
-  against ``kubetune``, the same run in bf16);
+  against ``kubetune``, the same run in bf16), ``kubetune-saveall`` (the compiled layers save their
+  elementwise results for backward, torch's default, instead of recomputing them: an A/B reference);
 * ``loop``: the product's building blocks in the minimal loop of bench/kubetune_loop.py.
 
 Each (workload, method, side, repeat) runs in its own process, one after the other on the same
@@ -43,7 +44,7 @@ TARGETS = {
     ("instruct", "full", "baseline"): 5.5, ("instruct", "full", "baseline-flat"): 2.5, ("instruct", "lora", "baseline"): 5.0,
 }
 BASELINE_SIDES = ("baseline", "baseline-flat", "baseline-liger")
-KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "kubetune-buffers", "kubetune-fp8", "loop")
+KUBETUNE_SIDES = ("kubetune", "kubetune-deepspeed", "kubetune-budget", "kubetune-buffers", "kubetune-fp8", "kubetune-saveall", "loop")
 SIDES = BASELINE_SIDES + KUBETUNE_SIDES
 
 
@@ -218,6 +219,17 @@ def markdown(report: dict[str, Any]) -> str:
                 pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(losses["steps"], losses["losses"], losses["reference_losses"]))
                 line += f"; loss fp8/bf16 max |diff| {losses['max_abs_diff']:.2e} ({losses['max_rel_diff']:.2e} relative); step: {pairs}"
             lines.append(line)
+    ab = [(row, row.get("saveall_check")) for row in report["rows"] if row.get("saveall_check")]
+    if ab:
+        lines += ["", "Recomputing elementwise results in backward (`kubetune`, the default) against saving them "
+                  "(`kubetune-saveall`, torch's default partitioning), same data, seed and initial weights:", ""]
+        for row, c in ab:
+            st = row["stats"]
+            a, b = st.get("kubetune", {}), st.get("kubetune-saveall", {})
+            pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(c["steps"], c["losses"], c["reference_losses"]))
+            lines.append(f"- {row['workload']} {row['method']}: {_fmt(a.get('tokens_per_s'), ',.0f')} vs "
+                         f"{_fmt(b.get('tokens_per_s'), ',.0f')} tok/s, peak {_fmt(a.get('peak_mem_gib'), '.1f')} vs "
+                         f"{_fmt(b.get('peak_mem_gib'), '.1f')} GiB; loss max |diff| {c['max_abs_diff']:.2e}; step: {pairs}")
     lines += ["", "kubetune = the product trainer (kubetune.trainer.training.Trainer) run from a FineTuneJob, "
               "timed from its own trainer_log.jsonl. Tokens/s count real tokens only; MFU against 989 TFLOP/s "
               "with 6N (full) or 4N (LoRA) + causal attention FLOPs per token (bench/workload.py)."]
@@ -287,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             row["ratios"] = _ratios(row)
             row["loss_check"] = loss_check(row)
             row["fp8_check"] = fp8_check(row)
+            row["saveall_check"] = loss_check(row, "kubetune", "kubetune-saveall")
             rows.append(row)
     import importlib.metadata as md
 
