@@ -40,6 +40,14 @@ from tests.support.apiserver import CrdApiServer, find_binaries
 from tests.support.clusters import Cluster, fresh_namespace_name, write_kubeconfig
 from tests.support.emulating import EmulatorThread
 
+# One CPU thread per torch process, set before any test module imports torch (tests/bench does, at
+# collection): the tests train tiny models in this process, where a second intra-op thread gains
+# nothing and its OpenMP spin-waiting burns the other core. Measured on the 2-core machine, the
+# same tests with 2 threads took 3-4x the CPU seconds (and about twice the wall time under load).
+# Subprocesses inherit it (the trainer tests' trainer_env sets it too); a value given is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 @pytest.fixture(autouse=True)
 def _root_logging_restored() -> Iterator[None]:

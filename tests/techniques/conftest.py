@@ -10,16 +10,12 @@ QA heads) and ``seq2seq`` (T5). :func:`train` runs the real training loop
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.tiny_models import WORDS, tiny_model, word_tokenizer, write_jsonl
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __all__ = ["WORDS", "manifest", "parse", "train", "write_jsonl"]
 
