@@ -131,6 +131,19 @@ def wait(cluster: Cluster, node: LocalNode, probe: Callable[[], Any], what: str,
     return cluster.wait_for(checked, timeout=timeout, interval=0.05, what=what)
 
 
+def signalled_while_stopped(cluster: Cluster, node: LocalNode, run: Any, act: Callable[[], Any]) -> None:
+    """Stop the pod's processes (SIGSTOP), ``act`` (which makes the kubelet send SIGTERM), wait until
+    the kubelet has sent it, then let the processes go on (SIGCONT): the trainer meets the SIGTERM at
+    the step it was stopped at, however fast it trains and however late a loaded machine lets this
+    test see its progress (under load the run used to reach its last step before the SIGTERM)."""
+    node.kill(run, signal.SIGSTOP)
+    try:
+        act()
+        wait(cluster, node, lambda: run.sigterm_at is not None, "the kubelet's SIGTERM", timeout=60)
+    finally:
+        node.kill(run, signal.SIGCONT)
+
+
 def wait_phase(cluster: Cluster, node: LocalNode, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         status = ftj_status(cluster, name)
@@ -342,10 +355,12 @@ def test_suspend_checkpoints_on_sigterm_and_resume_continues_from_it(
                                             "data.eval": None}))
     wait(cluster, node, lambda: (ftj_status(cluster, "pause").get("progress") or {}).get("step", 0) >= 1,
          "training to start")
-    cluster.patch(*FTJ, "pause", {"spec": {"runPolicy": {"suspend": True}}})
+    [first] = node.pods_of("pause")
+    signalled_while_stopped(cluster, node, first,
+                            lambda: cluster.patch(*FTJ, "pause", {"spec": {"runPolicy": {"suspend": True}}}))
 
     suspended = wait_phase(cluster, node, "pause", "Suspended")
-    [first] = node.pods_of("pause")
+    assert node.pods_of("pause") == [first]
     wait(cluster, node, lambda: not first.alive, "the pod to stop", timeout=60)
     assert first.exit_code == EXIT_TERMINATED, first.log()[-3000:]
     wait(cluster, node, lambda: cluster.find("v1", "Pod", first.name) is None, "the pod to be removed")
@@ -388,7 +403,9 @@ def test_a_deleted_job_comes_back_and_training_resumes_from_its_checkpoint(
     wait(cluster, node, lambda: (ftj_status(cluster, "deleted").get("progress") or {}).get("step", 0) >= 1,
          "training to start")
     old_uid = cluster.get("batch/v1", "Job", "deleted")["metadata"]["uid"]
-    cluster.delete("batch/v1", "Job", "deleted", propagation_policy="Background")  # what kubectl delete job does
+    [running] = node.pods_of("deleted")
+    signalled_while_stopped(cluster, node, running, lambda: cluster.delete(  # what kubectl delete job does
+        "batch/v1", "Job", "deleted", propagation_policy="Background"))
     [first] = wait(cluster, node, lambda: (p := node.pods_of("deleted")) and not p[0].alive and p, "the pod to stop", timeout=60)
     assert first.exit_code == EXIT_TERMINATED, first.log()[-3000:]
     saved = wait(cluster, node, lambda: ftj_status(cluster, "deleted").get("latestCheckpoint"), "the SIGTERM checkpoint")
