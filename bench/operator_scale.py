@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -125,6 +126,15 @@ def _counting_emulator_class() -> type:
     return CountingEmulator
 
 
+#: Seconds between two ``gc.freeze()`` of the emulator process. The emulator keeps every version of
+#: every object for the whole run (watch streams replay from any resourceVersion), a heap that only
+#: grows: at N = 3000 each full collection of CPython's cyclic garbage collector scanned all of it
+#: for ~2.5 s of CPU, during which the API server answered nobody (a real API server, in Go, collects
+#: concurrently). Frozen objects are left out of every later collection; what the emulator stored is
+#: never garbage, and the little cyclic garbage alive at a freeze stays until the process ends.
+EMULATOR_FREEZE_EVERY = 1.0
+
+
 def serve_emulator(conn: Any, port: int) -> None:
     """Child process: run the emulator on ``port``; answer 'stats' and 'stop' over ``conn``."""
     sys.path.insert(0, str(REPO))
@@ -142,6 +152,9 @@ def serve_emulator(conn: Any, port: int) -> None:
     thread.start()
     conn.send(thread.url)
     while True:
+        if not conn.poll(EMULATOR_FREEZE_EVERY):
+            gc.freeze()  # what the emulator stored so far (see EMULATOR_FREEZE_EVERY)
+            continue
         command = conn.recv()
         if command == "stats":
             counts = thread.call(lambda: dict(thread.emulator.counts))  # type: ignore[union-attr]
@@ -396,6 +409,7 @@ class Run:
         self.phase_seen: dict[str, dict[str, float]] = {name: {} for name in self.names}
         self.changed = asyncio.Event()
         self.controller_errors: list[str] = []
+        self.lags: list[float] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _ns(self, group: str, version: str, plural: str, name: str = "", sub: str = "") -> str:
@@ -526,9 +540,61 @@ class Run:
                 await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
         return True
 
+    async def loop_lag(self, every: float = 0.01) -> None:
+        """How late this process's event loop wakes from a short sleep (its clocks are stamped there)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(every)
+            self.lags.append(max(0.0, loop.time() - before - every))
+
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _commit() -> str | None:
+    """The checkout's commit (a ``+`` when it has uncommitted changes), for the result file."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+" if dirty else "")
+    return None
+
+
+def _phase_sample(operator: OperatorProcess, emulator: EmulatorProcess | None) -> dict[str, float | None]:
+    """CPU seconds so far of the operator, the emulator (None on a real cluster) and this process."""
+    own = os.times()
+    return {"operator": operator.usage()["cpu_seconds"],
+            "emulator": emulator.stats()["cpu_seconds"] if emulator else None,
+            "bench": own.user + own.system}
+
+
+def completion_report(run: Run, started: float, sent: float, finished: float,
+                      before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
+    """The completion phase alone (from every FineTuneJob Running to every one Succeeded): its length,
+    each process's CPU per completed job, how far this process's event loop lagged (its clocks are
+    stamped there), and complete → Succeeded by the order in which the bench completed the Jobs (ten
+    slices: flat means a constant delay, rising means a backlog that grows through the burst)."""
+    n = max(1, len(run.completed))
+    cpu = {name: (round(1000 * (after[name] - before[name]) / n, 2)  # type: ignore[operator]
+                  if before[name] is not None and after[name] is not None else None) for name in before}
+    order = sorted(run.completed, key=run.completed.__getitem__)
+    latencies = [run.phase_seen[name]["Succeeded"] - run.completed[name] for name in order
+                 if "Succeeded" in run.phase_seen[name]]
+    slices = [latencies[len(latencies) * i // 10: len(latencies) * (i + 1) // 10] for i in range(10)]
+    return {
+        "phase_s": round(finished - started, 2),
+        "monotonic_start_end": [round(started, 3), round(finished, 3)],
+        "completions_sent_s": round(sent - started, 2),
+        "cpu_ms_per_job": cpu,
+        "bench_loop_lag_s": {"p50": percentile(run.lags, 50), "p99": percentile(run.lags, 99),
+                             "max": percentile(run.lags, 100)},
+        "latency_by_completion_order_s": [
+            {"mean": round(sum(part) / len(part), 3), "max": round(max(part), 3)} if part else None for part in slices],
+    }
 
 
 def requests_table(counts: Counter[tuple[str, str]], n: int) -> dict[str, Any]:
@@ -585,7 +651,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     namespace = args.namespace or f"opscale-{uuid.uuid4().hex[:6]}"
     operator: OperatorProcess | None = None
     result: dict[str, Any] = {"n": args.n, "api_server": "real (--kubeconfig)" if args.kubeconfig else "emulator",
-                              "date": now_iso(), "cpus": os.cpu_count(), "namespace": namespace}
+                              "date": now_iso(), "cpus": os.cpu_count(), "namespace": namespace,
+                              "commit": _commit(), "load_before": list(os.getloadavg())}
     try:
         async with Api(kubeconfig) as api:
             await api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
@@ -608,11 +675,21 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             await run.drain()
             all_running = await run.wait("phase Running everywhere",
                                          lambda: all("Running" in s for s in run.phase_seen.values()), args.timeout)
+            # What this process holds now (every Job, every clock) lives to the end: out of the
+            # collector's way, so no full collection here delays the clocks of the completions.
+            gc.collect()
+            gc.freeze()
             running_at = time.monotonic()
+            phase_start = _phase_sample(operator, emulator)
+            lag = asyncio.create_task(run.loop_lag())
             await asyncio.gather(*(run.complete_job(name) for name in run.names if name in run.jobs))
+            completions_sent = time.monotonic()
             all_done = await run.wait("phase Succeeded everywhere",
                                       lambda: all("Succeeded" in run.phase_seen[n] for n in run.completed), args.timeout)
             finished = time.monotonic()
+            phase_end = _phase_sample(operator, emulator)
+            gc.unfreeze()
+            lag.cancel()
             await asyncio.sleep(args.settle)  # late writes of the operator count too
             after_usage = operator.usage()
             after = emulator.stats() if emulator else None
@@ -660,6 +737,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "errors": {"operator_log": len(errors), "api": failures, "controller": run.controller_errors,
                            "examples": errors[:5]},
                 "lost": lost,
+                "load_after": list(os.getloadavg()),
+                "completion": completion_report(run, running_at, completions_sent, finished, phase_start, phase_end),
                 "complete": bool(all_jobs and all_running and all_done),
             })
             return result

@@ -36,6 +36,16 @@ def test_small_run_completes_and_counts_every_write() -> None:
     assert result["api"]["writes_per_lifecycle"] == 11.0, per
     for key in ("create_to_job_s", "last_create_to_job_s", "complete_to_succeeded_s"):
         assert result[key]["p99"] is not None and result[key]["p99"] >= result[key]["p50"] >= 0
+    # The completion phase on its own: each process's CPU per completed Job, and the delays by the
+    # order the Jobs were completed in (3 Jobs fill 3 of the 10 slices).
+    completion = result["completion"]
+    assert completion["phase_s"] >= completion["completions_sent_s"] >= 0
+    cpu = completion["cpu_ms_per_job"]
+    assert cpu["operator"] > 0 and cpu["emulator"] > 0 and cpu["bench"] >= 0, cpu
+    slices = completion["latency_by_completion_order_s"]
+    assert len(slices) == 10 and sum(part is not None for part in slices) == 3, slices
+    assert abs(max(part["max"] for part in slices if part) - result["complete_to_succeeded_s"]["max"]) < 1e-3
+    assert len(result["load_before"]) == 3 and len(result["load_after"]) == 3
 
 
 def test_percentile_is_nearest_rank() -> None:
