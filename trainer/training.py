@@ -653,6 +653,7 @@ def _compile(engine: Any, dynamic: bool | None = None) -> None:
     length can add a third graph; a tiny Llama's layers on CPU, 12 packs of 8 documents, compiled
     3 graphs in 121 s by default and 2 in 32 s with ``dynamic=True``.
     """
+    _tangents_like_outputs()
     model = engine.module
     get_decoder = getattr(model, "get_decoder", None)
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
@@ -663,6 +664,26 @@ def _compile(engine: Any, dynamic: bool | None = None) -> None:
         engine.compile()
     else:  # DeepSpeed's engine.compile takes its own arguments; the module's takes torch.compile's
         engine.module.compile(dynamic=dynamic)
+
+
+def _tangents_like_outputs() -> None:
+    """Have AOTAutograd expect each incoming gradient laid out like its forward output.
+
+    The packed attention call is kept out of the compiled graphs (:mod:`kubetune.trainer.attention`),
+    so each layer's graph ends with q/k/v as transformers shapes them ([B, H, S, D] views of
+    token-major projections) and their gradients come back in that same layout. Where torch guesses
+    gradients contiguous (``torch._functorch.config.guess_tangent_strides_as_outputs`` off: torch
+    2.11's default), it copies each of them before the compiled backward: 3 per layer, 48 copies and
+    ~2.5 ms per step of a 16-layer 1B model on an H100 (bench/README.md). Guessing "like the output"
+    (torch 2.13's default outside fbcode) needs no copy. ``KUBETUNE_COMPILE_TANGENTS=torch`` leaves
+    torch's own setting (A/B). Dynamic shapes still get the contiguous guess (torch's rule).
+    """
+    if os.environ.get("KUBETUNE_COMPILE_TANGENTS", "outputs") == "torch":
+        return
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "guess_tangent_strides_as_outputs"):
+        functorch_config.guess_tangent_strides_as_outputs = True
 
 
 def _overrides(technique: Any, hook: str) -> bool:
