@@ -37,7 +37,7 @@ case "${1:-}" in
     python3 -m bench.throughput --workloads fixed --methods full --sides kubetune,kubetune-fp8 \
       --repeats 1 --steps $S --warmup $W --out "$OUT" --tag fp8 2>&1 | quiet fp8 ;;
   ab)  # the product trainer against itself, fixed full, once each: as is, then once per AB item 'label:VAR=value,VAR=value'
-        # (e.g. AB='before:KUBETUNE_ATTN_LAYOUT=bhsd,KUBETUNE_LOSS_CHUNK_MEM=1'), interleaved REPEATS times; ~40 s a run
+        # (e.g. AB='after:KUBETUNE_COMPILE_TANGENTS=outputs,KUBETUNE_LOSS_CHUNK_MEM=8'), interleaved REPEATS times; ~40 s a run
     for r in $(seq "$R"); do
       python3 -m bench.throughput --workloads fixed --methods full --sides kubetune --repeats 1 --steps $S --warmup $W \
         --out "$OUT/default-$r" --tag ab-default 2>&1 | quiet ab-default 12

@@ -48,11 +48,11 @@ def test_unknown_backend_is_named():
         linear_cross_entropy(torch.randn(2, 2), torch.randn(3, 2), torch.zeros(2, dtype=torch.long), backend="triton")
 
 
-def test_liger_gets_the_larger_chunks_where_it_takes_them(monkeypatch):
-    # Liger's default chunk (chunk_mem_const=1) is 512 tokens at a 128k vocabulary and a 2048 hidden
-    # size; the trainer asks for 8x that (bench/README.md: fewer, larger weight-gradient products).
-    # Liger without the argument (before 0.8) is called as before. The GPU numbers of each chunk size
-    # against plain logits are bench/gpu_check.py's `loss` part.
+def test_liger_chunk_size_is_passed_where_liger_takes_it(monkeypatch):
+    # KUBETUNE_LOSS_CHUNK_MEM sets Liger's chunk_mem_const (its chunk is 512 tokens at 1 for a 128k
+    # vocabulary and a 2048 hidden size, 2,048 at 8); the default is Liger's own, 1. Liger without the
+    # argument (before 0.8) is called as before. The GPU numbers of each chunk size against plain
+    # logits are bench/gpu_check.py's `loss` part.
     from kubetune.trainer import kernels
 
     calls = []
@@ -70,6 +70,6 @@ def test_liger_gets_the_larger_chunks_where_it_takes_them(monkeypatch):
         monkeypatch.setattr(kernels, "_liger_flce", fake)
         linear_cross_entropy(*args, backend="liger")
     monkeypatch.setattr(kernels, "_liger_flce", new_liger)
-    monkeypatch.setattr(kernels, "LIGER_CHUNK_MEM", 1)  # KUBETUNE_LOSS_CHUNK_MEM=1: Liger's own default
+    monkeypatch.setattr(kernels, "LIGER_CHUNK_MEM", 8)  # KUBETUNE_LOSS_CHUNK_MEM=8
     linear_cross_entropy(*args, backend="liger")
-    assert calls == [8, None, 1]
+    assert calls == [1, None, 8]

@@ -101,9 +101,10 @@ def test_compiled_layers_take_attention_gradients_without_copies(monkeypatch, se
     # The packed attention call stays out of the per-layer graphs, so q/k/v leave each layer's first
     # graph as transformers' [B, H, S, D] views and their gradients come back in that layout. With
     # torch 2.11's default guess (contiguous) AOTAutograd copied each one before the compiled
-    # backward: 3 per layer (48 copies per step of a 16-layer model on an H100). The trainer's compile
-    # has it expect them laid out like the outputs; KUBETUNE_COMPILE_TANGENTS=torch (the A/B switch)
-    # leaves torch's guess, here set to 2.11's, and the copies come back. Equal-length documents take
+    # backward: 3 per layer (48 copies per step of a 16-layer model on an H100).
+    # KUBETUNE_COMPILE_TANGENTS=outputs has the trainer's compile make it expect them laid out like the
+    # outputs (opt-in until measured on a GPU); the default leaves torch's guess, here set to 2.11's,
+    # and the copies stay. Numerics are the same either way. Equal-length documents take
     # the cuDNN path on a GPU; SDPA's math backend stands in for it on CPU (same call and views);
     # aot_eager stands in for inductor (the copies are AOTAutograd's, before either).
     import torch._functorch.config as functorch_config
