@@ -1,6 +1,6 @@
 """GPU-side correctness and speed check of the packed-attention and loss kernels (run before timing).
 
-    python -m bench.gpu_check
+    python -m bench.gpu_check [uniform|attention|loss ...]
 
 Compares, on random bf16 data: the flash varlen path of ``kubetune_packed`` attention against its
 exact block-mask SDPA fallback (outputs and gradients), and the fused loss backends (Liger, chunked)
@@ -65,10 +65,17 @@ def check_loss() -> None:
     t = torch.randint(0, vocab, (n,), device="cuda")
     t[::7] = -100
     results = {}
-    for backend in ("torch", "chunked", "liger"):
-        if backend == "liger" and not kernels.liger_available():
-            print("liger not importable")
-            continue
+    # Liger at several chunk sizes (chunk_mem_const: its default 1, and the trainer's, kernels.LIGER_CHUNK_MEM)
+    variants = [("torch", {}), ("chunked", {})]
+    if kernels.liger_available():
+        if kernels._liger_kwargs(kernels._liger_flce):
+            variants += [(f"liger-{c}", {"chunk_mem_const": c}) for c in (1, 4, 8, 16)]
+        else:
+            variants += [("liger", {})]
+    else:
+        print("liger not importable")
+    for name, extra in variants:
+        backend = name.split("-")[0]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -76,13 +83,16 @@ def check_loss() -> None:
             if i == 1:
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-            loss = kernels.linear_cross_entropy(h, w, t, backend=backend)
+            if extra:
+                loss = kernels._liger_flce(h, w, t, ignore_index=-100, **extra)
+            else:
+                loss = kernels.linear_cross_entropy(h, w, t, backend=backend)
             gh, gw = torch.autograd.grad(loss, [h, w])
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) / 3 * 1e3
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        results[backend] = (loss.detach(), gh, gw)
-        print(f"loss {backend:8s}: {loss.item():.5f}  {ms:7.2f} ms fwd+bwd  extra peak {peak:.2f} GiB")
+        results[name] = (loss.detach(), gh, gw)
+        print(f"loss {name:8s}: {loss.item():.5f}  {ms:7.2f} ms fwd+bwd  extra peak {peak:.2f} GiB")
     ref = results["torch"]
     for backend, (lo, gh, gw) in results.items():
         print(f"  {backend} vs torch: loss rel {rel(lo, ref[0]):.1e}, dh rel {rel(gh, ref[1]):.1e}, dW rel {rel(gw, ref[2]):.1e}")
@@ -138,7 +148,9 @@ def check_uniform_attention() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     print(torch.__version__, torch.cuda.get_device_name(0))
-    check_uniform_attention()
-    check_attention()
-    check_loss()
+    parts = sys.argv[1:] or ["uniform", "attention", "loss"]  # e.g. `python -m bench.gpu_check loss`
+    for part in parts:
+        {"uniform": check_uniform_attention, "attention": check_attention, "loss": check_loss}[part]()

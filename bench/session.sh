@@ -8,6 +8,7 @@
 #                saving them (kubetune-saveall, torch's default), fixed full, once each (~1.5 min); for instruct-like data
 #                KUBETUNE_EXTRA_SIDES=kubetune-saveall bash bench/session.sh instruct.
 # PART fp8:      training.precision fp8 (torchao float8 linear layers) against the same trainer in bf16, fixed full.
+# PART ab:       the product trainer against itself with environment switches (AB=..., below), fixed full.
 # Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
 set -u
 # .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
@@ -43,8 +44,19 @@ case "${1:-}" in
     grep -q '"tokens_per_s": [0-9]' "$OUT"/tiny/*-fp8-tiny.json || { echo "fp8 smoke failed" >&2; exit 1; }
     python3 -m bench.throughput --workloads fixed --methods full --sides kubetune,kubetune-fp8 \
       --repeats 1 --steps $S --warmup $W --out "$OUT" --tag fp8 2>&1 | quiet fp8 ;;
+  ab)  # the product trainer against itself, fixed full, once each: as is, then once per AB item 'label:VAR=value,VAR=value'
+        # (e.g. AB='after:KUBETUNE_COMPILE_TANGENTS=outputs,KUBETUNE_LOSS_CHUNK_MEM=8'), interleaved REPEATS times; ~40 s a run
+    for r in $(seq "$R"); do
+      python3 -m bench.throughput --workloads fixed --methods full --sides kubetune --repeats 1 --steps $S --warmup $W \
+        --out "$OUT/default-$r" --tag ab-default 2>&1 | quiet ab-default 12
+      for item in ${AB:-}; do
+        label=${item%%:*}; vars=${item#*:}
+        env ${vars//,/ } python3 -m bench.throughput --workloads fixed --methods full --sides kubetune --repeats 1 \
+          --steps $S --warmup $W --out "$OUT/$label-$r" --tag "ab-$label" 2>&1 | quiet "ab-$label" 12
+      done
+    done ;;
   all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
     bash "$0" fixed; bash "$0" instruct ;;
-  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|ab|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

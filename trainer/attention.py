@@ -130,6 +130,10 @@ def _flash_varlen(
     )
 
 
+# The backends the equal-length path may use; tests put SDPA's MATH here to run the same path on CPU.
+_UNIFORM_BACKENDS: list[Any] | None = None
+
+
 @torch.compiler.disable
 def _uniform_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_docs: int, length: int, scale: float
@@ -145,7 +149,7 @@ def _uniform_sdpa(
         return t.transpose(1, 2).reshape(n_docs, length, t.shape[1], head_dim).transpose(1, 2)
 
     try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION] if _UNIFORM_BACKENDS is None else _UNIFORM_BACKENDS):
             out = F.scaled_dot_product_attention(
                 per_doc(query), per_doc(key), per_doc(value), is_causal=True, scale=scale,
                 enable_gqa=key.shape[1] != heads,

@@ -34,6 +34,25 @@ try:
 except Exception:  # pragma: no cover - optional GPU dependency (ImportError, or triton missing)
     _liger_flce = None
 
+# Liger sizes its token chunks so that one chunk's logits hold about chunk_mem_const x (tokens x
+# hidden) values; its default, 1, gives 512-token chunks for a 16k-token micro-batch and a 128k
+# vocabulary: 32 chunks, each adding its [V, 512] x [512, d] product into the bf16 weight gradient,
+# which reads and writes the whole 128k x d gradient 32 times (the H100 profile of 2026-12-06: 17 ms
+# of such products per step for ~9 ms of arithmetic at peak). KUBETUNE_LOSS_CHUNK_MEM=8 gives
+# 2,048-token chunks (a 0.5 GiB logits buffer there instead of 128 MiB). The default stays Liger's
+# own, 1, until a GPU A/B shows 8 faster (not measured yet: no device time, 2026-12-06);
+# bench/gpu_check.py's `loss` part times chunk sizes 1, 4, 8, 16 against plain logits. Liger
+# without the argument (before 0.8) gets its default.
+LIGER_CHUNK_MEM = int(os.environ.get("KUBETUNE_LOSS_CHUNK_MEM", "1"))
+
+
+def _liger_kwargs(fn: Any) -> dict[str, int]:
+    import inspect
+
+    if fn is None or "chunk_mem_const" not in inspect.signature(fn).parameters:
+        return {}
+    return {"chunk_mem_const": LIGER_CHUNK_MEM}
+
 
 def liger_available() -> bool:
     return _liger_flce is not None
@@ -128,7 +147,7 @@ def linear_cross_entropy(
     if backend == "liger":
         if _liger_flce is None:
             raise RuntimeError("backend 'liger' asked for, but liger_kernel is not importable")
-        return _liger_flce(hidden, weight, target, bias=bias, ignore_index=ignore_index)
+        return _liger_flce(hidden, weight, target, bias=bias, ignore_index=ignore_index, **_liger_kwargs(_liger_flce))
     if backend == "torch":
         logits = F.linear(hidden, weight, bias).float()
         return F.cross_entropy(logits, target, ignore_index=ignore_index)

@@ -659,6 +659,7 @@ def _compile(engine: Any, dynamic: bool | None = None) -> None:
     """
     if os.environ.get("KUBETUNE_COMPILE_SAVE_ALL", "") != "1":
         recompute_elementwise_in_backward()
+    _tangents_like_outputs()
     model = engine.module
     get_decoder = getattr(model, "get_decoder", None)
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
@@ -687,6 +688,29 @@ def recompute_elementwise_in_backward() -> None:
 
     if hasattr(functorch_config, "ban_recompute_materialized_backward"):
         functorch_config.ban_recompute_materialized_backward = False
+
+
+def _tangents_like_outputs() -> None:
+    """Have AOTAutograd expect each incoming gradient laid out like its forward output.
+
+    The packed attention call is kept out of the compiled graphs (:mod:`kubetune.trainer.attention`),
+    so each layer's graph ends with q/k/v as transformers shapes them ([B, H, S, D] views of
+    token-major projections) and their gradients come back in that same layout. Where torch guesses
+    gradients contiguous (``torch._functorch.config.guess_tangent_strides_as_outputs`` off: torch
+    2.11's default), it copies each of them before the compiled backward: 3 per layer, 48 copies and
+    ~2.5 ms per step of a 16-layer 1B model on an H100 (bench/README.md). Guessing "like the output"
+    (torch 2.13's default outside fbcode) needs no copy: on CPU, with 2.11's guess emulated, a tiny
+    Llama's compiled layers make 3 copies per layer without it and none with it
+    (tests/trainer/test_speed_paths.py). Opt-in, ``KUBETUNE_COMPILE_TANGENTS=outputs``, until a GPU
+    A/B shows the step faster (not measured yet: no device time, 2026-12-06); the default leaves
+    torch's own setting. Dynamic shapes still get the contiguous guess (torch's rule).
+    """
+    if os.environ.get("KUBETUNE_COMPILE_TANGENTS", "torch") != "outputs":
+        return
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "guess_tangent_strides_as_outputs"):
+        functorch_config.guess_tangent_strides_as_outputs = True
 
 
 def _overrides(technique: Any, hook: str) -> bool:

@@ -46,3 +46,30 @@ def test_all_ignored_gives_zero_loss_not_nan():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="backend: must be one of auto, liger, chunked, torch, got 'triton'"):
         linear_cross_entropy(torch.randn(2, 2), torch.randn(3, 2), torch.zeros(2, dtype=torch.long), backend="triton")
+
+
+def test_liger_chunk_size_is_passed_where_liger_takes_it(monkeypatch):
+    # KUBETUNE_LOSS_CHUNK_MEM sets Liger's chunk_mem_const (its chunk is 512 tokens at 1 for a 128k
+    # vocabulary and a 2048 hidden size, 2,048 at 8); the default is Liger's own, 1. Liger without the
+    # argument (before 0.8) is called as before. The GPU numbers of each chunk size against plain
+    # logits are bench/gpu_check.py's `loss` part.
+    from kubetune.trainer import kernels
+
+    calls = []
+
+    def new_liger(hidden, weight, target, bias=None, ignore_index=-100, chunk_mem_const=1):
+        calls.append(chunk_mem_const)
+        return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index)
+
+    def old_liger(hidden, weight, target, bias=None, ignore_index=-100):
+        calls.append(None)
+        return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index)
+
+    args = (torch.randn(6, 4), torch.randn(10, 4), torch.randint(0, 10, (6,)))
+    for fake in (new_liger, old_liger):
+        monkeypatch.setattr(kernels, "_liger_flce", fake)
+        linear_cross_entropy(*args, backend="liger")
+    monkeypatch.setattr(kernels, "_liger_flce", new_liger)
+    monkeypatch.setattr(kernels, "LIGER_CHUNK_MEM", 8)  # KUBETUNE_LOSS_CHUNK_MEM=8
+    linear_cross_entropy(*args, backend="liger")
+    assert calls == [1, None, 8]

@@ -9,6 +9,7 @@ tests run both on CPU with a tiny Llama.
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -93,3 +94,60 @@ def test_norm_check_is_not_applied_where_deepspeed_scans_differently(stage):
     init_distributed(False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
     assert use_norm_overflow_check(engine) is False
+
+
+@pytest.mark.parametrize("setting", ["outputs", "torch"])
+def test_compiled_layers_take_attention_gradients_without_copies(monkeypatch, setting):
+    # The packed attention call stays out of the per-layer graphs, so q/k/v leave each layer's first
+    # graph as transformers' [B, H, S, D] views and their gradients come back in that layout. With
+    # torch 2.11's default guess (contiguous) AOTAutograd copied each one before the compiled
+    # backward: 3 per layer (48 copies per step of a 16-layer model on an H100).
+    # KUBETUNE_COMPILE_TANGENTS=outputs has the trainer's compile make it expect them laid out like the
+    # outputs (opt-in until measured on a GPU); the default leaves torch's guess, here set to 2.11's,
+    # and the copies stay. Numerics are the same either way. Equal-length documents take
+    # the cuDNN path on a GPU; SDPA's math backend stands in for it on CPU (same call and views);
+    # aot_eager stands in for inductor (the copies are AOTAutograd's, before either).
+    import torch._functorch.config as functorch_config
+    from torch.nn.attention import SDPBackend
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubetune.trainer import attention
+    from kubetune.trainer.kernels import causal_lm_loss
+    from kubetune.trainer.packing import PackedCollator, model_inputs
+    from kubetune.trainer.training import _compile
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("KUBETUNE_COMPILE_TANGENTS", setting)
+    monkeypatch.setattr(attention, "varlen_available", lambda tensor: True)
+    monkeypatch.setattr(attention, "_UNIFORM_BACKENDS", [SDPBackend.MATH])
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager", **kw))
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )).train()
+    attention.enable_packed_attention(model)
+    g = torch.Generator().manual_seed(1)
+    docs = [{"input_ids": (ids := torch.randint(0, 96, (32,), generator=g).tolist()), "labels": ids} for _ in range(4)]
+    inputs = model_inputs(PackedCollator(128)(docs))
+    eager = causal_lm_loss(model, backend="chunked", **inputs)
+    eager.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with functorch_config.patch(guess_tangent_strides_as_outputs=False):  # torch 2.11's default
+        _compile(types.SimpleNamespace(module=model))
+        try:
+            causal_lm_loss(model, backend="chunked", **inputs).backward()  # compiles
+            model.zero_grad()
+            with torch.profiler.profile() as prof:
+                loss = causal_lm_loss(model, backend="chunked", **inputs)
+                loss.backward()
+        finally:
+            torch._dynamo.reset()
+    copies = sum(e.count for e in prof.key_averages() if e.key == "aten::contiguous")
+    assert copies == (0 if setting == "outputs" else 3 * model.config.num_hidden_layers)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
