@@ -21,6 +21,7 @@ calls, so the same kopf settings apply however the handlers are loaded (CLI, ``k
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import tempfile
 from collections import Counter
@@ -102,6 +103,24 @@ def track_phase(uid: str | None, phase: str | None, *, deleted: bool = False) ->
     metrics.set_jobs_by_phase(+_counts)
 
 
+#: Allocations between two collections of the youngest generation (Python's default: 700), and the
+#: collections of one generation between two of the next (defaults 10, 10).
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_garbage_collector() -> None:
+    """Less of the operator's CPU in Python's cyclic garbage collector, which was ~21% of it
+    (N = 500, ``gc.callbacks``): with the default thresholds it ran ~1,300 times, and its full
+    collections each walked every object the process holds, the imported modules included.
+    Everything loaded until now is frozen (never walked again: modules, classes, the CRD models),
+    and the young generation is collected after :data:`GC_THRESHOLDS` allocations instead of 700,
+    so most of the per-event objects are gone (reference counting) before a collection looks at
+    them. Cyclic garbage waits a little longer for its collection: a few MB of peak RSS."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def operator_main(args: argparse.Namespace) -> int:
     """Run the operator until interrupted."""
     overrides: dict[str, Any] = {
@@ -130,6 +149,8 @@ def operator_main(args: argparse.Namespace) -> int:
     # A plain registry: kopf's default one imports every client library it finds to offer fallback logins.
     kopf.set_default_registry(kopf.OperatorRegistry())
     from kubetune.operator import handlers  # noqa: F401 — registers the handlers
+
+    tune_garbage_collector()
 
     kopf.run(
         clusterwide=not settings.namespaces,
