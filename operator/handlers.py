@@ -160,16 +160,17 @@ _CHILD_LABELS = tuple(hook.CHILD_LABEL for hook in arranging.arrangers().values(
 
 
 def absorb_own_write(resource: Any, raw_event: Mapping[str, Any]) -> bool:
-    """A FineTuneJob event that is this operator's own last status write coming back (its
-    resourceVersion is the one the write returned): noted here as ``count_phases`` would, and kept
-    from kopf (``watching``: 3 of the ~14 events of a lifecycle). Not when ``count_phases`` would do
-    more (an early stop to show) or the job is a run another handler follows (``follow_runs``)."""
+    """A FineTuneJob event that is one of this operator's own status writes coming back (its
+    resourceVersion is one a write returned, ``statusing.take_echo``): noted here as ``count_phases``
+    would, and kept from kopf (``watching``: 3 of the 13 events of a lifecycle). Not when
+    ``count_phases`` would do more (an early stop to show) or the job is a run another handler
+    follows (``follow_runs``)."""
     if resource.plural != PLURAL or resource.group != GROUP:
         return False
     body = raw_event.get("object") or {}
     meta = body.get("metadata") or {}
-    mine = statusing.written().get((meta.get("namespace") or "default", meta.get("name") or ""))
-    if mine is None or not meta.get("resourceVersion") or mine["metadata"].get("resourceVersion") != meta["resourceVersion"]:
+    version = meta.get("resourceVersion")
+    if not version or not statusing.take_echo(meta.get("namespace") or "default", meta.get("name") or "", version):
         return False
     labels = meta.get("labels") or {}
     if any(label in labels for label in _CHILD_LABELS) or statusing.stop_not_shown(body):

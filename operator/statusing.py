@@ -47,6 +47,13 @@ _written: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[indexing.Key
 )
 
 
+# The resourceVersions of this operator's status writes whose watch events have not come back yet
+# (``watching`` keeps those events from kopf: :func:`take_echo`). Per event loop, as the locks.
+_echoes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[indexing.Key, set[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _lock(namespace: str, name: str) -> asyncio.Lock:
     locks: defaultdict[tuple[str, str], asyncio.Lock] = indexing.per_loop(_locks, lambda: defaultdict(asyncio.Lock))
     return locks[(namespace, name)]
@@ -58,9 +65,19 @@ def written() -> dict[indexing.Key, dict[str, Any]]:
     return found
 
 
+def take_echo(namespace: str, name: str, resource_version: str) -> bool:
+    """Whether this version of the FineTuneJob is one of our own status writes coming back (once each)."""
+    pending = indexing.per_loop(_echoes, dict).get((namespace, name))
+    if pending is None or resource_version not in pending:
+        return False
+    pending.discard(resource_version)
+    return True
+
+
 def forget(namespace: str, name: str) -> None:
     """The FineTuneJob is gone: drop what we remember of it (its lock goes with the last waiter)."""
     written().pop((namespace, name), None)
+    indexing.per_loop(_echoes, dict).pop((namespace, name), None)
     locks = _locks.get(asyncio.get_running_loop())
     lock = locks.get((namespace, name)) if locks is not None else None
     if lock is not None and not lock.locked():
@@ -174,6 +191,10 @@ async def write_status(ftj: dict[str, Any], patch: dict[str, Any], *, guarded: b
     result = await kubeapi.patch("FineTuneJob", namespace, meta["name"], body, subresource="status")
     if result is not None:
         written()[(namespace, meta["name"])] = indexing.finetunejob_entry(result)
+        version = (result.get("metadata") or {}).get("resourceVersion")
+        if version:
+            echoes: dict[indexing.Key, set[str]] = indexing.per_loop(_echoes, dict)
+            echoes.setdefault((namespace, meta["name"]), set()).add(version)
     return result
 
 

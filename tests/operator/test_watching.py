@@ -17,7 +17,7 @@ from kopf._cogs.clients import api as kopf_api
 from kopf._cogs.clients import watching as kopf_watching
 
 from kubetune.api import ConditionType
-from kubetune.operator import decoding, metrics, naming, watching
+from kubetune.operator import decoding, kubeapi, metrics, naming, statusing, watching
 from tests.operator.operating import JobController, condition, manifest, wait_event, wait_phase
 from tests.operator.test_writes import operator_writes
 from tests.support.clusters import Cluster
@@ -178,3 +178,26 @@ def test_the_operators_own_status_writes_are_absorbed_with_nothing_else_changed(
     assert absorbed == ["Initializing", "Running", "Succeeded"], absorbed
     assert writes["patch finetunejobs/status"] == 3 and writes["create events"] == 2, writes
     assert writes["patch finetunejobs"] == 0, writes
+
+
+def test_every_own_write_is_recognised_once_even_after_a_newer_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lagging operator writes Running and Succeeded before the first write's event comes back:
+    # both events are its own writes, each recognised once; a version it did not write is not.
+    versions = iter(["11", "12", "13"])
+
+    async def patch(kind: str, namespace: str, name: str, body: Any, subresource: str | None = None) -> Any:
+        return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": next(versions)},
+                "status": body["status"]}
+
+    monkeypatch.setattr(kubeapi, "patch", patch)
+    ftj = {"metadata": {"name": "lagging", "namespace": "ns", "resourceVersion": "10"}}
+
+    async def play() -> list[bool]:
+        await statusing.write_status(ftj, {"phase": "Running"}, guarded=False)
+        await statusing.write_status(ftj, {"phase": "Succeeded"}, guarded=False)
+        taken = [statusing.take_echo("ns", "lagging", v) for v in ("10", "11", "11", "12")]
+        await statusing.write_status(ftj, {"phase": "Failed"}, guarded=False)
+        statusing.forget("ns", "lagging")  # deleted: its writes still to come back are forgotten
+        return [*taken, statusing.take_echo("ns", "lagging", "13")]
+
+    assert asyncio.run(play()) == [False, True, False, True, False]
