@@ -66,12 +66,20 @@ def written() -> dict[indexing.Key, dict[str, Any]]:
 
 
 def take_echo(namespace: str, name: str, resource_version: str) -> bool:
-    """Whether this version of the FineTuneJob is one of our own status writes coming back (once each)."""
-    pending = indexing.per_loop(_echoes, dict).get((namespace, name))
-    if pending is None or resource_version not in pending:
+    """Whether this version of the FineTuneJob is one of our own status writes coming back (once
+    each). A watch delivers versions in order, so the writes older than this version have come back
+    already (or came before their write was recorded, when the event won the race with the
+    write's answer): they are forgotten."""
+    echoes: dict[indexing.Key, set[str]] = indexing.per_loop(_echoes, dict)
+    pending = echoes.get((namespace, name))
+    if not pending:
         return False
-    pending.discard(resource_version)
-    return True
+    ours = resource_version in pending
+    current = indexing.resource_version(resource_version)
+    pending.difference_update({v for v in pending if indexing.resource_version(v) <= current})
+    if not pending:
+        del echoes[(namespace, name)]
+    return ours
 
 
 def forget(namespace: str, name: str) -> None:

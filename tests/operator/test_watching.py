@@ -201,3 +201,23 @@ def test_every_own_write_is_recognised_once_even_after_a_newer_one(monkeypatch: 
         return [*taken, statusing.take_echo("ns", "lagging", "13")]
 
     assert asyncio.run(play()) == [False, True, False, True, False]
+
+
+def test_own_writes_passed_by_the_watch_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The event of a write can win the race with the write's answer: its version, recorded after,
+    # is dropped once a later version of the job comes by, so nothing accumulates.
+    versions = iter(["21", "22"])
+
+    async def patch(kind: str, namespace: str, name: str, body: Any, subresource: str | None = None) -> Any:
+        return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": next(versions)}}
+
+    monkeypatch.setattr(kubeapi, "patch", patch)
+    ftj = {"metadata": {"name": "raced", "namespace": "ns", "resourceVersion": "20"}}
+
+    async def play() -> tuple[list[bool], bool]:
+        await statusing.write_status(ftj, {"phase": "Running"}, guarded=False)
+        await statusing.write_status(ftj, {"phase": "Succeeded"}, guarded=False)
+        taken = [statusing.take_echo("ns", "raced", "23"), statusing.take_echo("ns", "raced", "22")]
+        return taken, ("ns", "raced") in statusing._echoes[asyncio.get_running_loop()]
+
+    assert asyncio.run(play()) == ([False, False], False)
