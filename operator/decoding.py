@@ -4,8 +4,8 @@ The operator decodes every watch event kopf receives (~14 per FineTuneJob lifecy
 bodies ~6 KB each) and every answer of its API gateway (``kubeapi``), and encodes every request
 body; with the standard library's decoder that was ~9% of the operator's CPU (py-spy, N = 200),
 orjson (a dependency of the operator) does the same in about a third of the time (a 6 KB Job event:
-41 → 15 µs). Called by
-``kubeapi`` for its requests and answers, and by ``watching`` for kopf's watch streams.
+41 → 15 µs). Called by ``kubeapi`` for its requests and answers, and by ``watching`` for kopf's watch
+streams.
 
 Where orjson refuses a document the standard library takes (``NaN``/``Infinity``, numbers beyond a
 double, lone surrogates; on encoding also non-string keys and types it has no rule for), the
