@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -76,7 +76,7 @@ def _reconcile(kind: str, retry: int = 0) -> Iterator[None]:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    running.configure(settings, memo)
+    running.configure(settings, memo, absorb_own_write)
 
 
 @kopf.on.login()
@@ -135,20 +135,48 @@ async def change_spec(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any
             await hook.reconcile(body.metadata.namespace or "default", body.metadata.name, memo.settings)
 
 
+def _note_finetunejob(namespace: str | None, body: Mapping[str, Any], *, deleted: bool) -> None:
+    indexing.store().note_finetunejob(namespace, body, deleted=deleted)
+    running.track_phase((body.get("metadata") or {}).get("uid"), (body.get("status") or {}).get("phase"),
+                        deleted=deleted)
+
+
 @kopf.on.event(*FINETUNEJOBS)
 async def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, **_: Any) -> None:
     # Event handlers are coroutines: kopf would run a plain function in a thread each time. One
     # handler for every FineTuneJob event: a second one (or a ``when=`` filter, which kopf calls
     # with a full set of kwargs) costs kopf's per-handler work on each of them.
     deleted = event["type"] == "DELETED"
-    indexing.store().note_finetunejob(namespace, body, deleted=deleted)
-    running.track_phase(body.metadata.uid, body.get("status", {}).get("phase"), deleted=deleted)
+    _note_finetunejob(namespace, body, deleted=deleted)
     if deleted:
         statusing.forget(namespace or "default", body.metadata.name or "")
     elif statusing.stop_not_shown(body):
         # The trainer reported an early stop that is not a condition yet (its Job may send no more events).
         with _reconcile("FineTuneJob"):
             await statusing.refresh(namespace or "default", body.metadata.name or "", _seen())
+
+
+_CHILD_LABELS = tuple(hook.CHILD_LABEL for hook in arranging.arrangers().values())
+
+
+def absorb_own_write(resource: Any, raw_event: Mapping[str, Any]) -> bool:
+    """A FineTuneJob event that is one of this operator's own status writes coming back (its
+    resourceVersion is one a write returned, ``statusing.take_echo``): noted here as ``count_phases``
+    would, and kept from kopf (``watching``: 3 of the 13 events of a lifecycle). Not when
+    ``count_phases`` would do more (an early stop to show) or the job is a run another handler
+    follows (``follow_runs``)."""
+    if resource.plural != PLURAL or resource.group != GROUP:
+        return False
+    body = raw_event.get("object") or {}
+    meta = body.get("metadata") or {}
+    version = meta.get("resourceVersion")
+    if not version or not statusing.take_echo(meta.get("namespace") or "default", meta.get("name") or "", version):
+        return False
+    labels = meta.get("labels") or {}
+    if any(label in labels for label in _CHILD_LABELS) or statusing.stop_not_shown(body):
+        return False
+    _note_finetunejob(meta.get("namespace"), body, deleted=False)
+    return True
 
 
 def _follow_runs_of(hook: RunArranger) -> Any:

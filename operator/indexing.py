@@ -66,11 +66,17 @@ def owner_key(namespace: str | None, body: Mapping[str, Any]) -> Key:
     return namespace or "default", (meta.get("annotations") or {}).get(naming.ANNOTATION_JOB, meta.get("name", ""))
 
 
-def _rv(obj: Mapping[str, Any] | None) -> int:
+def resource_version(value: str | None) -> int:
+    """A resourceVersion as a number, 0 when it is none (opaque to clients by contract; every API
+    server we know uses etcd's integers)."""
     try:
-        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:  # opaque to clients by contract; every API server we know uses etcd's integers
+        return int(value or 0)
+    except ValueError:
         return 0
+
+
+def _rv(obj: Mapping[str, Any] | None) -> int:
+    return resource_version(((obj or {}).get("metadata") or {}).get("resourceVersion"))
 
 
 def _one(index: Index | None, key: Key) -> list[dict[str, Any]]:

@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import random
@@ -62,7 +61,7 @@ import kopf
 import tenacity
 
 from kubetune.api import GROUP, PLURAL, VERSION
-from kubetune.operator import metrics
+from kubetune.operator import decoding, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -305,18 +304,18 @@ async def _send(method: str, path: str, body: Any, query: dict[str, Any] | None,
         headers = dict(_headers)
         data = None
         if body is not None:
-            data = json.dumps(body, separators=(",", ":")).encode()
+            data = decoding.dumps(body)
             headers["Content-Type"] = content_type
         params = {k: str(v) for k, v in (query or {}).items() if v is not None}
         async with session.request(method, server + path, params=params or None, data=data, headers=headers) as answer:
             payload = await answer.read()
             if answer.status < 400:
-                return json.loads(payload) if payload else None
+                return decoding.loads(payload) if payload else None
             if answer.status == 401 and attempt == 0:
                 await _login_again(sent_with)
                 continue
             try:
-                status_body = json.loads(payload) if payload else None
+                status_body = decoding.loads(payload) if payload else None
             except ValueError:
                 status_body = None
             raise ApiError(answer.status, answer.reason or "", headers=answer.headers.copy(),

@@ -58,3 +58,12 @@ class RetriesOnlyProgress(kopf.AnnotationsProgressStorage):
         if record.get("stopped") is not None:  # succeeded or failed for good: kopf purges it anyway
             return
         super().store(key=key, record=record, body=body, patch=patch, **kwargs)
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        """The essence without progress annotations. kopf calls this on both diff-base essences of
+        every event of every watched kind; :class:`GenerationDiffBase`'s hold the spec generation
+        only, fresh dicts with no annotation to remove, so they are returned as they are (kopf's
+        own deep-copies and searches them: ~2% of the operator's CPU at N = 200)."""
+        if essence.keys() <= {"spec"}:
+            return essence
+        return super().clear(essence=essence)

@@ -13,7 +13,9 @@ calls, so the same kopf settings apply however the handlers are loaded (CLI, ``k
 * the Job and pod watches label-selected on the server (``managed-by``: no other pod reaches the operator);
 * resource scanning off: the resources served are known at startup (the CRD ships with the
   chart), which saves the cluster-wide list/watch of CRDs and namespaces;
-* kopf's own Events only for warnings and errors (our Events say what happened to the job).
+* kopf's own Events only for warnings and errors (our Events say what happened to the job);
+* kopf's watch streams decoded with orjson, and the operator's own status writes coming back kept
+  from kopf's event processing (``watching``; the handlers pass what absorbs them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import kopf
 
 from kubetune.api import GROUP, PLURAL
-from kubetune.operator import certificates, kubeapi, metrics, naming, persistence
+from kubetune.operator import certificates, kubeapi, metrics, naming, persistence, watching
 from kubetune.operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ _phases: dict[str, str] = {}
 _counts: Counter[str] = Counter()  # of _phases' values, kept as they change
 
 
-def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
+def configure(settings: kopf.OperatorSettings, memo: Any, absorb: watching.Absorb | None = None) -> Settings:
     """Apply our choices to kopf's settings and the API gateway's timeout; returns the Settings in use."""
     ours: Settings = memo.get("settings") if hasattr(memo, "get") and memo.get("settings") else Settings.from_env()
     memo["settings"] = ours
@@ -74,6 +76,8 @@ def configure(settings: kopf.OperatorSettings, memo: Any) -> Settings:
         )
         settings.admission.managed = f"{PLURAL}.{GROUP}"
     kubeapi.REQUEST_TIMEOUT = float(ours.request_timeout)  # the gateway logs in with kopf (handlers.login)
+    if absorb is not None:
+        watching.install(absorb)
     _phases.clear()
     _counts.clear()
     logger.info("kubetune operator configured: %s", ours)

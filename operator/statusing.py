@@ -47,6 +47,13 @@ _written: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[indexing.Key
 )
 
 
+# The resourceVersions of this operator's status writes whose watch events have not come back yet
+# (``watching`` keeps those events from kopf: :func:`take_echo`). Per event loop, as the locks.
+_echoes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[indexing.Key, set[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _lock(namespace: str, name: str) -> asyncio.Lock:
     locks: defaultdict[tuple[str, str], asyncio.Lock] = indexing.per_loop(_locks, lambda: defaultdict(asyncio.Lock))
     return locks[(namespace, name)]
@@ -58,9 +65,27 @@ def written() -> dict[indexing.Key, dict[str, Any]]:
     return found
 
 
+def take_echo(namespace: str, name: str, resource_version: str) -> bool:
+    """Whether this version of the FineTuneJob is one of our own status writes coming back (once
+    each). A watch delivers versions in order, so the writes older than this version have come back
+    already (or came before their write was recorded, when the event won the race with the
+    write's answer): they are forgotten."""
+    echoes: dict[indexing.Key, set[str]] = indexing.per_loop(_echoes, dict)
+    pending = echoes.get((namespace, name))
+    if not pending:
+        return False
+    ours = resource_version in pending
+    current = indexing.resource_version(resource_version)
+    pending.difference_update({v for v in pending if indexing.resource_version(v) <= current})
+    if not pending:
+        del echoes[(namespace, name)]
+    return ours
+
+
 def forget(namespace: str, name: str) -> None:
     """The FineTuneJob is gone: drop what we remember of it (its lock goes with the last waiter)."""
     written().pop((namespace, name), None)
+    indexing.per_loop(_echoes, dict).pop((namespace, name), None)
     locks = _locks.get(asyncio.get_running_loop())
     lock = locks.get((namespace, name)) if locks is not None else None
     if lock is not None and not lock.locked():
@@ -174,6 +199,10 @@ async def write_status(ftj: dict[str, Any], patch: dict[str, Any], *, guarded: b
     result = await kubeapi.patch("FineTuneJob", namespace, meta["name"], body, subresource="status")
     if result is not None:
         written()[(namespace, meta["name"])] = indexing.finetunejob_entry(result)
+        version = (result.get("metadata") or {}).get("resourceVersion")
+        if version:
+            echoes: dict[indexing.Key, set[str]] = indexing.per_loop(_echoes, dict)
+            echoes.setdefault((namespace, meta["name"]), set()).add(version)
     return result
 
 

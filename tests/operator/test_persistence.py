@@ -59,3 +59,15 @@ class TestRetriesOnlyProgress:
         self.storage.store(key="ensure_children", record=record, body=body(1, None), patch=patch)
         annotations = patch["metadata"]["annotations"]
         assert any(key.startswith("kubetune.io/") and "ensure_children" in key for key in annotations)
+
+    def test_clearing_the_diff_base_essence_leaves_it_as_built(self) -> None:
+        # kopf clears progress marks from both diff-base essences on every event: ours hold none.
+        essence = persistence.GenerationDiffBase().build(body=body(2, 1))
+        assert self.storage.clear(essence=essence) is essence and essence == {"spec": {"kubetune.io/generation": 2}}
+
+    def test_clearing_an_essence_with_annotations_removes_our_marks(self) -> None:
+        essence: Any = {"metadata": {"annotations": {"kubetune.io/ensure_children": "{}", "other.io/keep": "x"}},
+                        "spec": {"a": 1}}
+        cleared = self.storage.clear(essence=essence)
+        assert cleared == {"metadata": {"annotations": {"other.io/keep": "x"}}, "spec": {"a": 1}}
+        assert essence["metadata"]["annotations"]["kubetune.io/ensure_children"] == "{}"  # a copy, as kopf's

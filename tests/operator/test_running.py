@@ -48,3 +48,4 @@ def test_operator_command_serves_jobs_and_health(emulated_cluster: Cluster, kube
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert "Traceback" not in output, output
+
