@@ -108,7 +108,13 @@ def install_absorbing(absorb: Absorb) -> bool:
     async def watch_objs(*args: Any, resource: Any, **kwargs: Any) -> AsyncIterator[Any]:
         async for raw_input in original(*args, resource=resource, **kwargs):
             absorb_now = _absorb
-            if absorb_now is not None and raw_input.get("type") == "MODIFIED" and absorb_now(resource, raw_input):
+            try:
+                absorbed = (absorb_now is not None and raw_input.get("type") == "MODIFIED"
+                            and absorb_now(resource, raw_input))
+            except Exception:  # never lose the event or end kopf's watch: kopf processes it as always
+                logger.exception("noting an own status write failed; kopf processes the event")
+                absorbed = False
+            if absorbed:
                 body = raw_input.get("object") or {}
                 version = (body.get("metadata") or {}).get("resourceVersion")
                 yield {"type": "BOOKMARK", "object": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),

@@ -136,6 +136,29 @@ def test_an_absorbed_event_reaches_kopf_as_a_bookmark_of_its_version(monkeypatch
     assert seen == [("ftj", "2"), ("ftj", "3")]  # only MODIFIED events are offered
 
 
+
+def test_an_absorb_that_fails_leaves_the_event_to_kopf(monkeypatch: pytest.MonkeyPatch) -> None:
+    event = {"type": "MODIFIED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "2"}}}
+
+    async def watch_objs(*, settings: Any, resource: Any, namespace: Any) -> AsyncIterator[Any]:
+        yield event
+
+    async def continuous_watch() -> AsyncIterator[Any]:  # the caller as kopf writes it
+        async for raw in watch_objs(settings=None, resource=None, namespace=None):
+            if raw["type"] == "BOOKMARK":
+                yield raw
+
+    fake = types.SimpleNamespace(watch_objs=watch_objs, continuous_watch=continuous_watch)
+    monkeypatch.setattr(watching, "_watching_module", lambda: fake)
+    monkeypatch.setattr(watching, "_absorb", None)
+
+    def absorb(resource: Any, raw: Any) -> bool:
+        raise KeyError("a bug in noting the write")
+
+    assert watching.install_absorbing(absorb)
+    got = asyncio.run(_collect(fake.watch_objs(settings=None, resource="ftj", namespace="ns")))
+    assert got == [event]  # the stream goes on, and kopf processes the event as it would have
+
 def test_the_operators_own_status_writes_are_absorbed_with_nothing_else_changed(
         emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController,
         monkeypatch: pytest.MonkeyPatch) -> None:
