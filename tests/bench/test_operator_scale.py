@@ -41,7 +41,10 @@ def test_small_run_completes_and_counts_every_write() -> None:
     completion = result["completion"]
     assert completion["phase_s"] >= completion["completions_sent_s"] >= 0
     cpu = completion["cpu_ms_per_job"]
-    assert cpu["operator"] > 0 and cpu["emulator"] > 0 and cpu["bench"] >= 0, cpu
+    # /proc counts CPU in 10 ms ticks: 3 completions can cost a process less than one tick (seen: the
+    # operator 0.0 in a fresh-clone run), so the smoke checks the three figures are there, not their size.
+    assert set(cpu) == {"operator", "emulator", "bench"} and all(value >= 0 for value in cpu.values()), cpu
+    assert cpu["operator"] + cpu["emulator"] + cpu["bench"] > 0, cpu
     slices = completion["latency_by_completion_order_s"]
     assert len(slices) == 10 and sum(part is not None for part in slices) == 3, slices
     assert abs(max(part["max"] for part in slices if part) - result["complete_to_succeeded_s"]["max"]) < 1e-3
