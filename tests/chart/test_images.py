@@ -181,22 +181,30 @@ def test_trainer_image_installs_the_gpu_extra_the_demo_model_and_prebuilt_deepsp
     assert "ds_report" in runs and "pip check" in runs
 
 
+def _extra(name: str) -> dict[str, Requirement]:
+    """The requirements of one optional-dependency group of pyproject.toml, by package name."""
+    return {Requirement(r).name: Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"][name]}
+
+
+def _image_torch(dockerfile: Any) -> Version:
+    """The torch version of the image's base (``TORCH_IMAGE``, e.g. ``pytorch/pytorch:2.8.0-cuda...``)."""
+    return Version(re.search(r":(\d+\.\d+\.\d+)-cuda", dockerfile.args["TORCH_IMAGE"]).group(1))
+
+
 def test_trainer_versions_satisfy_the_train_extra() -> None:
     dockerfile = DOCKERFILES["trainer"]
-    train = {Requirement(r).name: Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["train"]}
+    train = _extra("train")
     deepspeed = Version(dockerfile.args["DEEPSPEED_VERSION"])
     assert train["deepspeed"].specifier.contains(deepspeed)
-    torch = Version(re.search(r":(\d+\.\d+\.\d+)-cuda", dockerfile.args["TORCH_IMAGE"]).group(1))
-    assert train["torch"].specifier.contains(torch)
+    assert train["torch"].specifier.contains(_image_torch(dockerfile))
 
 
 def test_trainer_image_pins_the_torchao_of_its_torch() -> None:
     """torchao (training.precision fp8) is built for one torch release; the image holds the one of its torch."""
     dockerfile = DOCKERFILES["trainer"]
-    gpu = {Requirement(r).name: Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["gpu"]}
     torchao = Version(dockerfile.args["TORCHAO_VERSION"])
-    assert gpu["torchao"].specifier.contains(torchao)
-    torch = Version(re.search(r":(\d+\.\d+\.\d+)-cuda", dockerfile.args["TORCH_IMAGE"]).group(1))
+    assert _extra("gpu")["torchao"].specifier.contains(torchao)
+    torch = _image_torch(dockerfile)
     # From each wheel's torchao/__init__.py: 0.13.0 is built with torch 2.8; 0.17.0 loads its
     # extensions on torch >= 2.11 only. Add a row with a new image.
     built_for = {(2, 8): (0, 13), (2, 11): (0, 17)}

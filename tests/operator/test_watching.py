@@ -101,14 +101,8 @@ async def _collect(stream: AsyncIterator[Any]) -> list[Any]:
     return [item async for item in stream]
 
 
-def test_an_absorbed_event_reaches_kopf_as_a_bookmark_of_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    events = [
-        {"type": "ADDED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "1"}}},
-        {"type": "MODIFIED", "object": {"kind": "FineTuneJob", "apiVersion": "kubetune.io/v1alpha1",
-                                        "metadata": {"name": "a", "resourceVersion": "2"}, "status": {"phase": "Running"}}},
-        {"type": "MODIFIED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "3"}}},
-        {"type": "DELETED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "2"}}},
-    ]
+def _fake_kopf_watching(monkeypatch: pytest.MonkeyPatch, events: list[Any]) -> Any:
+    """kopf's watching module as ``install_absorbing`` checks it: ``watch_objs`` streams ``events``."""
 
     async def watch_objs(*, settings: Any, resource: Any, namespace: Any) -> AsyncIterator[Any]:
         for event in events:
@@ -122,6 +116,18 @@ def test_an_absorbed_event_reaches_kopf_as_a_bookmark_of_its_version(monkeypatch
     fake = types.SimpleNamespace(watch_objs=watch_objs, continuous_watch=continuous_watch)
     monkeypatch.setattr(watching, "_watching_module", lambda: fake)
     monkeypatch.setattr(watching, "_absorb", None)
+    return fake
+
+
+def test_an_absorbed_event_reaches_kopf_as_a_bookmark_of_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = [
+        {"type": "ADDED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "1"}}},
+        {"type": "MODIFIED", "object": {"kind": "FineTuneJob", "apiVersion": "kubetune.io/v1alpha1",
+                                        "metadata": {"name": "a", "resourceVersion": "2"}, "status": {"phase": "Running"}}},
+        {"type": "MODIFIED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "3"}}},
+        {"type": "DELETED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "2"}}},
+    ]
+    fake = _fake_kopf_watching(monkeypatch, events)
     seen: list[tuple[Any, str]] = []
 
     def absorb(resource: Any, event: Any) -> bool:
@@ -136,21 +142,9 @@ def test_an_absorbed_event_reaches_kopf_as_a_bookmark_of_its_version(monkeypatch
     assert seen == [("ftj", "2"), ("ftj", "3")]  # only MODIFIED events are offered
 
 
-
 def test_an_absorb_that_fails_leaves_the_event_to_kopf(monkeypatch: pytest.MonkeyPatch) -> None:
     event = {"type": "MODIFIED", "object": {"kind": "FineTuneJob", "metadata": {"name": "a", "resourceVersion": "2"}}}
-
-    async def watch_objs(*, settings: Any, resource: Any, namespace: Any) -> AsyncIterator[Any]:
-        yield event
-
-    async def continuous_watch() -> AsyncIterator[Any]:  # the caller as kopf writes it
-        async for raw in watch_objs(settings=None, resource=None, namespace=None):
-            if raw["type"] == "BOOKMARK":
-                yield raw
-
-    fake = types.SimpleNamespace(watch_objs=watch_objs, continuous_watch=continuous_watch)
-    monkeypatch.setattr(watching, "_watching_module", lambda: fake)
-    monkeypatch.setattr(watching, "_absorb", None)
+    fake = _fake_kopf_watching(monkeypatch, [event])
 
     def absorb(resource: Any, raw: Any) -> bool:
         raise KeyError("a bug in noting the write")
