@@ -35,15 +35,16 @@ except Exception:  # pragma: no cover - optional GPU dependency (ImportError, or
     _liger_flce = None
 
 # Liger sizes its token chunks so that one chunk's logits hold about chunk_mem_const x (tokens x
-# hidden) values; its default, 1, gives 512-token chunks for a 16k-token micro-batch and a 128k
+# hidden) values; its own default, 1, gives 512-token chunks for a 16k-token micro-batch and a 128k
 # vocabulary: 32 chunks, each adding its [V, 512] x [512, d] product into the bf16 weight gradient,
 # which reads and writes the whole 128k x d gradient 32 times (the H100 profile of 2026-12-06: 17 ms
-# of such products per step for ~9 ms of arithmetic at peak). KUBETUNE_LOSS_CHUNK_MEM=8 gives
-# 2,048-token chunks (a 0.5 GiB logits buffer there instead of 128 MiB). The default stays Liger's
-# own, 1, until a GPU A/B shows 8 faster (not measured yet: no device time, 2026-12-06);
-# bench/gpu_check.py's `loss` part times chunk sizes 1, 4, 8, 16 against plain logits. Liger
+# of such products per step for ~9 ms of arithmetic at peak). The trainer asks for 8: 2,048-token
+# chunks (a 0.5 GiB logits buffer there instead of 128 MiB). Measured on an H100 (2026-12-07,
+# bench/README.md): the loss alone 47.3 -> 40.2 ms fwd+bwd (bench/gpu_check.py `loss`, extra peak
+# 1.23 -> 1.59 GiB), the fixed-length trainer step +2.8% (63,955 -> 65,749 tok/s), peak memory of the
+# whole step unchanged (31.3 GiB). KUBETUNE_LOSS_CHUNK_MEM=N sets another (1 = Liger's own). Liger
 # without the argument (before 0.8) gets its default.
-LIGER_CHUNK_MEM = int(os.environ.get("KUBETUNE_LOSS_CHUNK_MEM", "1"))
+LIGER_CHUNK_MEM = int(os.environ.get("KUBETUNE_LOSS_CHUNK_MEM", "8"))
 
 
 def _liger_kwargs(fn: Any) -> dict[str, int]:

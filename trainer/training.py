@@ -701,11 +701,12 @@ def _tangents_like_outputs() -> None:
     ~2.5 ms per step of a 16-layer 1B model on an H100 (bench/README.md). Guessing "like the output"
     (torch 2.13's default outside fbcode) needs no copy: on CPU, with 2.11's guess emulated, a tiny
     Llama's compiled layers make 3 copies per layer without it and none with it
-    (tests/trainer/test_speed_paths.py). Opt-in, ``KUBETUNE_COMPILE_TANGENTS=outputs``, until a GPU
-    A/B shows the step faster (not measured yet: no device time, 2026-12-06); the default leaves
-    torch's own setting. Dynamic shapes still get the contiguous guess (torch's rule).
+    (tests/trainer/test_speed_paths.py). On by default: an H100 A/B (2026-12-07, bench/README.md)
+    gave the fixed-length step +1.0% alone and +3.8% with the larger loss chunks (kernels.py), with
+    the same losses and peak memory; ``KUBETUNE_COMPILE_TANGENTS=torch`` leaves torch's own setting.
+    Dynamic shapes still get the contiguous guess (torch's rule).
     """
-    if os.environ.get("KUBETUNE_COMPILE_TANGENTS", "torch") != "outputs":
+    if os.environ.get("KUBETUNE_COMPILE_TANGENTS", "outputs") != "outputs":
         return
     import torch._functorch.config as functorch_config
 

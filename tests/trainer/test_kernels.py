@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,9 +51,9 @@ def test_unknown_backend_is_named():
 
 
 def test_liger_chunk_size_is_passed_where_liger_takes_it(monkeypatch):
-    # KUBETUNE_LOSS_CHUNK_MEM sets Liger's chunk_mem_const (its chunk is 512 tokens at 1 for a 128k
-    # vocabulary and a 2048 hidden size, 2,048 at 8); the default is Liger's own, 1. Liger without the
-    # argument (before 0.8) is called as before. The GPU numbers of each chunk size against plain
+    # The trainer asks Liger for chunk_mem_const 8 (2,048-token chunks for a 128k vocabulary and a
+    # 2048 hidden size; Liger's own 1 gives 512), KUBETUNE_LOSS_CHUNK_MEM sets another. Liger without
+    # the argument (before 0.8) is called as before. The GPU numbers of each chunk size against plain
     # logits are bench/gpu_check.py's `loss` part.
     from kubetune.trainer import kernels
 
@@ -66,10 +68,12 @@ def test_liger_chunk_size_is_passed_where_liger_takes_it(monkeypatch):
         return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index)
 
     args = (torch.randn(6, 4), torch.randn(10, 4), torch.randint(0, 10, (6,)))
+    default = int(os.environ.get("KUBETUNE_LOSS_CHUNK_MEM", "8"))
+    assert kernels.LIGER_CHUNK_MEM == default
     for fake in (new_liger, old_liger):
         monkeypatch.setattr(kernels, "_liger_flce", fake)
         linear_cross_entropy(*args, backend="liger")
     monkeypatch.setattr(kernels, "_liger_flce", new_liger)
-    monkeypatch.setattr(kernels, "LIGER_CHUNK_MEM", 8)  # KUBETUNE_LOSS_CHUNK_MEM=8
+    monkeypatch.setattr(kernels, "LIGER_CHUNK_MEM", 1)  # KUBETUNE_LOSS_CHUNK_MEM=1: Liger's own
     linear_cross_entropy(*args, backend="liger")
-    assert calls == [1, None, 8]
+    assert calls == [default, None, 1]

@@ -96,15 +96,15 @@ def test_norm_check_is_not_applied_where_deepspeed_scans_differently(stage):
     assert use_norm_overflow_check(engine) is False
 
 
-@pytest.mark.parametrize("setting", ["outputs", "torch"])
+@pytest.mark.parametrize("setting", [None, "outputs", "torch"])  # None: the default
 def test_compiled_layers_take_attention_gradients_without_copies(monkeypatch, setting):
     # The packed attention call stays out of the per-layer graphs, so q/k/v leave each layer's first
     # graph as transformers' [B, H, S, D] views and their gradients come back in that layout. With
     # torch 2.11's default guess (contiguous) AOTAutograd copied each one before the compiled
     # backward: 3 per layer (48 copies per step of a 16-layer model on an H100).
-    # KUBETUNE_COMPILE_TANGENTS=outputs has the trainer's compile make it expect them laid out like the
-    # outputs (opt-in until measured on a GPU); the default leaves torch's guess, here set to 2.11's,
-    # and the copies stay. Numerics are the same either way. Equal-length documents take
+    # The trainer's compile makes it expect them laid out like the outputs (the default since an H100
+    # A/B, KUBETUNE_COMPILE_TANGENTS=outputs); KUBETUNE_COMPILE_TANGENTS=torch leaves torch's guess,
+    # here set to 2.11's, and the copies stay. Numerics are the same either way. Equal-length documents take
     # the cuDNN path on a GPU; SDPA's math backend stands in for it on CPU (same call and views);
     # aot_eager stands in for inductor (the copies are AOTAutograd's, before either).
     import torch._functorch.config as functorch_config
@@ -117,7 +117,10 @@ def test_compiled_layers_take_attention_gradients_without_copies(monkeypatch, se
     from kubetune.trainer.training import _compile
 
     torch._dynamo.reset()
-    monkeypatch.setenv("KUBETUNE_COMPILE_TANGENTS", setting)
+    if setting is None:
+        monkeypatch.delenv("KUBETUNE_COMPILE_TANGENTS", raising=False)
+    else:
+        monkeypatch.setenv("KUBETUNE_COMPILE_TANGENTS", setting)
     monkeypatch.setattr(attention, "varlen_available", lambda tensor: True)
     monkeypatch.setattr(attention, "_UNIFORM_BACKENDS", [SDPBackend.MATH])
     compile_module = torch.nn.Module.compile
@@ -147,7 +150,7 @@ def test_compiled_layers_take_attention_gradients_without_copies(monkeypatch, se
         finally:
             torch._dynamo.reset()
     copies = sum(e.count for e in prof.key_averages() if e.key == "aten::contiguous")
-    assert copies == (0 if setting == "outputs" else 3 * model.config.num_hidden_layers)
+    assert copies == (3 * model.config.num_hidden_layers if setting == "torch" else 0)
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
