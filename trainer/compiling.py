@@ -25,10 +25,11 @@ call decides between them:
 * ``buckets``: packs are padded to one of a few fixed lengths (:func:`bucket_lengths`: multiples of
   256 about 1.25x apart, up to the token budget) and the layers compile statically, one graph per
   bucket met (each with no symbolic length to guard on); costs padding (:func:`padding_waste`).
-* ``hints``: keep the dynamic graph, turn off the Inductor decisions that guard on the length:
-  ``split_reductions`` off, ``assume_32bit_indexing`` on (a single guard, length x width < 2**31,
-  that every pack within the budget passes). Config names missing from the installed torch are
-  skipped with a log line.
+* ``hints``: keep the dynamic graph, turn off two Inductor decisions that may guard on the length
+  (which one emits the GPU's guards is not pinned down): ``split_reductions`` off,
+  ``assume_32bit_indexing`` on (one guard, length x width < 2**31, that every pack within the budget
+  passes; with ``unbacked`` it keeps 32-bit indexing, which an unbacked length otherwise loses).
+  Both names exist in torch 2.11 and 2.13; a name the installed torch lacks is skipped with a log line.
 
 Who calls it: :func:`kubetune.trainer.training._compile` (``compile_dynamic``, ``prepare_layers``,
 ``wrap_layer``) and the trainer's collate (``bucket_for``). Hand-written because torch has no
