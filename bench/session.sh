@@ -59,7 +59,7 @@ case "${1:-}" in
     done ;;
   budget)  # training.packingMaxExamples 8 (kubetune-budget, instruct full) with TORCH_LOGS=recompiles: as is, then once per
             # BUDGET item 'label:VAR=value,...' (default: the KUBETUNE_COMPILE_LENGTH candidates); ~1 min a run on an H100 (6 runs).
-            # BENCH_ARGS='--tiny --device cpu' for a dry run. Summary (tok/s per log window, graphs, losses): budget-summary.txt
+            # BENCH_ARGS='--tiny --device cpu' for a dry run. Summary (tok/s per log window, graphs, losses): budget-table.md
     B=${BUDGET:-unbacked-traced:KUBETUNE_COMPILE_LENGTH=unbacked+traced unbacked-traced-hints:KUBETUNE_COMPILE_LENGTH=unbacked+traced+hints hints:KUBETUNE_COMPILE_LENGTH=hints unbacked:KUBETUNE_COMPILE_LENGTH=unbacked buckets:KUBETUNE_COMPILE_LENGTH=buckets}
     for item in "dynamic:KUBETUNE_COMPILE_LENGTH=dynamic" $B; do
       label=${item%%:*}; vars=${item#*:}
@@ -67,8 +67,9 @@ case "${1:-}" in
         --repeats 1 --kubetune-repeats 1 --steps $S --warmup $W ${BENCH_ARGS:-} --out "$OUT/budget-$label" --tag "budget-$label" 2>&1 \
         | quiet "budget-$label" 14
       echo "$label: $(grep -c 'Recompiling function' "$OUT/log-budget-$label.txt") recompiles logged" | tee -a "$OUT/budget-summary.txt"
+      python3 -m bench.budget_summary "$OUT" > "$OUT/budget-table.md"  # after every run: a call cut short keeps its table
     done
-    python3 -m bench.budget_summary "$OUT" | tee -a "$OUT/budget-summary.txt" ;;
+    cat "$OUT/budget-table.md" | tee -a "$OUT/budget-summary.txt" ;;
   all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
     bash "$0" fixed; bash "$0" instruct ;;
   *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|ab|budget|all" >&2; exit 2 ;;
