@@ -92,7 +92,8 @@ def gpu_attention(monkeypatch):
     torch._dynamo.reset()
 
 
-def _packs(lengths_per_pack: list[tuple[int, int]], buckets: list[int] | None = None) -> list[dict[str, Any]]:
+def _packs(lengths_per_pack: list[tuple[int, int]], buckets: list[int] | None = None,
+           device: str | None = None) -> list[dict[str, Any]]:
     from kubetune.trainer.packing import PackedCollator, model_inputs
 
     rng = random.Random(0)
@@ -103,7 +104,7 @@ def _packs(lengths_per_pack: list[tuple[int, int]], buckets: list[int] | None = 
             collate = PackedCollator(None, pad_to_multiple_of=compiling.PAD_MULTIPLE)
         else:
             collate = PackedCollator(compiling.bucket_for(sum(len(d["input_ids"]) for d in docs), buckets))
-        packs.append(model_inputs(collate(docs)))
+        packs.append(model_inputs(collate(docs), device))
     return packs
 
 
