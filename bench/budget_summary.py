@@ -19,27 +19,32 @@ from pathlib import Path
 from typing import Any
 
 
-def _runs(out: Path) -> dict[str, dict[str, Any]]:
+def _runs(out: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
     runs: dict[str, dict[str, Any]] = {}
+    setups: set[str] = set()
     for folder in sorted(out.glob("budget-*")):
         if not folder.is_dir():
             continue
         label = folder.name[len("budget-"):]
         for report in sorted(folder.glob("*.json")):
             data = json.loads(report.read_text())
+            if "gpu" in data:
+                setups.add(f"{data['gpu']}, torch {data.get('torch')}, transformers {data.get('transformers')}")
             for row in data.get("rows", []):
                 for side_runs in row.get("runs", {}).values():
                     if side_runs:
                         runs[label] = side_runs[0]
-    return runs
+    return runs, setups
 
 
 def summary(out: Path) -> str:
-    runs = _runs(out)
+    runs, setups = _runs(out)
     if not runs:
         return f"no budget runs under {out}"
     reference = runs.get("dynamic", {}).get("losses") or []
-    lines = ["| candidate | timed tok/s | tok/s per log window | graphs | recompiles logged | docs/step | max loss diff vs dynamic |",
+    lines = [f"kubetune-budget (instruct full) per KUBETUNE_COMPILE_LENGTH candidate; {'; '.join(sorted(setups)) or 'device unknown'}",
+             "",
+             "| candidate | timed tok/s | tok/s per log window | graphs | recompiles logged | docs/step | max loss diff vs dynamic |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for label, run in runs.items():
         if "error" in run:

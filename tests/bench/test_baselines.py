@@ -82,7 +82,8 @@ def test_the_budget_summary_lines_up_the_compile_candidates(tmp_path):
         folder = tmp_path / f"budget-{label}"
         folder.mkdir()
         row = {"workload": "instruct", "method": "full", "runs": {"kubetune-budget": [run]}}
-        (folder / f"2026-12-07-budget-{label}.json").write_text(json.dumps({"rows": [row]}))
+        report = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "transformers": "5.17.0", "rows": [row]}
+        (folder / f"2026-12-07-budget-{label}.json").write_text(json.dumps(report))
         (tmp_path / f"log-budget-{label}.txt").write_text(log)
 
     base = {"tokens_per_s": 6654.0, "window_tokens_per_s": [772.0, 2142.0, 25449.0, 2906.0], "compiled_graphs": 8,
@@ -93,6 +94,8 @@ def test_the_budget_summary_lines_up_the_compile_candidates(tmp_path):
                               "compiled_graphs": 1, "losses": [12.0, 11.5, 11.0, 10.503]}, "")
     write("traced", {"side": "kubetune-budget", "error": "exit 1"}, "")
     table = budget_summary.summary(tmp_path)
+    assert table.startswith("kubetune-budget (instruct full) per KUBETUNE_COMPILE_LENGTH candidate; NVIDIA H100 80GB HBM3, "
+                            "torch 2.11.0, transformers 5.17.0")
     assert "| dynamic | 6,654 | 772, 2,142, 25,449, 2,906 | 8 | 2 | 8.0 | 0.00e+00 |" in table
     assert "| unbacked-traced | 25,000 | 900, 25,000, 25,100, 24,900 | 1 | 0 | 8.0 | 3.00e-03 |" in table
     assert "| traced | failed (exit 1) |" in table
