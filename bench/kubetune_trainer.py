@@ -169,6 +169,17 @@ def _write_profile(prof: Any, wall: float, steps: int, path: Path) -> None:
     print("\n".join(lines[: len(kinds) + 3]), flush=True)
 
 
+def _compiled_graphs() -> int | None:
+    """Graphs torch.compile built in this process (each recompile adds one); None if dynamo never ran."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, steps: int, log_every: int,
                  cuda: bool, name: str, variant: str = "default") -> dict[str, Any]:
     spec: dict[str, Any] = {
@@ -276,6 +287,10 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
         "engine": engines.LAST_ENGINE_KIND, "update": kernel.get("update"), "label": os.environ.get("KUBETUNE_BENCH_LABEL"),
         "documents_per_step": examples / timed if timed else None,
         "losses": [r["loss"] for r in records], "loss_steps": [r["step"] for r in records],
+        # Every log window's rate, warm-up included: a window that recompiled shows here (packing budget).
+        "window_tokens_per_s": [r["window_tokens"] / r["window_seconds"] if r.get("window_seconds") else None
+                                for r in records],
+        "compiled_graphs": _compiled_graphs(),
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
         # The trainer's tokens count every rank; MFU is per GPU.
         "mfu": wl.mfu(flops / int(os.environ.get("WORLD_SIZE", "1")), seconds) if seconds else None, "final_loss": records[-1]["loss"],

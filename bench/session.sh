@@ -9,6 +9,8 @@
 #                KUBETUNE_EXTRA_SIDES=kubetune-saveall bash bench/session.sh instruct.
 # PART fp8:      training.precision fp8 (torchao float8 linear layers) against the same trainer in bf16, fixed full.
 # PART ab:       the product trainer against itself with environment switches (AB=..., below), fixed full.
+# PART budget:   the trainer at 8 documents per step (instruct) as is and per KUBETUNE_COMPILE_LENGTH candidate, with
+#                TORCH_LOGS=recompiles (~5 runs of ~1 min; BUDGET=..., below).
 # Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
 set -u
 # .whl/ (peft, deepspeed, liger-kernel, ...; ../shared/gpu/prepare-wheels.sh) is installed if it is here; else the caller did it.
@@ -55,8 +57,21 @@ case "${1:-}" in
           --steps $S --warmup $W --out "$OUT/$label-$r" --tag "ab-$label" 2>&1 | quiet "ab-$label" 12
       done
     done ;;
+  budget)  # training.packingMaxExamples 8 (kubetune-budget, instruct full) with TORCH_LOGS=recompiles: as is, then once per
+            # BUDGET item 'label:VAR=value,...' (default: the KUBETUNE_COMPILE_LENGTH candidates); ~1 min a run on an H100 (6 runs).
+            # BENCH_ARGS='--tiny --device cpu' for a dry run. Summary (tok/s per log window, graphs, losses): budget-table.md
+    B=${BUDGET:-unbacked-traced:KUBETUNE_COMPILE_LENGTH=unbacked+traced unbacked-traced-hints:KUBETUNE_COMPILE_LENGTH=unbacked+traced+hints hints:KUBETUNE_COMPILE_LENGTH=hints unbacked:KUBETUNE_COMPILE_LENGTH=unbacked buckets:KUBETUNE_COMPILE_LENGTH=buckets}
+    for item in "dynamic:KUBETUNE_COMPILE_LENGTH=dynamic" $B; do
+      label=${item%%:*}; vars=${item#*:}
+      env TORCH_LOGS=recompiles ${vars//,/ } python3 -m bench.throughput --workloads instruct --methods full --sides kubetune-budget \
+        --repeats 1 --kubetune-repeats 1 --steps $S --warmup $W ${BENCH_ARGS:-} --out "$OUT/budget-$label" --tag "budget-$label" 2>&1 \
+        | quiet "budget-$label" 14
+      echo "$label: $(grep -c 'Recompiling function' "$OUT/log-budget-$label.txt") recompiles logged" | tee -a "$OUT/budget-summary.txt"
+      python3 -m bench.budget_summary "$OUT" > "$OUT/budget-table.md"  # after every run: a call cut short keeps its table
+    done
+    cat "$OUT/budget-table.md" | tee -a "$OUT/budget-summary.txt" ;;
   all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
     bash "$0" fixed; bash "$0" instruct ;;
-  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|ab|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|ab|budget|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

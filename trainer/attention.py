@@ -94,8 +94,23 @@ def document_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device) ->
     return (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
 
 
-@torch.compiler.disable
-def _flash_varlen(
+#: KUBETUNE_COMPILE_LENGTH=traced (kubetune.trainer.compiling): trace the varlen call into the compiled
+#: layers (it is a custom op with a fake and autograd in torch >= 2.10) instead of breaking the graph there.
+_TRACE_VARLEN = False
+
+
+def trace_varlen(on: bool = True) -> None:
+    """Trace the flash varlen call into compiled graphs (``on``) or keep it out of them (the default)."""
+    global _TRACE_VARLEN
+    _TRACE_VARLEN = on
+
+
+def _host_int(value: Any) -> Any:
+    # A symbolic int (traced with a dynamic length) stays symbolic: int() would specialise on it.
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
+def _flash_varlen_call(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -126,8 +141,11 @@ def _flash_varlen(
             value = value.repeat_interleave(groups, dim=1)
     return _varlen_attn(
         query, key, value, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-        int(max_q), int(max_k), **kwargs,
+        _host_int(max_q), _host_int(max_k), **kwargs,
     )
+
+
+_flash_varlen = torch.compiler.disable(_flash_varlen_call)
 
 
 # The backends the equal-length path may use; tests put SDPA's MATH here to run the same path on CPU.
@@ -195,14 +213,16 @@ def packed_attention_forward(
         n_docs = cu_seq_lens_q.shape[0] - 1
         # All documents equally long iff n_docs * longest == tokens (the boundaries cover the stream);
         # decided from shapes and host ints, so no device sync.
-        if batch == 1 and max_length_k == max_length_q and n_docs * max_length_q == total and _UNIFORM_FAST_PATH:
+        # Traced (a symbolic, possibly unbacked, length): no comparison of the length to guard on.
+        if not _TRACE_VARLEN and batch == 1 and max_length_k == max_length_q and n_docs * max_length_q == total and _UNIFORM_FAST_PATH:
             out = _uniform_sdpa(query, key, value, n_docs, max_length_q, scale)
             if out is not None:
                 return out, None
         q = query.transpose(1, 2).reshape(total, heads, head_dim)
         k = key.transpose(1, 2).reshape(total, key.shape[1], head_dim)
         v = value.transpose(1, 2).reshape(total, value.shape[1], head_dim)
-        out = _flash_varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale)
+        flash = _flash_varlen_call if _TRACE_VARLEN else _flash_varlen
+        out = flash(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale)
         return out.view(batch, seq, heads, head_dim), None
     # Exact fallback: one row, block-diagonal causal mask.
     q = query.transpose(0, 1).reshape(1, heads, total, head_dim)

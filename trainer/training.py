@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from kubetune.api.statuses import EARLY_STOP_PREFIX
-from kubetune.trainer import checkpoints, resharding
+from kubetune.trainer import checkpoints, compiling, resharding
 from kubetune.trainer.batching import Collator, EncodedDataset, epoch_order, micro_batches, model_inputs, shard, weighted_dataset_order
 from kubetune.trainer.encoding import Encoder, label_names, load_examples
 from kubetune.trainer.distributing import all_reduce, init_distributed
@@ -105,6 +105,11 @@ class Trainer:
         init_distributed(self.on_gpu)
         spec = self.spec = self._resume_batch_shape(spec)
         self.precision = resolve_precision(spec, self.on_gpu)
+        t = spec.training
+        modes = compiling.length_modes()  # a bad KUBETUNE_COMPILE_LENGTH fails every run, not only budget ones
+        self.length_modes = modes if t.packing and t.packing_max_examples is not None else frozenset()
+        self.buckets = (compiling.bucket_lengths(t.micro_batch_size * t.max_seq_length)
+                        if "buckets" in self.length_modes else None)
         self.reporter = make_run_reporter(self.job, self.rank, self.options.local, self.paths.run_dir, self.options.progress)
 
         from kubetune.trainer.models import build_model, load_tokenizer
@@ -168,7 +173,9 @@ class Trainer:
         if self._compile_enabled():
             # Packs capped by examples vary in length: compile for a dynamic length from the start
             # (one graph) rather than static first and dynamic on the second shape (two or three).
-            _compile(self.engine, dynamic=True if spec.training.packing_max_examples is not None else None)
+            # KUBETUNE_COMPILE_LENGTH picks how (kubetune.trainer.compiling); buckets compile static lengths.
+            _compile(self.engine, dynamic=compiling.compile_dynamic(spec.training.packing_max_examples, self.length_modes),
+                     length_modes=self.length_modes, buckets=len(self.buckets or ()))
         self.ctx.engine = self.engine
         self.ctx.model = self.engine.module
         self._resume()
@@ -471,6 +478,9 @@ class Trainer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if t.packing_max_examples is None:
             batch = PackedCollator(t.micro_batch_size * t.max_seq_length, pad_token_id=pad)(items)
+        elif self.buckets:  # KUBETUNE_COMPILE_LENGTH=buckets: a few static lengths (kubetune.trainer.compiling)
+            tokens = sum(len(it["input_ids"]) for it in items)
+            batch = PackedCollator(compiling.bucket_for(tokens, self.buckets), pad_token_id=pad)(items)
         else:
             # Packs capped by examples are mostly short of the token budget: pad them only to a
             # multiple of 256 tokens (a handful of shapes; torch.compile turns the length dynamic).
@@ -643,7 +653,7 @@ class Trainer:
                 torch.distributed.destroy_process_group()
 
 
-def _compile(engine: Any, dynamic: bool | None = None) -> None:
+def _compile(engine: Any, dynamic: bool | None = None, length_modes: frozenset[str] = frozenset(), buckets: int = 0) -> None:
     """``torch.compile`` each decoder layer (one graph, reused by every layer), else the whole model.
 
     Per layer keeps the packed attention call (whose boundaries change every batch) and the fused
@@ -655,8 +665,10 @@ def _compile(engine: Any, dynamic: bool | None = None) -> None:
 
     The graphs recompute their elementwise results in backward instead of saving them
     (:func:`recompute_elementwise_in_backward`); ``KUBETUNE_COMPILE_SAVE_ALL=1`` keeps torch's
-    default (A/B runs: bench side ``kubetune-saveall``).
+    default (A/B runs: bench side ``kubetune-saveall``). ``length_modes`` (``KUBETUNE_COMPILE_LENGTH``,
+    :mod:`kubetune.trainer.compiling`) keep Inductor from guarding on ranges of the varying length.
     """
+    compiling.prepare_layers(length_modes, buckets=buckets)
     if os.environ.get("KUBETUNE_COMPILE_SAVE_ALL", "") != "1":
         recompute_elementwise_in_backward()
     _tangents_like_outputs()
@@ -666,6 +678,8 @@ def _compile(engine: Any, dynamic: bool | None = None) -> None:
     if isinstance(layers, torch.nn.ModuleList) and len(layers):
         for layer in layers:
             layer.compile(dynamic=dynamic)
+            if "unbacked" in length_modes:
+                compiling.wrap_layer(layer)
     elif dynamic is None:
         engine.compile()
     else:  # DeepSpeed's engine.compile takes its own arguments; the module's takes torch.compile's

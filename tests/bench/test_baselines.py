@@ -68,3 +68,48 @@ def test_the_fp8_side_reports_speed_up_and_losses_against_bf16():
     table = throughput.markdown({"gpu": "g", "date": "d", "torch": "t", "transformers": "x", "steps": 2, "warmup": 1,
                                  "repeats": 1, "rows": [row]})
     assert "fixed full: 1.250x (125 vs 100 tok/s; MFU 50.0% vs 40.0%" in table and "max |diff| 1.10e-01" in table
+
+
+def test_the_budget_summary_lines_up_the_compile_candidates(tmp_path):
+    """``bash bench/session.sh budget`` writes one result folder and one log per KUBETUNE_COMPILE_LENGTH
+    candidate; the summary shows each one's rate per log window (a recompile's window is the slow one),
+    its graphs and logged recompiles, and how far its losses are from the ``dynamic`` run's."""
+    import json
+
+    from bench import budget_summary
+
+    def write(label: str, run: dict, log: str) -> None:
+        folder = tmp_path / f"budget-{label}"
+        folder.mkdir()
+        row = {"workload": "instruct", "method": "full", "runs": {"kubetune-budget": [run]}}
+        report = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "transformers": "5.17.0", "rows": [row]}
+        (folder / f"2026-12-07-budget-{label}.json").write_text(json.dumps(report))
+        (tmp_path / f"log-budget-{label}.txt").write_text(log)
+
+    base = {"tokens_per_s": 6654.0, "window_tokens_per_s": [772.0, 2142.0, 25449.0, 2906.0], "compiled_graphs": 8,
+            "documents_per_step": 8.0, "losses": [12.0, 11.5, 11.0, 10.5]}
+    recompile = "[2/1] [__recompiles] Recompiling function forward\n"
+    write("dynamic", base, recompile * 2)
+    write("unbacked-traced", {**base, "tokens_per_s": 25000.0, "window_tokens_per_s": [900.0, 25000.0, 25100.0, 24900.0],
+                              "compiled_graphs": 1, "losses": [12.0, 11.5, 11.0, 10.503]}, "")
+    write("traced", {"side": "kubetune-budget", "error": "exit 1"}, "")
+    table = budget_summary.summary(tmp_path)
+    assert table.startswith("kubetune-budget (instruct full) per KUBETUNE_COMPILE_LENGTH candidate; NVIDIA H100 80GB HBM3, "
+                            "torch 2.11.0, transformers 5.17.0")
+    assert "| dynamic | 6,654 | 772, 2,142, 25,449, 2,906 | 8 | 2 | 8.0 | 0.00e+00 |" in table
+    assert "| unbacked-traced | 25,000 | 900, 25,000, 25,100, 24,900 | 1 | 0 | 8.0 | 3.00e-03 |" in table
+    assert "| traced | failed (exit 1) |" in table
+    assert budget_summary.summary(tmp_path / "none") == f"no budget runs under {tmp_path / 'none'}"
+
+
+def test_the_buckets_padding_documented_in_the_bench_readme_is_what_the_code_computes():
+    """bench/README.md ("Packing budget") quotes the buckets' padding on the bench's instruct data."""
+    from pathlib import Path
+
+    from bench import budget_summary
+
+    report = budget_summary.waste()
+    assert "padding to a multiple of 256: 3.5% of the padded tokens, 26 distinct lengths" in report
+    assert "padding to the buckets (16 up to 16384): 11.4%, 9 buckets used" in report
+    readme = (Path(__file__).resolve().parents[2] / "bench" / "README.md").read_text()
+    assert "**11.4%** of the padded tokens against 3.5% with 256-multiples (26 distinct lengths), and **9 buckets met**" in readme

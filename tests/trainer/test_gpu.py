@@ -75,3 +75,35 @@ def test_the_triton_update_skips_a_non_finite_gradient(source):
     from tests.trainer.test_fused_engine import check_non_finite_gradient_skips_the_whole_update
 
     check_non_finite_gradient_skips_the_whole_update("triton", device="cuda", source=source)
+
+
+def test_unbacked_traced_layers_compile_one_graph_for_every_pack_length():
+    """KUBETUNE_COMPILE_LENGTH=unbacked+traced on CUDA: the real flash varlen op traced into the layer
+    graph, the length unbacked: one graph for packs of 768 to 5,632 tokens (no range recompile), and
+    the loss of each pack as eager's within bf16 noise (tests/trainer/test_compile_length.py on CPU)."""
+    import types
+
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.utils
+
+    from kubetune.trainer import attention, compiling
+    from kubetune.trainer.training import _compile
+    from tests.trainer.test_compile_length import SPANS, _model, _packs, _train
+
+    packs = _packs(SPANS, device="cuda")
+    model = _model().to("cuda", torch.bfloat16)
+    eager = _train(model, packs)
+    modes = frozenset({"unbacked", "traced"})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        with dynamo_config.patch(automatic_dynamic_shapes_mark_as="dynamic"):
+            _compile(types.SimpleNamespace(module=model), dynamic=compiling.compile_dynamic(8, modes), length_modes=modes)
+            compiled = _train(model, packs)
+    finally:
+        attention.trace_varlen(False)
+        torch._dynamo.reset()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for (want, _), (loss, _) in zip(eager, compiled):
+        torch.testing.assert_close(loss.float(), want.float(), rtol=2e-2, atol=2e-2)
