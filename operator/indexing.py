@@ -85,23 +85,46 @@ def _one(index: Index | None, key: Key) -> list[dict[str, Any]]:
     return list((index.get(key) or {}).values())
 
 
+#: How many deleted objects :class:`Store` remembers as gone (see ``Store.note``).
+GONE_KEPT = 10_000
+
+
 @dataclass
 class Store:
-    """The latest version of every watched object, by the FineTuneJob it belongs to."""
+    """The latest version of every watched object, by the FineTuneJob it belongs to.
+
+    Events reach it from two places that are not ordered with each other: the watch-stream hooks
+    (``handlers.queue_child_event``, ``handlers.absorb_own_write``) note as the stream delivers,
+    kopf's handlers when kopf's per-object workers get to an event (its listing at start-up among
+    them). So a version older than the one held is ignored, and so is any version of an object
+    noted as deleted (uids are never reused; the last ``GONE_KEPT`` deletions are remembered)."""
 
     finetunejobs: Index = field(default_factory=dict)
     jobs: Index = field(default_factory=dict)
     pods: Index = field(default_factory=dict)
+    gone: dict[str, None] = field(default_factory=dict)
 
     def note(self, index: Index, key: Key, body: Mapping[str, Any], entry: Any, *, deleted: bool) -> None:
         uid = str((body.get("metadata") or {}).get("uid") or "")
-        bucket = index.setdefault(key, {})
+        bucket = index.get(key)
         if deleted:
-            bucket.pop(uid, None)
-        else:
-            bucket[uid] = entry(body)
-        if not bucket:
-            del index[key]
+            if uid:
+                self.gone[uid] = None
+                if len(self.gone) > GONE_KEPT:
+                    del self.gone[next(iter(self.gone))]
+            if bucket is not None:
+                bucket.pop(uid, None)
+                if not bucket:
+                    del index[key]
+            return
+        if uid in self.gone:
+            return
+        if bucket is None:
+            bucket = index[key] = {}
+        held = bucket.get(uid)
+        if held is not None and _rv(held) > _rv(body):
+            return
+        bucket[uid] = entry(body)
 
     def note_finetunejob(self, namespace: str | None, body: Mapping[str, Any], *, deleted: bool) -> None:
         name = (body.get("metadata") or {}).get("name", "")
