@@ -295,7 +295,7 @@ def _reconciler(settings: Settings) -> queueing.Reconcile:
     async def reconcile_children(key: queueing.Key, work: queueing.Work) -> None:
         """One FineTuneJob's status from what the store holds now, for every event collapsed into ``work``."""
         namespace, name = key
-        with _reconcile("Job" if work.job_deleted else "Pod" if work.pod_stopped else "Children"):
+        with _reconcile("Job"):  # the FineTuneJob's Job and its pods (kopf's handlers: "Job" or "Pod" per event)
             await statusing.refresh(namespace, name, _seen(), deleted_job=work.deleted_job)
             # A deleted Job of an unfinished run is made again (follow_job); so is the Job of a
             # stopped pod when no Job is seen (follow_pod), once all its pods are down.
