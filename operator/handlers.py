@@ -16,6 +16,11 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
   ``indexing``'s store (as is every FineTuneJob event) and recomputes the owning FineTuneJob's
   status from it (``statusing``), reading nothing from the API; a deleted Job, or the last pod of a
   Job that is gone stopping, makes the Job of an unfinished run again (``creating.restore_job``).
+  Their watch events are taken before kopf (``queue_child_event``, through ``watching``): noted in
+  stream order, and the FineTuneJob put in a deduplicating work queue (``queueing``) whose workers
+  make the decision once for all the events that came meanwhile (``reconcile_children``).
+  ``follow_job``/``follow_pod`` do the same per event for what kopf still hands them: its listings
+  (at start-up, after a watch expired), and every event where the hook cannot install.
   No timers, no polling loops.
 
 Handlers return nothing: kopf would store a returned value in ``status``, which belongs to the
@@ -199,23 +204,12 @@ for _key, _hook in arranging.arrangers().items():
     kopf.on.event(*FINETUNEJOBS, labels={_hook.CHILD_LABEL: kopf.PRESENT}, id=f"follow_runs/{_key}")(_follow_runs_of(_hook))
 
 
-def _follows(event: kopf.RawEvent, body: kopf.Body) -> None:
-    """kopf processed an event of this Job or pod (its listing at start-up, or the queue not
-    running): kopf holds its per-object memory, which only a DELETED event it processes frees, so
-    the object's later events stay with kopf (``queue_child_event``)."""
-    uid = body.metadata.uid
-    if uid:
-        if event["type"] == "DELETED":
-            _kopf_follows().discard(uid)
-        else:
-            _kopf_follows().add(uid)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    # Every event of a Job while the work queue runs comes here only when kopf already follows the
-    # Job (listed at start-up); the others are taken before kopf by ``queue_child_event``.
-    _follows(event, body)
+    # While the work queue runs, only kopf's listings (at start-up, after a 410) come here to be
+    # handled; the watch events are taken before kopf (``queue_child_event``).
+    if event.get(QUEUED):
+        return
     deleted = event["type"] == "DELETED"
     indexing.store().note_job(namespace, body, deleted=deleted)
     owner_namespace, owner = indexing.owner_key(namespace, body)
@@ -227,7 +221,8 @@ async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | Non
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
 async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    _follows(event, body)
+    if event.get(QUEUED):
+        return
     if body.metadata.annotations.get(naming.ANNOTATION_JOB):
         deleted = event["type"] == "DELETED"
         indexing.store().note_pod(namespace, body, deleted=deleted)
@@ -244,24 +239,23 @@ async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | Non
 # The work queue of the Jobs' and pods' events (``queueing``): one per event loop (tests run several
 # operators in one process), started by ``start_queue`` and stopped with the operator.
 _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, queueing.WorkQueue] = weakref.WeakKeyDictionary()
-_kopf_followed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = weakref.WeakKeyDictionary()
+#: Set on a DELETED event ``queue_child_event`` queued and still hands to kopf (so that kopf frees
+#: what it remembers of the object): the handlers above do nothing with it.
+QUEUED = "kubetune.io/queued"
 _STOPPED = ("Succeeded", "Failed")
 _JOBS = ("batch", "jobs")
 _PODS = ("", "pods")
-
-
-def _kopf_follows() -> set[str]:
-    found: set[str] = indexing.per_loop(_kopf_followed, set)
-    return found
 
 
 def queue_child_event(resource: Any, raw_event: Mapping[str, Any]) -> bool:
     """An event of a managed Job or pod, before kopf (``watching``): noted in the store at once, in
     stream order (as ``follow_job``/``follow_pod`` note it), and its FineTuneJob added to the work
     queue, whose workers refresh the status and restore a Job that went away
-    (``reconcile_children``); kopf gets a BOOKMARK. False (kopf processes the event with the
-    handlers above) when the queue is not running in this loop, the object is not the operator's, or
-    kopf follows the object already (``_follows``)."""
+    (``reconcile_children``); kopf gets a BOOKMARK. A DELETED event goes on to kopf as well, marked
+    ``QUEUED`` (the handlers return at once): kopf remembers every object it has processed an event
+    of (all of them after a listing) and forgets one only on a DELETED event it processes.
+    False (kopf processes the event with the handlers above) when the queue is not running in this
+    loop or the object is not the operator's."""
     kind = (getattr(resource, "group", None), getattr(resource, "plural", None))
     if kind != _JOBS and kind != _PODS:
         return False
@@ -273,10 +267,6 @@ def queue_child_event(resource: Any, raw_event: Mapping[str, Any]) -> bool:
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get(naming.LABEL_MANAGED_BY) != naming.MANAGED_BY:
         return False  # not what follow_job/follow_pod select: kopf filters it as always
-    uid = meta.get("uid")
-    followed = _kopf_followed.get(asyncio.get_running_loop())
-    if followed and uid in followed:
-        return False
     namespace = meta.get("namespace")
     deleted = event_type == "DELETED"
     if kind == _JOBS:
@@ -288,6 +278,9 @@ def queue_child_event(resource: Any, raw_event: Mapping[str, Any]) -> bool:
         stopped = deleted or (body.get("status") or {}).get("phase") in _STOPPED
         queue.add(indexing.owner_key(namespace, body), queueing.Work(pod_stopped=stopped))
     # (a managed pod without the job-name annotation: follow_pod does nothing with it either)
+    if deleted:
+        raw_event[QUEUED] = True  # type: ignore[index]
+        return False
     return True
 
 

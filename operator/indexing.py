@@ -1,13 +1,15 @@
 """What the operator's watches have seen, kept in memory so a status decision reads no API.
 
 ``kubetune.operator.handlers`` notes every event of a FineTuneJob, and of every Job and trainer pod
-carrying the operator's ``managed-by`` label, in :func:`store` (one per event loop, as the locks in
+carrying the operator's ``managed-by`` label (most of them as the watch stream delivers them, before
+kopf: ``handlers.queue_child_event``, ``handlers.absorb_own_write``), in :func:`store` (one per event loop, as the locks in
 ``statusing``) under ``(namespace, FineTuneJob name)`` — trimmed to the fields ``phases`` judges
 by, so a thousand Jobs do not keep a thousand pod templates in memory — and :class:`Seen` answers
 ``statusing`` from it where the operator would otherwise GET the FineTuneJob and the Job and LIST
 the pods on every event (9 reads per lifecycle at N = 1000 before). What the store holds may trail
-the API server by an event; every event refreshes its FineTuneJob after noting itself, so the last
-event of each object decides with everything known.
+the API server by an event; every event refreshes its FineTuneJob after noting itself (through the
+work queue, ``queueing``: one refresh after the last of the events that came meanwhile), so the
+last event of each object decides with everything known.
 
 Why not ``@kopf.index``: the first version used three kopf indexes; kopf invokes an index handler
 as a full handler (kwargs, causes, logging) on every event, which was 19% of the operator's event
