@@ -22,8 +22,10 @@ works as before, only dearer (every event through kopf's handlers).
 * **The children's events into a work queue**: the same wrapper offers every event of any type to
   ``take`` first (``handlers.queue_child_event``: a managed Job's or pod's event is noted in the
   store and its FineTuneJob queued for a status decision, ``queueing``), with the same BOOKMARK to
-  kopf when it is taken (9 of the ~14 events of a lifecycle). What neither takes goes to kopf
-  unchanged, and so does everything of kopf's initial listing (it does not pass ``watch_objs``).
+  kopf when it is taken (9 of the ~14 events of a lifecycle). A DELETED event is queued but not
+  taken: it reaches kopf marked (``handlers.QUEUED``), so that kopf forgets the object and its
+  handlers do nothing more. What neither takes goes to kopf unchanged, and so does everything of
+  kopf's listings (they do not pass ``watch_objs``).
 """
 
 from __future__ import annotations
