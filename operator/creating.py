@@ -9,13 +9,15 @@ of the same name still owned by an earlier, deleted namesake makes it wait for t
 collector (``kopf.TemporaryError``). A finished job's children are not re-made, so a Job removed by
 ``ttlSecondsAfterFinished`` does not train again when the operator restarts.
 
-:func:`restore_job` is called on every event of a managed Job or pod: the Job of a run that has
+:func:`restore_job` is called for a managed Job's deletion and a stopped pod whose Job is not seen
+(``handlers.reconcile_children``, from the work queue; kopf's handlers for what kopf lists): the Job of a run that has
 not finished, deleted by hand or by a cleanup script, is made again from the same spec (its
 workspace claim, and so its checkpoints, outlive it), once the old Job's pods have stopped, so two
 trainers never write the same checkpoints (a suspended run's Job is made again suspended, as its
 spec says). A finished run's Job is never made again (the bug of kubeflow/trainer #2981, #3737,
-#3779). Being called from event handlers, whose errors kopf drops, it retries transient API
-failures itself (``retrying``).
+#3779). Being called for events, whose errors nobody retries (kopf drops an event handler's; the work
+queue tries a key again only after a ``kopf.TemporaryError``), it retries transient API failures
+itself (``retrying``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ fresh ``kopf.OperatorRegistry`` with ``kopf.testing.KopfRunner``. What is watche
   ``indexing``'s store (as is every FineTuneJob event) and recomputes the owning FineTuneJob's
   status from it (``statusing``), reading nothing from the API; a deleted Job, or the last pod of a
   Job that is gone stopping, makes the Job of an unfinished run again (``creating.restore_job``).
+  Their watch events are taken before kopf (``queue_child_event``, through ``watching``): noted in
+  stream order, and the FineTuneJob put in a deduplicating work queue (``queueing``) whose workers
+  make the decision once for all the events that came meanwhile (``reconcile_children``).
+  ``follow_job``/``follow_pod`` do the same per event for what kopf still hands them: its listings
+  (at start-up, after a watch expired), and every event where the hook cannot install.
   No timers, no polling loops.
 
 Handlers return nothing: kopf would store a returned value in ``status``, which belongs to the
@@ -27,8 +32,10 @@ FineTuneJob — with the operator running or not — leaves their removal to the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -44,11 +51,13 @@ from kubetune.operator import (
     kubeapi,
     metrics,
     naming,
+    queueing,
     running,
     settings,
     statusing,
     updating,
 )
+from kubetune.operator.settings import Settings
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
@@ -76,7 +85,7 @@ def _reconcile(kind: str, retry: int = 0) -> Iterator[None]:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    running.configure(settings, memo, absorb_own_write)
+    running.configure(settings, memo, absorb_own_write, queue_child_event)
 
 
 @kopf.on.login()
@@ -87,6 +96,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def disconnect(**_: Any) -> None:
+    await stop_queue()  # first: its workers may be writing through the gateway
     await kubeapi.aclose()
 
 
@@ -196,6 +206,10 @@ for _key, _hook in arranging.arrangers().items():
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    # While the work queue runs, only kopf's listings (at start-up, after a 410) come here to be
+    # handled; the watch events are taken before kopf (``queue_child_event``).
+    if event.get(QUEUED):
+        return
     deleted = event["type"] == "DELETED"
     indexing.store().note_job(namespace, body, deleted=deleted)
     owner_namespace, owner = indexing.owner_key(namespace, body)
@@ -207,6 +221,8 @@ async def follow_job(event: kopf.RawEvent, body: kopf.Body, namespace: str | Non
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
 async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if event.get(QUEUED):
+        return
     if body.metadata.annotations.get(naming.ANNOTATION_JOB):
         deleted = event["type"] == "DELETED"
         indexing.store().note_pod(namespace, body, deleted=deleted)
@@ -215,6 +231,83 @@ async def follow_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str | Non
             await statusing.refresh(owner_namespace, owner, _seen())
             # A pod of a Job that is gone stopped: the Job is made again once its pods are all down.
             # While the watches still hold the Job there is nothing to restore (no reads at scale).
-            stopped = deleted or (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            stopped = deleted or (body.get("status") or {}).get("phase") in _STOPPED
             if stopped and _seen().job(owner_namespace, owner) is None:
                 await creating.restore_job(owner_namespace, owner, memo.settings)
+
+
+# The work queue of the Jobs' and pods' events (``queueing``): one per event loop (tests run several
+# operators in one process), started by ``start_queue`` and stopped with the operator.
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, queueing.WorkQueue] = weakref.WeakKeyDictionary()
+#: Set on a DELETED event ``queue_child_event`` queued and still hands to kopf (so that kopf frees
+#: what it remembers of the object): the handlers above do nothing with it.
+QUEUED = "kubetune.io/queued"
+_STOPPED = ("Succeeded", "Failed")
+_JOBS = ("batch", "jobs")
+_PODS = ("", "pods")
+
+
+def queue_child_event(resource: Any, raw_event: Mapping[str, Any]) -> bool:
+    """An event of a managed Job or pod, before kopf (``watching``): noted in the store at once, in
+    stream order (as ``follow_job``/``follow_pod`` note it), and its FineTuneJob added to the work
+    queue, whose workers refresh the status and restore a Job that went away
+    (``reconcile_children``); kopf gets a BOOKMARK. A DELETED event goes on to kopf as well, marked
+    ``QUEUED`` (the handlers return at once): kopf remembers every object it has processed an event
+    of (all of them after a listing) and forgets one only on a DELETED event it processes.
+    False (kopf processes the event with the handlers above) when the queue is not running in this
+    loop or the object is not the operator's."""
+    kind = (getattr(resource, "group", None), getattr(resource, "plural", None))
+    if kind != _JOBS and kind != _PODS:
+        return False
+    queue = _queues.get(asyncio.get_running_loop())
+    event_type = raw_event.get("type")
+    if queue is None or not queue.running or event_type not in ("ADDED", "MODIFIED", "DELETED"):
+        return False
+    body = raw_event.get("object") or {}
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get(naming.LABEL_MANAGED_BY) != naming.MANAGED_BY:
+        return False  # not what follow_job/follow_pod select: kopf filters it as always
+    namespace = meta.get("namespace")
+    deleted = event_type == "DELETED"
+    if kind == _JOBS:
+        indexing.store().note_job(namespace, body, deleted=deleted)
+        queue.add(indexing.owner_key(namespace, body), queueing.Work(
+            deleted_job=dict(body) if deleted else None, job_deleted=deleted))
+    elif (meta.get("annotations") or {}).get(naming.ANNOTATION_JOB):
+        indexing.store().note_pod(namespace, body, deleted=deleted)
+        stopped = deleted or (body.get("status") or {}).get("phase") in _STOPPED
+        queue.add(indexing.owner_key(namespace, body), queueing.Work(pod_stopped=stopped))
+    # (a managed pod without the job-name annotation: follow_pod does nothing with it either)
+    if deleted:
+        raw_event[QUEUED] = True  # type: ignore[index]
+        return False
+    return True
+
+
+def _reconciler(settings: Settings) -> queueing.Reconcile:
+    async def reconcile_children(key: queueing.Key, work: queueing.Work) -> None:
+        """One FineTuneJob's status from what the store holds now, for every event collapsed into ``work``."""
+        namespace, name = key
+        with _reconcile("Job"):  # the FineTuneJob's Job and its pods (kopf's handlers: "Job" or "Pod" per event)
+            await statusing.refresh(namespace, name, _seen(), deleted_job=work.deleted_job)
+            # A deleted Job of an unfinished run is made again (follow_job); so is the Job of a
+            # stopped pod when no Job is seen (follow_pod), once all its pods are down.
+            if work.job_deleted or (work.pod_stopped and _seen().job(namespace, name) is None):
+                await creating.restore_job(namespace, name, settings)
+
+    return reconcile_children
+
+
+@kopf.on.startup()
+async def start_queue(memo: kopf.Memo, **_: Any) -> None:
+    # After ``configure`` (kopf runs startup handlers in order), which put the Settings in the memo.
+    queue = queueing.WorkQueue(_reconciler(memo.settings))
+    _queues[asyncio.get_running_loop()] = queue
+    queue.start()
+
+
+async def stop_queue() -> None:
+    """Cancel this operator's queue workers (``disconnect``, kopf's cleanup)."""
+    queue = _queues.pop(asyncio.get_running_loop(), None)
+    if queue is not None:
+        await queue.stop()

@@ -1,13 +1,15 @@
 """What the operator's watches have seen, kept in memory so a status decision reads no API.
 
 ``kubetune.operator.handlers`` notes every event of a FineTuneJob, and of every Job and trainer pod
-carrying the operator's ``managed-by`` label, in :func:`store` (one per event loop, as the locks in
+carrying the operator's ``managed-by`` label (most of them as the watch stream delivers them, before
+kopf: ``handlers.queue_child_event``, ``handlers.absorb_own_write``), in :func:`store` (one per event loop, as the locks in
 ``statusing``) under ``(namespace, FineTuneJob name)`` — trimmed to the fields ``phases`` judges
 by, so a thousand Jobs do not keep a thousand pod templates in memory — and :class:`Seen` answers
 ``statusing`` from it where the operator would otherwise GET the FineTuneJob and the Job and LIST
 the pods on every event (9 reads per lifecycle at N = 1000 before). What the store holds may trail
-the API server by an event; every event refreshes its FineTuneJob after noting itself, so the last
-event of each object decides with everything known.
+the API server by an event; every event refreshes its FineTuneJob after noting itself (through the
+work queue, ``queueing``: one refresh after the last of the events that came meanwhile), so the
+last event of each object decides with everything known.
 
 Why not ``@kopf.index``: the first version used three kopf indexes; kopf invokes an index handler
 as a full handler (kwargs, causes, logging) on every event, which was 19% of the operator's event
@@ -85,23 +87,46 @@ def _one(index: Index | None, key: Key) -> list[dict[str, Any]]:
     return list((index.get(key) or {}).values())
 
 
+#: How many deleted objects :class:`Store` remembers as gone (see ``Store.note``).
+GONE_KEPT = 10_000
+
+
 @dataclass
 class Store:
-    """The latest version of every watched object, by the FineTuneJob it belongs to."""
+    """The latest version of every watched object, by the FineTuneJob it belongs to.
+
+    Events reach it from two places that are not ordered with each other: the watch-stream hooks
+    (``handlers.queue_child_event``, ``handlers.absorb_own_write``) note as the stream delivers,
+    kopf's handlers when kopf's per-object workers get to an event (its listing at start-up among
+    them). So a version older than the one held is ignored, and so is any version of an object
+    noted as deleted (uids are never reused; the last ``GONE_KEPT`` deletions are remembered)."""
 
     finetunejobs: Index = field(default_factory=dict)
     jobs: Index = field(default_factory=dict)
     pods: Index = field(default_factory=dict)
+    gone: dict[str, None] = field(default_factory=dict)
 
     def note(self, index: Index, key: Key, body: Mapping[str, Any], entry: Any, *, deleted: bool) -> None:
         uid = str((body.get("metadata") or {}).get("uid") or "")
-        bucket = index.setdefault(key, {})
+        bucket = index.get(key)
         if deleted:
-            bucket.pop(uid, None)
-        else:
-            bucket[uid] = entry(body)
-        if not bucket:
-            del index[key]
+            if uid:
+                self.gone[uid] = None
+                if len(self.gone) > GONE_KEPT:
+                    del self.gone[next(iter(self.gone))]
+            if bucket is not None:
+                bucket.pop(uid, None)
+                if not bucket:
+                    del index[key]
+            return
+        if uid in self.gone:
+            return
+        if bucket is None:
+            bucket = index[key] = {}
+        held = bucket.get(uid)
+        if held is not None and _rv(held) > _rv(body):
+            return
+        bucket[uid] = entry(body)
 
     def note_finetunejob(self, namespace: str | None, body: Mapping[str, Any], *, deleted: bool) -> None:
         name = (body.get("metadata") or {}).get("name", "")

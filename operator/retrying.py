@@ -1,15 +1,17 @@
 """Retrying a status decision until it is written: backoff for what kopf cannot retry.
 
-The operator follows its Jobs, pods and trials with ``@kopf.on.event`` handlers (a watch is all
-they need: no timers, no per-object daemons), and kopf logs and drops an event handler's error — it
-retries only change-detecting handlers. A status decision that gave up (a 409 because the trainer
+The operator follows its Jobs, pods and trials from their watch events (a watch is all they need:
+no timers, no per-object daemons): ``@kopf.on.event`` handlers, and the work queue the Jobs' and
+pods' events go through (``queueing``); kopf logs and drops an event handler's error — it retries
+only change-detecting handlers — and the queue logs it too. A status decision that gave up (a 409 because the trainer
 wrote progress in between, a 429/5xx, a dropped connection) on the Job's *last* event would leave
 the phase stale for ever. So ``statusing.refresh`` and ``searching.reconcile`` run through
 :func:`until_written`: each attempt re-reads the FineTuneJob, its Job and pods (level-triggered —
 the decision is made from what is there now, not from the event) and the attempts continue with
 exponential backoff and jitter (tenacity) until one is written or the object is gone. Errors that
 retrying cannot cure (403, 422, a bug) are raised at once. The caller holds the FineTuneJob's lock,
-so concurrent events of the same job queue behind the retry and then find nothing left to write.
+so concurrent decisions for the same job (a create handler's, kopf's handlers') wait behind the
+retry and then find nothing left to write; the work queue runs one decision per job at a time anyway.
 """
 
 from __future__ import annotations

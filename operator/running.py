@@ -14,8 +14,9 @@ calls, so the same kopf settings apply however the handlers are loaded (CLI, ``k
 * resource scanning off: the resources served are known at startup (the CRD ships with the
   chart), which saves the cluster-wide list/watch of CRDs and namespaces;
 * kopf's own Events only for warnings and errors (our Events say what happened to the job);
-* kopf's watch streams decoded with orjson, and the operator's own status writes coming back kept
-  from kopf's event processing (``watching``; the handlers pass what absorbs them).
+* kopf's watch streams decoded with orjson, the operator's own status writes coming back kept
+  from kopf's event processing, and the events of its Jobs and pods taken into a work queue before
+  kopf (``watching``, ``queueing``; the handlers pass what absorbs and takes them).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ _phases: dict[str, str] = {}
 _counts: Counter[str] = Counter()  # of _phases' values, kept as they change
 
 
-def configure(settings: kopf.OperatorSettings, memo: Any, absorb: watching.Absorb | None = None) -> Settings:
+def configure(settings: kopf.OperatorSettings, memo: Any, absorb: watching.Absorb | None = None,
+              take: watching.Take | None = None) -> Settings:
     """Apply our choices to kopf's settings and the API gateway's timeout; returns the Settings in use."""
     ours: Settings = memo.get("settings") if hasattr(memo, "get") and memo.get("settings") else Settings.from_env()
     memo["settings"] = ours
@@ -78,6 +80,8 @@ def configure(settings: kopf.OperatorSettings, memo: Any, absorb: watching.Absor
     kubeapi.REQUEST_TIMEOUT = float(ours.request_timeout)  # the gateway logs in with kopf (handlers.login)
     if absorb is not None:
         watching.install(absorb)
+    if take is not None:
+        watching.install_taking(take)
     _phases.clear()
     _counts.clear()
     logger.info("kubetune operator configured: %s", ours)

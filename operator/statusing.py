@@ -1,7 +1,8 @@
 """Writing a FineTuneJob's status from what its Job and pods are doing.
 
-Called by the kopf handlers on every event of an owned Job or trainer pod, after creation, after a
-runPolicy change and when the operator starts (``kubetune.operator.handlers``): take the
+Called for the events of an owned Job or trainer pod (by the work queue's workers, once for the
+events that came meanwhile, ``queueing``; by kopf's handlers for what kopf lists), after creation,
+after a runPolicy change and when the operator starts (``kubetune.operator.handlers``): take the
 FineTuneJob, its Job and pods from what the watches saw (``indexing``; through ``kubeapi`` where a
 caller has no indexes, and on every retry), let ``phases`` decide, and merge-patch the status
 subresource with the operator's fields only. A decision from fresh reads is guarded by
