@@ -10,8 +10,6 @@ cluster side (trials as child FineTuneJobs) is tested in ``tests/operator/test_s
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +97,17 @@ def test_grid_search_keeps_the_trial_with_the_lowest_eval_loss(search_file: Path
     assert again["trials"] == status["trials"] and again["bestTrial"] == status["bestTrial"]
 
 
-def test_the_trainer_entry_point_refuses_a_search(search_file: Path, tmp_path: Path) -> None:
-    """Pods train one trial each; a spec that still holds the search block is a clear error."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kubetune.trainer", "--config", str(search_file), "--local-mode",
-         "--output-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "spec.techniques.hyperparameterSearch" in proc.stdout + proc.stderr
+def test_the_trainer_entry_point_refuses_a_search(search_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pods train one trial each; a spec that still holds the search block is a clear error.
+
+    The pods' entry point (``python -m kubetune.trainer`` calls this ``main``) runs in this process:
+    a subprocess would only add torch's start-up; tests/trainer/test_entrypoint.py runs it as one."""
+    from kubetune.trainer.__main__ import main as trainer_main
+
+    rc = trainer_main(["--config", str(search_file), "--local-mode", "--output-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path)])
+    said = capsys.readouterr()
+    assert rc == 2, said.out + said.err
+    assert "spec.techniques.hyperparameterSearch" in said.out + said.err
     assert not (tmp_path / "out").exists()
 
 

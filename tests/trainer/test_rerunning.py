@@ -1,28 +1,33 @@
 """Rerunning `kubetune train` on a run folder: the same spec resumes (or says it is finished), an
-edited one is refused with one line naming the change, and --restart starts over."""
+edited one is refused with one line naming the change, and --restart starts over.
+
+Each `kubetune train` runs in this process (``kubetune.cli.main``, what ``python -m kubetune``
+calls), its exit code and what it printed taken as a user sees them: a subprocess would only add
+the start-up of torch, transformers and DeepSpeed (seconds each) to the two runs that train."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+from kubetune.cli import main
 from tests.support.tiny_models import manifest, write_dataset
-from tests.trainer.conftest import trainer_env
 
 
-def _train(run_dir, job, *extra):
-    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
-    proc = subprocess.run([sys.executable, "-m", "kubetune", "train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir),
-                           "--no-progress", "--nproc", "1", *extra], cwd=run_dir, env=trainer_env(),
-                          capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout + proc.stderr
+@pytest.fixture
+def _train(capsys):
+    def train(run_dir, job, *extra):
+        (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+        capsys.readouterr()  # what came before is not this run's
+        rc = main(["train", "-f", str(run_dir / "job.yaml"), "-o", str(run_dir), "--no-progress", "--nproc", "1", *extra])
+        said = capsys.readouterr()
+        return rc, said.out + said.err
+
+    return train
 
 
 @pytest.mark.slow
-def test_an_edited_manifest_is_not_resumed_and_a_finished_run_is_not_retrained(tiny_model_dir, tmp_path):
+def test_an_edited_manifest_is_not_resumed_and_a_finished_run_is_not_retrained(tiny_model_dir, tmp_path, _train):
     data = write_dataset(tmp_path / "data.jsonl", "text", n=16)
     job = manifest(tiny_model_dir("llama"), data, "text", overrides={
         "training.maxSteps": 3, "training.learningRate": 1e-3, "checkpointing.everySteps": 1, "data.eval": None})

@@ -1,15 +1,19 @@
-"""A checkpoint resumes on another number of processes: 2 → 1 and 1 → 2, ZeRO 1/2/3, full and LoRA.
+"""A checkpoint resumes on another number of processes: 1 → 2 and 2 → 1, ZeRO 1/2/3, full and LoRA.
 
-Each case trains the same job uninterrupted on one process and on two (the same global batch of 8:
-micro-batch 4 × accumulation 2 × 1, and 4 × 1 × 2), checkpointing at step 3. The step-3 checkpoint
-of each run is then resumed on the other count. The tolerance: with dropout 0, fp32 and the same
-global batch, the two sizes differ only in the order gradients are summed (an all-reduce of two
-ranks against accumulating two micro-batches in one process), about 1e-7 relative per step; a
-skipped or repeated micro-batch, a lost optimizer moment or a reset schedule moves the loss by far
-more than 1e-4 (the loss falls by ~2-10% a step here). Dropout is 0 (LoRA's own included): per-rank
-random generators cannot map across counts, and with LoRA dropout 0.05 the first step after a
-2 → 1 resume differs by ~1e-3 relative, the size of two different dropout masks. Full fine-tuning runs with weight decay, so
-the optimizer has two groups (decay, and none for norms) whose settings must both come back.
+Each case trains the job uninterrupted on one process (9 steps, checkpointing every 3), the
+reference. Its step-3 checkpoint is resumed on two processes (1 → 2), which train on to step 9 and
+checkpoint at step 6 themselves; that two-process checkpoint is resumed on one process (2 → 1).
+Both keep the global batch of 8 (micro-batch 4 × accumulation 2 × 1, and 4 × 1 × 2), and each
+resumed run's steps must be the uninterrupted run's. One two-process start serves both directions:
+the step-6 checkpoint it writes is DeepSpeed's own two-rank one, as a run begun on two processes
+writes it. The tolerance: with dropout 0, fp32 and the same global batch, the two sizes differ only
+in the order gradients are summed (an all-reduce of two ranks against accumulating two micro-batches
+in one process), about 1e-7 relative per step; a skipped or repeated micro-batch, a lost optimizer
+moment or a reset schedule moves the loss by far more than 1e-4 (the loss falls by ~2-10% a step
+here). Dropout is 0 (LoRA's own included): per-rank random generators cannot map across counts, and
+with LoRA dropout 0.05 the first step after a 2 → 1 resume differs by ~1e-3 relative, the size of
+two different dropout masks. Full fine-tuning runs with weight decay, so the optimizer has two
+groups (decay, and none for norms) whose settings must both come back.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ TOLERANCE = 1e-4
 
 def _job(model, data, stage, peft, accumulation):
     overrides = {
-        "deepspeed.zeroStage": stage, "training.maxSteps": 6, "checkpointing.everySteps": 3,
+        "deepspeed.zeroStage": stage, "training.maxSteps": 9, "checkpointing.everySteps": 3,
         "checkpointing.keepLast": 5, "data.eval": None, "training.gradientAccumulationSteps": accumulation,
     }
     if peft != "none":
@@ -51,31 +55,35 @@ def _from_checkpoint(source, step, run_dir):
 @pytest.mark.parametrize("stage,peft", CASES, ids=[f"zero{s}-{p}" for s, p in CASES])
 def test_checkpoint_resumes_on_another_process_count(stage, peft, tiny_model_dir, train_job, tmp_path):
     model = tiny_model_dir("llama")
-    data = write_dataset(tmp_path / "data.jsonl", "text", n=64)
-    one_job, two_job = _job(model, data, stage, peft, 2), _job(model, data, stage, peft, 1)
-    one = train_job(one_job, tmp_path / "one")
-    two = train_job(two_job, tmp_path / "two", nproc=2)
+    data = write_dataset(tmp_path / "data.jsonl", "text", n=64)  # 8 steps an epoch: step 9 begins the next
+    job = _job(model, data, stage, peft, 2)
+    one = train_job(job, tmp_path / "one")
     assert one.rc == 0
-    assert two.rc == 0, two.output[-4000:]
+    reference = {e["step"]: e for e in one.log()}
+    assert sorted(reference) == list(range(1, 10))
 
-    # 2 → 1: the two-process run's manifest (accumulation 1) on one process keeps the global batch 8.
-    to_one = train_job(two_job, _from_checkpoint(two, 3, tmp_path / "two-to-one"))
-    # 1 → 2: the one-process run's manifest (accumulation 2) on two processes.
-    to_two = train_job(one_job, _from_checkpoint(one, 3, tmp_path / "one-to-two"), nproc=2)
-    for resumed, straight, before, after in ((to_one, one, 2, 1), (to_two, two, 1, 2)):
+    # 1 → 2: the manifest says accumulation 2; two processes keep the global batch 8 with 4 × 1 × 2.
+    to_two = train_job(job, _from_checkpoint(one, 3, tmp_path / "one-to-two"), nproc=2)
+    assert to_two.rc == 0, to_two.output[-4000:]
+    assert "resharded from 1 to 2 processes" in to_two.output
+    assert (to_two.checkpoint_dir / "step-00000006" / "state").is_dir()
+    # 2 → 1: the two-process run's step-6 checkpoint (DeepSpeed's two-rank shards, taken with 4 × 1 × 2)
+    # on one process keeps the global batch 8.
+    to_one = train_job(job, _from_checkpoint(to_two, 6, tmp_path / "two-to-one"))
+    for resumed, at, after in ((to_two, 3, 2), (to_one, 6, 1)):
         assert resumed.rc == 0, resumed.output[-4000:]
-        if after == 2:  # a subprocess: its log is at hand
-            assert f"resharded from {before} to {after} processes" in resumed.output
-        assert (resumed.checkpoint_dir / "step-00000003" / "universal" / "zero").is_dir()
-        log, reference = resumed.log(), {e["step"]: e for e in straight.log()}
-        assert [e["step"] for e in log] == [4, 5, 6]
-        # The first step after the resume is the uninterrupted run's step 4, and so are the next ones.
-        assert log[0]["loss"] == pytest.approx(reference[4]["loss"], rel=TOLERANCE)
-        assert [e["loss"] for e in log] == pytest.approx([reference[s]["loss"] for s in (4, 5, 6)], rel=TOLERANCE)
-        assert [e["learning_rate"] for e in log] == pytest.approx([reference[s]["learning_rate"] for s in (4, 5, 6)])
-        state = resumed.checkpoint_state(6)
+        assert (resumed.checkpoint_dir / f"step-{at:08d}" / "universal" / "zero").is_dir()
+        log = resumed.log()
+        after_resume = list(range(at + 1, 10))
+        assert [e["step"] for e in log] == after_resume
+        # The first step after the resume is the uninterrupted run's, and so are the next ones.
+        assert log[0]["loss"] == pytest.approx(reference[at + 1]["loss"], rel=TOLERANCE)
+        assert [e["loss"] for e in log] == pytest.approx([reference[s]["loss"] for s in after_resume], rel=TOLERANCE)
+        assert [e["learning_rate"] for e in log] == pytest.approx([reference[s]["learning_rate"] for s in after_resume])
+        state = resumed.checkpoint_state(9)
         assert state["world_size"] == after
         assert state["micro_batch_size"] * state["gradient_accumulation_steps"] * after == 8
+    assert to_two.checkpoint_state(6)["world_size"] == 2  # what the 2 → 1 resume started from
     # Without the optimizer state the step after the resume would differ: the checkpoint really moved it.
     assert abs(reference[4]["loss"] - reference[3]["loss"]) > 100 * TOLERANCE * reference[4]["loss"]
 
@@ -87,7 +95,7 @@ def test_checkpoint_resumes_on_another_process_count(stage, peft, tiny_model_dir
         state = json.loads(state_file.read_text())
         state.update(world_size=3, micro_batch_size=1, gradient_accumulation_steps=1)  # as if taken on 3 processes
         state_file.write_text(json.dumps(state))
-        refused = train_job(one_job, odd, nproc=2)
+        refused = train_job(job, odd, nproc=2)
         assert refused.rc == 2, refused.output[-4000:]
         assert ("spec.resources: checkpoint step-00000003 was trained on 3 processes with a global batch of 3 "
                 "(micro-batch 1 × accumulation 1 × 3); 2 processes cannot keep it (3 is not a multiple of 2)") in refused.output
@@ -167,5 +175,5 @@ def test_a_fused_engine_checkpoint_resumes_on_two_processes_without_conversion(t
     assert "resharded from 1 to 2 processes" in resumed.output
     assert not (resumed.checkpoint_dir / "step-00000003" / "universal").exists()
     log, reference = resumed.log(), {e["step"]: e for e in one.log()}
-    assert [e["step"] for e in log] == [4, 5, 6]
-    assert [e["loss"] for e in log] == pytest.approx([reference[s]["loss"] for s in (4, 5, 6)], rel=TOLERANCE)
+    assert [e["step"] for e in log] == list(range(4, 10))
+    assert [e["loss"] for e in log] == pytest.approx([reference[s]["loss"] for s in range(4, 10)], rel=TOLERANCE)
