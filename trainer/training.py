@@ -484,7 +484,7 @@ class Trainer:
         else:
             # Packs capped by examples are mostly short of the token budget: pad them only to a
             # multiple of 256 tokens (a handful of shapes; torch.compile turns the length dynamic).
-            batch = PackedCollator(None, pad_token_id=pad, pad_to_multiple_of=256)(items)
+            batch = PackedCollator(None, pad_token_id=pad, pad_to_multiple_of=compiling.PAD_MULTIPLE)(items)
         batch["_index"] = torch.tensor([it["_index"] for it in items])
         batch["_task"] = [it.get("_task", "") for it in items]
         return batch
