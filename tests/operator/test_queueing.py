@@ -166,10 +166,30 @@ JOBS = types.SimpleNamespace(group="batch", version="v1", plural="jobs")
 PODS = types.SimpleNamespace(group="", version="v1", plural="pods")
 
 
+@pytest.fixture
+def restored(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """``creating.restore_job`` replaced by a recorder of the (namespace, name) it is called for."""
+    calls: list[tuple[str, str]] = []
+
+    async def restore_job(namespace: str, name: str, settings: Settings) -> bool:
+        calls.append((namespace, name))
+        return True
+
+    monkeypatch.setattr(creating, "restore_job", restore_job)
+    return calls
+
+
+def _start_queue() -> queueing.WorkQueue:
+    """The operator's work queue, as ``handlers.start_queue`` makes it, running in this loop."""
+    queue = queueing.WorkQueue(handlers._reconciler(Settings.from_env({})))
+    handlers._queues[asyncio.get_running_loop()] = queue
+    queue.start()
+    return queue
+
+
 def test_the_hook_notes_in_stream_order_and_a_deleted_job_reaches_refresh_and_restore(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, restored: list[tuple[str, str]]) -> None:
     refreshed: list[tuple[str, str, dict[str, Any] | None, dict[str, Any] | None, int]] = []
-    restored: list[tuple[str, str]] = []
 
     async def refresh(namespace: str, name: str, seen: indexing.Seen | None = None, *,
                       deleted_job: dict[str, Any] | None = None) -> str | None:
@@ -177,17 +197,10 @@ def test_the_hook_notes_in_stream_order_and_a_deleted_job_reaches_refresh_and_re
         refreshed.append((namespace, name, seen.job(namespace, name), deleted_job, len(seen.pods_of(namespace, name))))
         return None
 
-    async def restore_job(namespace: str, name: str, settings: Settings) -> bool:
-        restored.append((namespace, name))
-        return True
-
     monkeypatch.setattr(statusing, "refresh", refresh)
-    monkeypatch.setattr(creating, "restore_job", restore_job)
 
     async def play() -> list[bool]:
-        queue = queueing.WorkQueue(handlers._reconciler(Settings.from_env({})))
-        handlers._queues[asyncio.get_running_loop()] = queue
-        queue.start()
+        queue = _start_queue()
         taken = [
             handlers.queue_child_event(JOBS, _job_event("ADDED", "a", "j1", "5")),
             handlers.queue_child_event(PODS, _pod_event("ADDED", "a", "p1", "6", "Running")),
@@ -225,23 +238,16 @@ def test_the_hook_notes_in_stream_order_and_a_deleted_job_reaches_refresh_and_re
     assert restored == [("ns", "a")]  # once: the marked event did nothing more in kopf's handler
 
 
-def test_a_stopped_pod_restores_only_when_no_job_is_seen(monkeypatch: pytest.MonkeyPatch) -> None:
-    restored: list[tuple[str, str]] = []
+def test_a_stopped_pod_restores_only_when_no_job_is_seen(monkeypatch: pytest.MonkeyPatch,
+                                                         restored: list[tuple[str, str]]) -> None:
 
     async def refresh(namespace: str, name: str, seen: indexing.Seen | None = None, **_: Any) -> str | None:
         return None
 
-    async def restore_job(namespace: str, name: str, settings: Settings) -> bool:
-        restored.append((namespace, name))
-        return True
-
     monkeypatch.setattr(statusing, "refresh", refresh)
-    monkeypatch.setattr(creating, "restore_job", restore_job)
 
     async def play() -> None:
-        queue = queueing.WorkQueue(handlers._reconciler(Settings.from_env({})))
-        handlers._queues[asyncio.get_running_loop()] = queue
-        queue.start()
+        queue = _start_queue()
         handlers.queue_child_event(JOBS, _job_event("ADDED", "kept", "j1", "1"))
         handlers.queue_child_event(PODS, _pod_event("MODIFIED", "kept", "p1", "2", "Succeeded"))
         handlers.queue_child_event(PODS, _pod_event("MODIFIED", "gone", "p2", "3", "Failed"))  # its Job is not seen
