@@ -132,7 +132,7 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=shape.micro_batch, max_steps=total_steps,
-            learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused" if cuda else "adamw_torch",
+            learning_rate=wl.LEARNING_RATE, lr_scheduler_type="constant", optim="adamw_torch_fused" if cuda else "adamw_torch",
             bf16=cuda, logging_steps=10**6, save_strategy="no", report_to=[], seed=seed,
             deepspeed=deepspeed_zero2_config() if deepspeed else None,
             remove_unused_columns=False, dataloader_drop_last=True, disable_tqdm=True,

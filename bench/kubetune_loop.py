@@ -81,7 +81,7 @@ def run(workload: str, method: str, *, steps: int, warmup: int, device: str, tin
         for layer in _decoder_layers(model):
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    optimizer = torch.optim.AdamW(params, lr=wl.LEARNING_RATE, fused=cuda)
     module = CausalLMLoss(model, backend=loss_backend)
     if deepspeed:
         import deepspeed as ds

@@ -85,7 +85,7 @@ def write_dataset(path: Path, lengths: list[int], vocab: int, seed: int = 0) -> 
     rng = np.random.default_rng(seed + 1)
     with path.open("w", encoding="utf-8") as fh:
         for n in lengths:
-            ids = rng.integers(2, vocab, size=n - 1)  # + eos appended by the trainer = n tokens
+            ids = wl.token_ids(rng, n - 1, vocab)  # from wl.FIRST_ID = 2, the first t{i}  # + eos appended by the trainer = n tokens
             fh.write(json.dumps({"text": " ".join(f"t{i}" for i in ids)}) + "\n")
     return path
 
@@ -187,7 +187,7 @@ def job_manifest(model_dir: Path, data: Path, shape: wl.Shape, method: str, *, s
         "data": {"datasets": [{"name": "bench", "source": str(data), "format": "text"}]},
         "training": {
             "maxSteps": steps, "microBatchSize": shape.micro_batch, "maxSeqLength": shape.seq_len,
-            "packing": True, "precision": "bf16" if cuda else "fp32", "learningRate": 1e-5,
+            "packing": True, "precision": "bf16" if cuda else "fp32", "learningRate": wl.LEARNING_RATE,
             "lrScheduler": "constant", "warmupSteps": 0, "logEverySteps": log_every,
         },
         "deepspeed": {"zeroStage": 2},

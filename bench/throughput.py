@@ -158,6 +158,53 @@ def loss_check(row: dict[str, Any], side: str = "kubetune", reference: str = "ku
             "max_rel_diff": max(d / abs(y) for d, y in zip(diffs, lb) if y)}
 
 
+def _window_means(losses: list[float], steps: list[int]) -> list[float]:
+    """Per-step ``losses`` (step 1 first) averaged over the windows that end at ``steps``."""
+    out, start = [], 0
+    for end in steps:
+        chunk = losses[start:end]
+        out.append(sum(chunk) / len(chunk) if chunk else float("nan"))
+        start = end
+    return out
+
+
+def stock_check(row: dict[str, Any], baseline: str = "baseline", side: str = "kubetune") -> dict[str, Any] | None:
+    """The product trainer's loss curve against a stock side's over the same optimizer steps: the stock
+    per-step losses averaged over the trainer's log windows. Same initial weights, data distribution,
+    documents per step, learning rate, AdamW settings and clipping; not the same documents in each step
+    (HF Trainer samples its own order), so the curves also differ by which tokens each step saw. That
+    sampling noise is estimated from stock's own per-step losses: sigma = std of their second
+    differences / sqrt(6) (a linear trend cancels), and two independent means of ``w`` steps differ by
+    sigma * sqrt(2 / w) (one standard deviation). Within noise: every window within ``tolerance`` =
+    3 of those plus 3 x the larger run-to-run spread of either side (nondeterminism of the kernels)."""
+    import statistics
+
+    ks = [r for r in row["runs"].get(side, []) if r.get("losses") and r.get("loss_steps")]
+    bs = [r for r in row["runs"].get(baseline, []) if r.get("losses")]
+    if not ks or not bs:
+        return None
+    steps = ks[0]["loss_steps"]
+    if len(bs[0]["losses"]) < steps[-1] or len(steps) < 2:
+        return None
+    kubetune = [sum(r["losses"][i] for r in ks) / len(ks) for i in range(len(steps))]
+    per_run = [_window_means(r["losses"], steps) for r in bs]
+    stock = [sum(w[i] for w in per_run) / len(per_run) for i in range(len(steps))]
+
+    def spread(curves: list[list[float]]) -> float:
+        return max((abs(c[i] - d[i]) for i in range(len(steps)) for c in curves for d in curves), default=0.0)
+
+    spreads = {"stock": spread(per_run), "kubetune": spread([r["losses"] for r in ks])}
+    x = bs[0]["losses"][:steps[-1]]
+    second = [x[i + 2] - 2 * x[i + 1] + x[i] for i in range(len(x) - 2)]
+    sigma = statistics.pstdev(second) / 6 ** 0.5 if len(second) >= 2 else 0.0
+    window = steps[-1] - steps[-2]
+    tolerance = 3 * sigma * (2 / window) ** 0.5 + 3 * max(spreads.values())
+    diffs = [abs(a - b) for a, b in zip(kubetune, stock)]
+    return {"side": side, "reference": baseline, "steps": steps, "losses": kubetune, "reference_losses": stock,
+            "max_abs_diff": max(diffs), "run_spreads": spreads, "step_noise": sigma, "stock_drop": stock[0] - stock[-1],
+            "tolerance": tolerance, "within_noise": max(diffs) <= tolerance}
+
+
 def fp8_check(row: dict[str, Any]) -> dict[str, Any] | None:
     """``kubetune-fp8`` against ``kubetune`` (bf16) of the same workload: speed-up of the mean tokens/s,
     MFU of each (same FLOP count, same bf16 peak) and the loss check over the same steps."""
@@ -206,6 +253,18 @@ def markdown(report: dict[str, Any]) -> str:
             pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(c["steps"], c["losses"], c["reference_losses"]))
             lines.append(f"- {row['workload']} {row['method']}: {c['engine']} vs {c['reference_engine']}: max |diff| "
                          f"{c['max_abs_diff']:.2e} ({c['max_rel_diff']:.2e} relative); step: {pairs}")
+    stock = [(row, c) for row in report["rows"] for c in row.get("stock_checks") or []]
+    if stock:
+        lines += ["", "Loss curves against stock (the product trainer's log windows, stock's per-step losses averaged over "
+                  "the same steps; same initial weights, data, documents per step and learning rate, each side's own "
+                  "document order; tolerance: 3 standard deviations of the sampling noise of two window means, from stock's per-step "
+                  "losses, plus 3 x the larger run-to-run spread; `bench.throughput.stock_check`):", ""]
+        for row, c in stock:
+            pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(c["steps"], c["losses"], c["reference_losses"]))
+            lines.append(f"- {row['workload']} {row['method']} kubetune vs {c['reference']}: max |diff| {c['max_abs_diff']:.4f}, "
+                         f"tolerance {c['tolerance']:.4f} (per-step noise {c['step_noise']:.4f}; spreads: stock {c['run_spreads']['stock']:.4f}, kubetune "
+                         f"{c['run_spreads']['kubetune']:.4f}; stock fell {c['stock_drop']:.3f}): "
+                         f"{'within noise' if c['within_noise'] else '**outside noise**'}; step: {pairs}")
     fp8 = [(row, row.get("fp8_check")) for row in report["rows"] if row.get("fp8_check")]
     if fp8:
         lines += ["", "FP8 (`training.precision: fp8`, torchao float8 linear layers) against the same trainer in bf16, "
@@ -300,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             row["loss_check"] = loss_check(row)
             row["fp8_check"] = fp8_check(row)
             row["saveall_check"] = loss_check(row, "kubetune", "kubetune-saveall")
+            row["stock_checks"] = [c for c in (stock_check(row, b) for b in ("baseline", "baseline-liger", "baseline-flat")) if c]
             rows.append(row)
     import importlib.metadata as md
 

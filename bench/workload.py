@@ -3,7 +3,11 @@
 Model: Llama-3.2-1B shape (vocab 128256, hidden 2048, 16 layers, 32 heads, 8 KV heads,
 intermediate 8192, tied embeddings), random init from config, bf16. Data: random token ids with
 either fixed lengths (2048 tokens, micro-batch 8) or instruction-like lengths (log-normal, median 300,
-sigma 0.9, clipped to [16, 2048]). Methods: full fine-tuning, or LoRA r=16 alpha=32 on every linear
+sigma 0.9, clipped to [16, 2048]). Tokens are drawn from a Zipf distribution (exponent 1.1, ranks
+shuffled over the vocabulary by a fixed permutation; entropy ~6.8 nats at this vocabulary) and every
+side trains at ``LEARNING_RATE``: the random-init model starts near ln(vocab) and learns the unigram
+frequencies within the bench's dozen steps, so the sides' loss curves fall and can be compared (on
+uniform tokens the loss stayed flat at ~12.17, which showed little). Speed does not depend on the ids. Methods: full fine-tuning, or LoRA r=16 alpha=32 on every linear
 layer of the decoder. ``tiny=True`` swaps in a 2-layer, hidden-64 model for CPU dry runs.
 
 MFU counts FLOPs per real token as 6N (full) or 4N (frozen base, LoRA) with N every parameter of
@@ -25,6 +29,8 @@ MICRO_BATCH = 8
 TOKEN_BUDGET = SEQ_LEN * MICRO_BATCH  # kubetune packs this many tokens per micro-batch
 WORKLOADS = ("fixed", "instruct")
 METHODS = ("full", "lora")
+LEARNING_RATE = 1e-4  # every side, constant schedule
+ZIPF_EXPONENT = 1.1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -97,10 +103,30 @@ def lengths_for(workload: str, shape: Shape, n: int, seed: int = 0) -> list[int]
     raise ValueError(f"workload: must be one of {', '.join(WORKLOADS)}, got {workload!r}")
 
 
+FIRST_ID = 2  # ids 0 and 1 are the kubetune side's tokenizer specials (eos, unk): no side draws them
+
+
+def token_ids(rng: np.random.Generator, n: int, vocab: int, low: int = FIRST_ID) -> np.ndarray:
+    """``n`` ids in ``[low, vocab)``: Zipf ranks (resampled while past the range) mapped through a
+    permutation fixed by the vocabulary size, so frequent ids are spread over the table. Every side
+    draws through here with the same ``low``, so they train on one distribution over the same ids
+    (the random-init model's loss on it depends on which ids are the frequent ones)."""
+    span = vocab - low
+    ranks = rng.zipf(ZIPF_EXPONENT, size=n) - 1
+    while (over := ranks >= span).any():
+        ranks[over] = rng.zipf(ZIPF_EXPONENT, size=int(over.sum())) - 1
+    order = np.random.default_rng(span).permutation(span)
+    return order[ranks] + low
+
+
+EOS_ID = 0  # the kubetune side's tokenizer appends it to every document; the stock sides' examples end with it too
+
+
 def examples_for(lengths: list[int], vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Random-token examples (``input_ids`` = ``labels``: every token is a target)."""
+    """Zipf-token examples of ``lengths`` tokens, the last one ``EOS_ID`` (``input_ids`` = ``labels``:
+    every token is a target), the documents the kubetune side's tokenizer makes of its text."""
     rng = np.random.default_rng(seed + 1)
-    return [{"input_ids": rng.integers(0, vocab, size=n).tolist()} for n in lengths]
+    return [{"input_ids": token_ids(rng, n - 1, vocab).tolist() + [EOS_ID]} for n in lengths]
 
 
 def n_params(shape: Shape) -> int:

@@ -113,3 +113,50 @@ def test_the_buckets_padding_documented_in_the_bench_readme_is_what_the_code_com
     assert "padding to the buckets (16 up to 16384): 11.4%, 9 buckets used" in report
     readme = (Path(__file__).resolve().parents[2] / "bench" / "README.md").read_text()
     assert "**11.4%** of the padded tokens against 3.5% with 256-multiples (26 distinct lengths), and **9 buckets met**" in readme
+
+
+def test_every_side_trains_on_one_learnable_distribution():
+    """The stock sides' examples and the kubetune side's text are the same Zipf distribution over the same
+    ids (the random-init loss depends on which ids are frequent), each document ending with the eos the
+    kubetune tokenizer appends; the loss can fall well below ln(vocab)."""
+    import json
+    import math
+    from pathlib import Path
+
+    import numpy as np
+
+    from bench import kubetune_trainer
+    from bench import workload as wl
+
+    examples = wl.examples_for([300] * 40, 1024, seed=0)
+    assert all(len(e["input_ids"]) == 300 and e["input_ids"][-1] == wl.EOS_ID for e in examples)
+    stock = np.concatenate([e["input_ids"][:-1] for e in examples])
+    assert stock.min() >= wl.FIRST_ID and stock.max() < 1024
+    path = kubetune_trainer.write_dataset(Path(__import__("tempfile").mkdtemp()) / "d.jsonl", [300] * 40, 1024, seed=0)
+    texts = [json.loads(line)["text"].split() for line in path.read_text().splitlines()]
+    ours = np.array([int(w[1:]) for t in texts for w in t])
+    assert all(len(t) == 299 for t in texts)  # + the eos the trainer appends = 300 tokens
+    # The same ranks map to the same ids: the most frequent ids agree, and the entropy is far below uniform.
+    top = lambda ids: {int(i) for i in np.argsort(np.bincount(ids, minlength=1024))[-5:]}  # noqa: E731
+    assert top(stock) == top(ours)
+    counts = np.bincount(stock, minlength=1024) / len(stock)
+    entropy = -sum(p * math.log(p) for p in counts if p)
+    assert entropy < math.log(1024) - 1.5
+
+
+def test_the_stock_loss_check_averages_stock_steps_over_the_trainer_windows():
+    from bench import throughput
+
+    stock = [10.0, 9.8, 9.6, 9.4, 9.2, 9.0]  # per step, falling linearly: no sampling noise
+    row = {"runs": {"baseline": [{"losses": stock}, {"losses": stock}],
+                    "kubetune": [{"losses": [9.8, 9.2], "loss_steps": [3, 6]}]}}
+    c = throughput.stock_check(row)
+    assert c["reference_losses"] == pytest.approx([9.8, 9.2]) and c["max_abs_diff"] == pytest.approx(0.0)
+    assert c["step_noise"] == pytest.approx(0.0, abs=1e-9) and c["within_noise"]
+    row["runs"]["kubetune"] = [{"losses": [9.8, 9.0], "loss_steps": [3, 6]}]  # falls 0.2 faster: outside
+    assert not throughput.stock_check(row)["within_noise"]
+    noisy = [10.0, 9.9, 9.5, 9.5, 9.1, 9.0]
+    row["runs"]["baseline"] = [{"losses": noisy}]
+    c = throughput.stock_check(row)
+    assert c["step_noise"] > 0.05 and c["tolerance"] > 0.2 and c["within_noise"]  # the same 0.2 is within what the stock run's noise allows
+    assert throughput.stock_check({"runs": {"kubetune": row["runs"]["kubetune"]}}) is None
