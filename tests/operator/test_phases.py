@@ -36,10 +36,20 @@ class TestObserve:
         waiting = pod("p-0", containerStatuses=[{"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}])
         obs = observe(job(active=1), [waiting])
         assert obs is not None and obs.phase == "Initializing" and "ImagePullBackOff: not found" in obs.message
+        assert obs.reason == Reason.PODS_PENDING  # docs/troubleshooting.md: `Initializing`, reason `PodsPending`
         unschedulable = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                                 "message": "0/3 nodes have nvidia.com/gpu"}])
         obs = observe(job(active=1), [unschedulable])
         assert obs is not None and "Unschedulable: 0/3 nodes have nvidia.com/gpu" in obs.message
+        assert (obs.phase, obs.reason) == ("Initializing", Reason.PODS_PENDING)
+
+    def test_a_claim_no_storage_class_can_bind_shows_as_the_schedulers_reason(self) -> None:
+        """docs/troubleshooting.md: a checkpoint claim left Pending shows as the pods' Unschedulable reason."""
+        message = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes are available"
+        stuck = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}])
+        obs = observe(job(active=1), [stuck])
+        assert obs is not None and (obs.phase, obs.reason) == ("Initializing", Reason.PODS_PENDING)
+        assert "pod p-0: Unschedulable: 0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims" in obs.message
 
     def test_ready_pods_are_running(self) -> None:
         obs = observe(job(completions=2, active=2, ready=2, startTime="2026-01-01T00:00:05Z"))
