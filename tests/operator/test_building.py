@@ -277,6 +277,15 @@ class TestJob:
         assert built["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
         assert built["spec"]["suspend"] is True
 
+    def test_the_kueue_label_wins_over_queue_name(self) -> None:
+        """docs/kueue.md: with both set, the FineTuneJob's label names the queue."""
+        m = manifest()
+        m["metadata"]["labels"] = {KUEUE_QUEUE_LABEL: "from-label"}
+        m["spec"]["resources"] = {"queueName": "from-spec"}
+        built = building.build_job(parse_job(m))
+        assert built["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "from-label"
+        assert built["spec"]["suspend"] is True
+
     def test_pvc_sources_are_mounted_read_only(self) -> None:
         job = job_of(model={"source": "pvc://models/llama-3"},
                      data={"datasets": [{"source": "pvc://corpora/a.jsonl", "format": "text"},
