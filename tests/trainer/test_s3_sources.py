@@ -200,3 +200,29 @@ def test_a_single_object_source_is_the_file_itself(s3: S3, tmp_path: Path) -> No
     s3.client().upload_file(str(data), "rows", "a/rows.jsonl")
     rows = read_rows("s3://rows/a/rows.jsonl", base_dir=None, where="spec.data.datasets[0].source")
     assert len(rows) == 5 and rows[0].origin.endswith("rows.jsonl")
+
+
+def test_no_credentials_and_an_unreachable_endpoint_are_one_line_each(s3: S3, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two lines docs/troubleshooting.md quotes for a `Failed` job, from the download a pod runs."""
+    from tests.support.s3server import free_port
+    from kubetune.trainer import buckets
+    from kubetune.trainer.sources import SourceError
+
+    _bucket(s3, "models")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance profile to wait for
+    with pytest.raises(SourceError) as missing:
+        buckets.download("s3://models/tiny", tmp_path / "a", "spec.model.source")
+    assert str(missing.value).startswith("spec.model.source: no S3 credentials for s3://models/tiny; "
+                                         "set spec.model.credentialsSecret to a Secret with keys AWS_ACCESS_KEY_ID")
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", nowhere)
+    with pytest.raises(SourceError) as unreachable:
+        buckets.download("s3://models/tiny", tmp_path / "b", "spec.model.source")
+    assert str(unreachable.value) == (f"spec.model.source: cannot reach the S3 endpoint {nowhere} for s3://models/tiny; "
+                                      "check spec.s3.endpointUrl and network access")
