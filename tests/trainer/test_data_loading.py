@@ -91,6 +91,22 @@ def test_holdout_is_seeded_and_disjoint(tmp_path):
     assert not {e["_row"] for e in a.eval} & {e["_row"] for e in a.train}
 
 
+def test_max_samples_caps_the_rows_read_and_the_evaluation(tmp_path):
+    """spec-reference: datasets[].maxSamples reads at most that many rows (the first ones, before any
+    holdout); eval.maxSamples evaluates on at most that many examples."""
+    write_dataset(tmp_path / "d.jsonl", "text", n=40)
+    write_dataset(tmp_path / "e.jsonl", "text", n=30, seed=1)
+    def spec(eval_cap: int | None = None):
+        return parse_spec({"model": {"source": "m"}, "data": {
+            "datasets": [{"source": "d.jsonl", "format": "text", "maxSamples": 12}],
+            "eval": {"datasets": [{"source": "e.jsonl", "format": "text", "maxSamples": 20}], "maxSamples": eval_cap}}})
+
+    sets = load_examples(spec(), tmp_path)
+    assert [e["_row"] for e in sets.train] == list(range(1, 13))  # rows count from 1
+    assert [e["_row"] for e in sets.eval] == list(range(1, 21))
+    assert len(load_examples(spec(eval_cap=5), tmp_path).eval) == 5
+
+
 def test_label_outside_task_labels_is_an_error(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
