@@ -284,3 +284,32 @@ def test_ctrl_c_stops_following_but_not_the_job(cluster, tmp_path, capsys, monke
     assert cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "runs-on")), "--follow") == 130
     assert "stopped following; the job runs on" in capsys.readouterr().err
     assert cluster.find(*FTJ, "runs-on") is not None
+
+
+def test_raw_status_log_tail_and_which_namespace(cluster, kubeconfig_file, k8s_emulator, tmp_path, capsys):
+    """docs/client.md: `status -o json` prints the raw status, `logs --tail N` the last N lines; the
+    namespace is -n, else the manifest's metadata.namespace, else the kubeconfig context's."""
+    import json
+
+    from tests.support.clusters import write_kubeconfig
+
+    body = manifest("placed")
+    body["metadata"]["namespace"] = cluster.namespace
+    path = tmp_path / "placed.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert main(["submit", "-f", str(path)]) == 0  # no -n; the context's namespace is `default`
+    assert cluster.find(*FTJ, "placed") is not None
+    set_phase(cluster, "placed", "Running", "training")
+    capsys.readouterr()
+    assert cli(cluster, "status", "placed", "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out) == cluster.get(*FTJ, "placed")["status"]
+
+    add_rank0_pod(cluster, "placed", POD_LOG)
+    assert cli(cluster, "logs", "placed", "--tail", "1") == 0
+    assert capsys.readouterr().out == POD_LOG.splitlines()[-1] + "\n"
+
+    in_context = write_kubeconfig(tmp_path / "in-context.yaml", k8s_emulator.kubeconfig(namespace=cluster.namespace))
+    assert main(["status", "placed", "--kubeconfig", str(in_context)]) == 0
+    assert capsys.readouterr().out.startswith(f"FineTuneJob {cluster.namespace}/placed: Running")
+    assert main(["status", "placed", "--kubeconfig", str(in_context), "-n", "default"]) == 2  # -n wins
+    assert "no FineTuneJob placed in namespace default" in capsys.readouterr().err
