@@ -226,3 +226,24 @@ def test_no_credentials_and_an_unreachable_endpoint_are_one_line_each(s3: S3, tm
         buckets.download("s3://models/tiny", tmp_path / "b", "spec.model.source")
     assert str(unreachable.value) == (f"spec.model.source: cannot reach the S3 endpoint {nowhere} for s3://models/tiny; "
                                       "check spec.s3.endpointUrl and network access")
+
+
+def test_the_spec_endpoint_wins_over_the_environment(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/sources.md: without spec.s3.endpointUrl boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+    apply; with it, the spec wins (and spec.s3.region is the region)."""
+    from kubetune.api import parse_spec
+    from kubetune.trainer import buckets
+
+    def spec(**s3_block: str):
+        return parse_spec({"model": {"source": "s3://models/tiny"}, "s3": s3_block,
+                           "data": {"datasets": [{"source": "d.jsonl", "format": "text"}]}})
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # use_spec writes os.environ: monkeypatch restores both
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-the-shell:9000")
+    buckets.use_spec(spec())
+    assert buckets.endpoint() == "http://from-the-shell:9000"
+    buckets.use_spec(spec(endpointUrl=s3.endpoint, region="eu-west-1"))
+    assert buckets.endpoint() == s3.endpoint
+    client = buckets.client()
+    assert client.meta.endpoint_url == s3.endpoint and client.meta.region_name == "eu-west-1"
