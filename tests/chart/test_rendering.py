@@ -107,6 +107,8 @@ def test_operator_runs_alone_non_root_with_probes(render: Render, values: dict[s
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # docs/operations.md, Security: uid 65532 and the RuntimeDefault seccomp profile
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["seccompProfile"]) == (65532, {"type": "RuntimeDefault"})
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
