@@ -224,6 +224,7 @@ class TestJob:
         pod = built["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 1000  # docs/operations.md: uid 1000 by default
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
