@@ -252,3 +252,21 @@ def test_every_kubetune_variable_the_chart_sets_is_an_operator_setting(render: R
     names = {e["name"] for e in _operator(render(MATRIX["everything-on"]))["env"]} - {"HTTPS_PROXY"}
     unread = sorted(n for n in names if n.startswith("KUBETUNE_") and n not in known)
     assert unread == [], f"the chart sets {unread}, which kubetune.operator.settings.Settings does not read"
+
+
+def test_the_object_names_the_docs_commands_use(helm, tmp_path) -> None:
+    """`helm install kubetune …` (README, docs/install.md) makes the names the docs then use:
+    deployment/kubetune, svc/kubetune-metrics, svc/kubetune-tensorboard (in tensorboard.namespace)."""
+    import yaml
+
+    from tests.chart.conftest import CHART, run_helm
+
+    values = {"tensorboard": {"enabled": True, "namespace": "team-a", "claimName": "quickstart-workspace"}}
+    docs = [d for d in yaml.safe_load_all(run_helm(helm, "template", "kubetune", str(CHART), "--namespace", NAMESPACE,
+                                                   values=values, tmp=tmp_path)) if d]
+    names = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs}
+    assert {("Deployment", NAMESPACE, "kubetune"), ("Service", NAMESPACE, "kubetune-metrics"),
+            ("Service", "team-a", "kubetune-tensorboard")} <= names, sorted(names)
+    # another release name gets the chart's name appended: <release>-kubetune-metrics
+    other = [d for d in yaml.safe_load_all(run_helm(helm, "template", "ml", str(CHART), "--namespace", NAMESPACE)) if d]
+    assert "ml-kubetune-metrics" in {d["metadata"]["name"] for d in by_kind(other, "Service")}
