@@ -313,3 +313,21 @@ def test_raw_status_log_tail_and_which_namespace(cluster, kubeconfig_file, k8s_e
     assert capsys.readouterr().out.startswith(f"FineTuneJob {cluster.namespace}/placed: Running")
     assert main(["status", "placed", "--kubeconfig", str(in_context), "-n", "default"]) == 2  # -n wins
     assert "no FineTuneJob placed in namespace default" in capsys.readouterr().err
+
+
+def test_submit_follow_without_logs_and_its_timeout(cluster, kubeconfig_file, tmp_path, capsys):
+    """docs/client.md: `--no-logs` leaves the pod's log out of the follow; `--timeout` ends the
+    follow with exit 124 and the job runs on."""
+    assert cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "slow")), "--follow", "--poll", "0.1",
+               "--timeout", "0.3") == 124
+    assert cluster.find(*FTJ, "slow") is not None
+    capsys.readouterr()
+    writer = in_background(fake_run, cluster, kubeconfig_file, "quiet")
+    rc = cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "quiet")), "--follow", "--no-logs", "--no-progress",
+             "--poll", "0.1", "--timeout", "20")
+    join_checked(writer)
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert any(line.startswith("step 3/3 (100.0%)") for line in err.splitlines()), err
+    assert "kubetune.trainer" not in err and "saved the adapter" not in err, err  # no pod log line
+    assert err.splitlines()[-1] == "training ended (completed); output in /workspace/output"
