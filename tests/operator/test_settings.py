@@ -94,3 +94,5 @@ def test_the_trainer_pod_settings_reach_the_pods() -> None:
     assert pod["terminationGracePeriodSeconds"] == 120
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["MASTER_PORT"] == "29400"
+    default = building.build_job(job_of(), building.BuildOptions.from_settings(Settings.from_env({})))
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300  # docs/reliability.md
