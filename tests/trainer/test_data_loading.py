@@ -254,3 +254,20 @@ def test_eval_metrics_match_hand_computed_values():
                        rank=0, world_size=1, device="cpu", num_labels=2)
     assert metrics["eval_accuracy"] == pytest.approx(0.75)
     assert metrics["eval_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # macro F1 of the two classes
+
+
+def test_the_tokenizer_comes_from_model_tokenizer_when_set(tmp_path):
+    """spec-reference: model.tokenizer names where the tokenizer comes from, instead of the model's folder."""
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer.models import load_tokenizer
+    from tests.support.tiny_models import word_tokenizer
+
+    model = word_tokenizer(tmp_path / "model", ["alpha", "beta"])  # the model's folder and its own tokenizer
+    other = word_tokenizer(tmp_path / "words", ["gamma", "delta"])
+    data = {"datasets": [{"source": "d.jsonl", "format": "text"}]}
+    own, own_folder = load_tokenizer(parse_spec({"model": {"source": "model"}, "data": data}), tmp_path)
+    chosen, folder = load_tokenizer(parse_spec({"model": {"source": "model", "tokenizer": "words"}, "data": data}), tmp_path)
+    assert (own_folder, folder) == (model, other)
+    assert "gamma" in chosen.get_vocab() and "gamma" not in own.get_vocab()
+    assert chosen.get_vocab() == AutoTokenizer.from_pretrained(str(other)).get_vocab()
