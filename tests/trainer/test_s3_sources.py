@@ -78,6 +78,7 @@ def test_model_and_data_from_buckets_and_the_model_written_back(s3: S3, tiny_mod
     assert rc == 0, out[-3000:]
     [fetched] = [line for line in out.splitlines() if line.startswith("kubetune: fetched")]
     assert "fetched 2 sources" in fetched and "s3://models/tiny-llama" in fetched, fetched
+    assert fetched.endswith(f"(cache {run_dir / 'cache'})"), fetched  # docs/sources.md: runs/<name>/cache locally
     uploaded = s3.objects("results", "runs/tiny/")
     local = {f"runs/tiny/{p.relative_to(run_dir / 'output').as_posix()}": p.stat().st_size
              for p in (run_dir / "output").rglob("*")
