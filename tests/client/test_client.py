@@ -313,6 +313,14 @@ def test_raw_status_log_tail_and_which_namespace(cluster, kubeconfig_file, k8s_e
     assert capsys.readouterr().out.startswith(f"FineTuneJob {cluster.namespace}/placed: Running")
     assert main(["status", "placed", "--kubeconfig", str(in_context), "-n", "default"]) == 2  # -n wins
     assert "no FineTuneJob placed in namespace default" in capsys.readouterr().err
+    # --context picks another context of the kubeconfig, with its namespace
+    config = k8s_emulator.kubeconfig()
+    config["contexts"].append({"name": "team", "context": {**config["contexts"][0]["context"], "namespace": cluster.namespace}})
+    two = write_kubeconfig(tmp_path / "two-contexts.yaml", config)
+    assert main(["status", "placed", "--kubeconfig", str(two)]) == 2  # the current context's namespace: default
+    capsys.readouterr()
+    assert main(["status", "placed", "--kubeconfig", str(two), "--context", "team"]) == 0
+    assert capsys.readouterr().out.startswith(f"FineTuneJob {cluster.namespace}/placed: Running")
 
 
 def test_submit_follow_without_logs_and_its_timeout(cluster, kubeconfig_file, tmp_path, capsys):
