@@ -306,6 +306,9 @@ class TestPlan:
         assert [o["kind"] for o in objects] == [
             "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Service", "Job"]
         assert all(o["metadata"]["namespace"] == "ml" for o in objects)
+        # docs/client.md: deleting the FineTuneJob takes everything but the claim with it (garbage collection)
+        owned = {o["kind"] for o in objects if [r["uid"] for r in o["metadata"].get("ownerReferences", [])] == [UID]}
+        assert owned == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"}
 
     @pytest.mark.parametrize("name", [
         "a" * 253,
