@@ -339,3 +339,26 @@ def test_submit_follow_without_logs_and_its_timeout(cluster, kubeconfig_file, tm
     assert any(line.startswith("step 3/3 (100.0%)") for line in err.splitlines()), err
     assert "kubetune.trainer" not in err and "saved the adapter" not in err, err  # no pod log line
     assert err.splitlines()[-1] == "training ended (completed); output in /workspace/output"
+
+
+def test_the_python_api_runs_as_docs_client_md_writes_it(k8s_emulator, kubeconfig_file, tmp_path, monkeypatch, capsys):
+    """The ```python block of docs/client.md, run as written (the manifest path swapped for a small
+    job's): the module-level functions share one Client of the current kubeconfig context."""
+    import re
+
+    monkeypatch.setattr(kclient, "_default", None)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(.*?)```", page, re.S).group(1)  # type: ignore[union-attr]
+    assert '"examples/quickstart.yaml"' in snippet
+    path = write_manifest(tmp_path, "from-the-docs")  # no namespace: the context's, `default`
+    in_default = Cluster(kubeconfig_file, namespace="default", emulator=k8s_emulator)
+    try:
+        writer = in_background(fake_run, in_default, kubeconfig_file, "from-the-docs")
+        exec(compile(snippet.replace('"examples/quickstart.yaml"', repr(str(path))), "docs/client.md", "exec"), {})
+        join_checked(writer)
+        out = capsys.readouterr().out.splitlines()
+        assert "end training ended (completed); output in /workspace/output" in out
+        assert out[-1] == "Succeeded 1.5 /workspace/output"  # state.phase, state.progress.loss, state.status.output_path
+        in_default.wait_gone(*FTJ, "from-the-docs")  # client.delete(job.name, keep_output=True)
+    finally:
+        in_default.close()
