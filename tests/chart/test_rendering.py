@@ -186,6 +186,20 @@ def test_network_policy_opens_only_metrics_health_dns_and_the_api_server(render:
     assert not by_kind(render(), "NetworkPolicy")
 
 
+def test_network_policy_lets_the_api_server_reach_the_webhook(render: Render) -> None:
+    """With the admission webhook on, the API server calls the operator pod: a NetworkPolicy that let
+    only metrics and health in would time every FineTuneJob apply out (failurePolicy Fail)."""
+    rendered = one(render({"networkPolicy": {"enabled": True}, "webhook": {"enabled": True}}), "NetworkPolicy")
+    _validate(rendered)
+    policy = rendered["spec"]
+    ports = [p["port"] for rule in policy["ingress"] for p in rule["ports"]]
+    assert "webhook" in ports
+    (rule,) = [r for r in policy["ingress"] if [p["port"] for p in r["ports"]] == ["webhook"]]
+    assert "from" not in rule  # the API server's source address is the control plane's, not known here
+    off = one(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")["spec"]
+    assert "webhook" not in [p["port"] for rule in off["ingress"] for p in rule["ports"]]
+
+
 def test_tensorboard_reads_the_shared_claim_read_only(render: Render) -> None:
     docs = render(MATRIX["everything-on"])
     (board,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-tensorboard")]
