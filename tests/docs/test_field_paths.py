@@ -1,4 +1,4 @@
-"""Every FineTuneJob field the prose names exists.
+"""Every FineTuneJob field and chart value the prose names exists.
 
 The README, docs/, the chart README, bench/README.md and the examples' comments name fields as
 ``spec.training.maxSteps``, ``training.packing`` or ``continualLearning.fromCheckpoint``. A path
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubetune.api.crds import build_crd
 
@@ -64,3 +65,39 @@ def test_the_check_finds_a_field_that_is_not_there() -> None:
     assert unknown_fields("set `training.microBatchSize` and spec.resources.gpusPerNode") == set()
     assert unknown_fields("set `training.microBatch` or continualLearning.fromCheckpointt") == {
         "training.microBatch", "continualLearning.fromCheckpointt"}
+
+
+# --- the chart's values ---------------------------------------------------------------------------
+
+VALUES = yaml.safe_load((ROOT / "charts" / "kubetune" / "values.yaml").read_text(encoding="utf-8"))
+VALUE_PAGES = [ROOT / "README.md", ROOT / "charts" / "kubetune" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def unknown_values(text: str) -> set[str]:
+    """Dotted names in ``text`` that start with a top-level key of values.yaml but are no value
+    (a key inside a free-form map, e.g. ``metrics.serviceMonitor.labels.release``, counts)."""
+    found = set()
+    for match in PATH.finditer(text):
+        parts = match.group(1).split(".")
+        if parts[0] not in VALUES or parts[-1] in FILE_SUFFIXES:
+            continue
+        node: Any = VALUES
+        for part in parts:
+            if isinstance(node, dict) and not node and node is not VALUES:
+                break  # a free-form map: any key
+            if not isinstance(node, dict) or part not in node:
+                found.add(match.group(0))
+                break
+            node = node[part]
+    return found
+
+
+@pytest.mark.parametrize("page", VALUE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_chart_value_named_is_a_value(page: Path) -> None:
+    assert unknown_values(page.read_text(encoding="utf-8")) == set()
+
+
+def test_the_values_check_finds_a_value_that_is_not_there() -> None:
+    assert unknown_values("`metrics.serviceMonitor.labels.release=prom` and `operator.logLevel`") == set()
+    assert unknown_values("`metrics.servicemonitor.enabled` or `operator.loglevel`") == {
+        "metrics.servicemonitor.enabled", "operator.loglevel"}
