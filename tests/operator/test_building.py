@@ -168,6 +168,7 @@ class TestJob:
         assert env["NODE_RANK"] == {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
         assert built["spec"]["completions"] == built["spec"]["parallelism"] == 4
         assert container["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+        assert container["resources"]["requests"] == container["resources"]["limits"]  # spec-reference: request and limit
 
     def test_cpu_processes_use_torchrun_without_gpu_requests(self) -> None:
         built = building.build_job(job_of(resources={"processesPerNode": 2, "cpu": "4"}))
