@@ -110,6 +110,26 @@ class TestObserve:
         assert obs is not None and (obs.phase, obs.reason) == ("Pending", Reason.QUEUED) and "team-a" in obs.message
 
 
+class TestEvents:
+    def test_transitions_worth_acting_on_get_an_event_the_routine_start_does_not(self) -> None:
+        """docs/troubleshooting.md: Events for running, finished or failed, suspended or resumed, pods that
+        wait for a reason; the routine start (Created, Initializing) is in the conditions only."""
+        status: dict[str, Any] = {}
+        seen = []
+        waiting = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPU"}])
+        for j, pods, suspended in [(job(), [], False), (job(active=1), [], False), (job(active=1), [waiting], False),
+                                   (job(active=1, ready=1), [], False), (job(active=1, ready=1), [], False),
+                                   (job(suspend=True), [], True), (job(active=1, ready=1), [], False),
+                                   (job(conditions=[cond("Failed", "BackoffLimitExceeded")]), [], False)]:
+            obs = observe(j, pods, suspended=suspended)
+            assert obs is not None
+            if phases.worth_an_event(status, obs):
+                seen.append(obs.reason)
+            status = {**status, **phases.status_patch(status, obs, generation=1, timestamp="2026-01-01T03:00:00Z")}
+        assert seen == [Reason.PODS_PENDING, Reason.PODS_RUNNING, Reason.SUSPENDED, Reason.PODS_RUNNING,
+                        Reason.BACKOFF_LIMIT_EXCEEDED]
+
+
 class TestStatusPatch:
     def test_conditions_follow_the_lifecycle(self) -> None:
         status: dict[str, Any] = {"phase": "Pending", "conditions": [cond(ConditionType.CREATED, Reason.RESOURCES_CREATED)]}
