@@ -104,6 +104,43 @@ def test_defaults_and_bounds_in_the_reference_are_the_models() -> None:
     assert "| `16` |" in line and "1 ≤ x ≤ 4096" in rows["r"]
 
 
+def _node(root: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in path.split("."):
+        root = root["properties"][part.removesuffix("[]")]
+        if part.endswith("[]"):
+            root = root["items"]
+    return root
+
+
+def _number(text: str) -> float:
+    return float(text.replace("2^32-1", str(2**32 - 1)).replace("10^", "1e"))
+
+
+def test_every_numeric_bound_in_the_references_is_the_crds() -> None:
+    """Each "(a ≤ x ≤ b)" of the two references is the minimum/maximum the API server enforces."""
+    schema = _spec_schema()
+    checked = 0
+    for page in (documenting.SPEC_PAGE, documenting.TECHNIQUES_PAGE):
+        for title, body in _sections((ROOT / page).read_text()).items():
+            if title.startswith("spec."):
+                root = schema["properties"][title.split()[0].removeprefix("spec.")]
+            elif title == "PEFT methods":
+                root = schema["properties"]["peft"]
+            elif (key := re.search(r"`spec\.techniques\.(\w+)`", body)) is not None:
+                root = schema["properties"]["techniques"]["properties"][key.group(1)]
+            else:
+                continue
+            for path, description in _documented_rows(body).items():
+                bound = re.search(r"\(([-0-9.e^]+) (<|≤) x (<|≤) ([-0-9.e^]+)\)", description)
+                if bound is None:
+                    continue
+                node, checked = _node(root, path), checked + 1
+                assert (node.get("minimum"), node.get("maximum")) == (_number(bound.group(1)), _number(bound.group(4))), path
+                assert bool(node.get("exclusiveMinimum")) == (bound.group(2) == "<"), path
+                assert bool(node.get("exclusiveMaximum")) == (bound.group(3) == "<"), path
+    assert checked >= 60
+
+
 # --- the chart's values ---------------------------------------------------------------------------
 
 
