@@ -116,8 +116,9 @@ def _number(text: str) -> float:
     return float(text.replace("2^32-1", str(2**32 - 1)).replace("10^", "1e"))
 
 
-def test_every_numeric_bound_in_the_references_is_the_crds() -> None:
-    """Each "(a ≤ x ≤ b)" of the two references is the minimum/maximum the API server enforces."""
+def test_every_bound_and_enum_in_the_references_is_the_crds() -> None:
+    """Each "(a ≤ x ≤ b)", character limit and list of values of the two references is what the API
+    server enforces (the CRD's minimum/maximum, minLength/maxLength and enum)."""
     schema = _spec_schema()
     checked = 0
     for page in (documenting.SPEC_PAGE, documenting.TECHNIQUES_PAGE):
@@ -130,15 +131,29 @@ def test_every_numeric_bound_in_the_references_is_the_crds() -> None:
                 root = schema["properties"]["techniques"]["properties"][key.group(1)]
             else:
                 continue
-            for path, description in _documented_rows(body).items():
+            for line in body.splitlines():
+                row = re.match(r"^\| `([^`]+)` \| (.+?) \| (.+?) \| (.*) \|$", line)
+                if row is None:
+                    continue
+                path, kind, description = row.group(1), row.group(2), row.group(4)
+                node = _node(root, path)
+                enum = re.findall(r"`([^`]+)`", kind) if "\\|" in kind else []
+                if enum:  # the values listed are the ones the server takes
+                    assert enum == [str(v) for v in node["enum"]], path
+                    checked += 1
+                length = re.search(r"\((\d+) to (\d+) characters|\(at most (\d+) characters", description)
+                if length is not None and length.group(2):
+                    assert (node.get("minLength"), node.get("maxLength")) == (int(length.group(1)), int(length.group(2))), path
+                elif length is not None:
+                    assert node.get("maxLength") == int(length.group(3)), path
                 bound = re.search(r"\(([-0-9.e^]+) (<|≤) x (<|≤) ([-0-9.e^]+)\)", description)
                 if bound is None:
                     continue
-                node, checked = _node(root, path), checked + 1
+                checked += 1
                 assert (node.get("minimum"), node.get("maximum")) == (_number(bound.group(1)), _number(bound.group(4))), path
                 assert bool(node.get("exclusiveMinimum")) == (bound.group(2) == "<"), path
                 assert bool(node.get("exclusiveMaximum")) == (bound.group(3) == "<"), path
-    assert checked >= 60
+    assert checked >= 80
 
 
 # --- the chart's values ---------------------------------------------------------------------------
