@@ -374,7 +374,7 @@ class CheckpointingSpec(SpecModel):
     keep_best: bool = Field(default=True, description="Also keep the best checkpoint by the eval metric.")
     metric: str = Field(default="eval_loss", max_length=128, pattern=r"^[A-Za-z0-9_./\-]+$", description="Metric that ranks checkpoints.")
     mode: Literal["min", "max"] = Field(default="min", description="Whether a lower or a higher metric is better.")
-    resume: bool = Field(default=True, description="Resume from the latest checkpoint when the pod restarts.")
+    resume: bool = Field(default=True, description="Resume from the latest checkpoint when the pod restarts (or kubetune train runs again). false: every attempt starts over and first removes the checkpoints of the attempt before.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where checkpoints and output live.")
 
 

@@ -287,7 +287,7 @@ def techniques_page() -> str:
 
 
 def _example(model: type[BaseModel]) -> str:
-    """The smallest block that validates: required fields only, with placeholder values."""
+    """The smallest block: its required fields only, ``...`` where a value must be filled in."""
     required = {name: f for name, f in model.model_fields.items() if f.is_required()}
     if not required:
         return "{}"

@@ -43,5 +43,7 @@ def check_data(spec: Any, base_dir: str | os.PathLike[str] | None) -> list[str]:
                 for row in rows:
                     canonical_example(row, ds, name, ds.task or name)
             except (DataError, SourceError) as exc:
-                problems.append(str(exc))
+                # A bad row names its file and row; the line also names the dataset's field path.
+                message = str(exc)
+                problems.append(message if message.startswith(where) else f"{where}.source: {message}")
     return problems

@@ -23,7 +23,7 @@ class PromptEngineeringSpec(SpecModel):
         default="jinja", description="jinja (`{{ field }}`) or Python format strings (`{field}`)."
     )
     response_template: str | None = Field(
-        default=None, max_length=16384, description="Template for the response/target side, when it needs one."
+        default=None, max_length=16384, description="Template rendering the target side from the row's fields: the response of instruction rows, the target of seq2seq rows (other formats have no text target)."
     )
 
 

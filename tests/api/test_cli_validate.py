@@ -141,3 +141,29 @@ def test_data_checks_can_be_skipped_and_remote_sources_are_left_to_the_trainer(t
     hub = _run("-f", str(_job_with_data(tmp_path, None, source="hf://org/reviews")))
     assert hub.returncode == 0, hub.stdout + hub.stderr
 
+
+
+def test_each_data_problem_names_the_dataset_it_is_in(tmp_path: Path, capsys) -> None:
+    """With several datasets, a bad row says which one: the line starts with the field path, as
+    every other problem of `kubetune validate` does, then the file and the row."""
+    from kubetune.cli import main
+
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine", "label": "good"}\n{"text": "meh"\n')
+    (tmp_path / "nolabel.jsonl").write_text('{"text": "fine"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(GOOD.split("spec:")[0] + """spec:
+  model: {source: hf://org/model}
+  techniques: {task: {type: classification}}
+  data:
+    datasets:
+      - {source: missing.jsonl, format: classification}
+      - {source: broken.jsonl, format: classification}
+      - {source: nolabel.jsonl, format: classification}
+      - {source: hf://org/data, format: classification}
+""")
+    assert main(["validate", "-f", str(job)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3, lines  # the hf:// source is the trainer's to read
+    assert lines[0].startswith(f"{job}: spec.data.datasets[0].source: {tmp_path / 'missing.jsonl'} does not exist")
+    assert lines[1] == f"{job}: spec.data.datasets[1].source: {tmp_path / 'broken.jsonl'}: row 2: invalid JSON (Expecting ',' delimiter at column 1)"
+    assert lines[2].startswith(f"{job}: spec.data.datasets[2].source: {tmp_path / 'nolabel.jsonl'}: row 1, field 'label': missing")

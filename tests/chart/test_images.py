@@ -177,8 +177,12 @@ def test_trainer_image_installs_the_gpu_extra_the_demo_model_and_prebuilt_deepsp
     gpu = PYPROJECT["project"]["optional-dependencies"]["gpu"]
     assert "kubetune[train]" in gpu and any(r.startswith("liger-kernel") for r in gpu)
     built = {k for rest in dockerfile.all("ENV") for k in re.findall(r"(DS_BUILD_\w+)=1", rest)}
-    assert {"DS_BUILD_CPU_ADAM", "DS_BUILD_FUSED_ADAM"} <= built
+    # docs/install.md: Adam, LAMB, Adagrad and the utility ops, for Ampere, Ada and Hopper
+    assert {"DS_BUILD_CPU_ADAM", "DS_BUILD_FUSED_ADAM", "DS_BUILD_FUSED_LAMB", "DS_BUILD_CPU_ADAGRAD", "DS_BUILD_UTILS"} <= built
+    assert {"8.0", "8.6", "8.9"} <= set(re.findall(r"\d\.\d", dockerfile.args["TORCH_CUDA_ARCH_LIST"])) and "9.0" in dockerfile.args["TORCH_CUDA_ARCH_LIST"]
     assert "ds_report" in runs and "pip check" in runs
+    # docs/operations.md: the trainer image has TensorBoard (the chart's TensorBoard runs it)
+    assert "tensorboard" in _extra("train")
 
 
 def _extra(name: str) -> dict[str, Requirement]:

@@ -71,6 +71,8 @@ def test_no_wildcards_and_no_escalation_verbs(render: Render) -> None:
                 assert not {v for _, _, v in grants} & DANGEROUS_VERBS
                 assert not {g for g, _, _ in grants} & {"*"} and not {r for _, r, _ in grants} & {"*"}
                 assert not any(r.startswith("secrets") for _, r, _ in grants), "the operator never reads Secrets"
+                # charts/kubetune/README.md: it never deletes anything (children go by owner references)
+                assert not {v for _, _, v in grants} & {"delete", "deletecollection"}, "the operator never deletes"
 
 
 def test_operator_holds_what_it_grants_each_trainer(render: Render) -> None:

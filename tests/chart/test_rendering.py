@@ -107,6 +107,8 @@ def test_operator_runs_alone_non_root_with_probes(render: Render, values: dict[s
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # docs/operations.md, Security: uid 65532 and the RuntimeDefault seccomp profile
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["seccompProfile"]) == (65532, {"type": "RuntimeDefault"})
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -184,6 +186,20 @@ def test_network_policy_opens_only_metrics_health_dns_and_the_api_server(render:
     assert not by_kind(render(), "NetworkPolicy")
 
 
+def test_network_policy_lets_the_api_server_reach_the_webhook(render: Render) -> None:
+    """With the admission webhook on, the API server calls the operator pod: a NetworkPolicy that let
+    only metrics and health in would time every FineTuneJob apply out (failurePolicy Fail)."""
+    rendered = one(render({"networkPolicy": {"enabled": True}, "webhook": {"enabled": True}}), "NetworkPolicy")
+    _validate(rendered)
+    policy = rendered["spec"]
+    ports = [p["port"] for rule in policy["ingress"] for p in rule["ports"]]
+    assert "webhook" in ports
+    (rule,) = [r for r in policy["ingress"] if [p["port"] for p in r["ports"]] == ["webhook"]]
+    assert "from" not in rule  # the API server's source address is the control plane's, not known here
+    off = one(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")["spec"]
+    assert "webhook" not in [p["port"] for rule in off["ingress"] for p in rule["ports"]]
+
+
 def test_tensorboard_reads_the_shared_claim_read_only(render: Render) -> None:
     docs = render(MATRIX["everything-on"])
     (board,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-tensorboard")]
@@ -250,3 +266,21 @@ def test_every_kubetune_variable_the_chart_sets_is_an_operator_setting(render: R
     names = {e["name"] for e in _operator(render(MATRIX["everything-on"]))["env"]} - {"HTTPS_PROXY"}
     unread = sorted(n for n in names if n.startswith("KUBETUNE_") and n not in known)
     assert unread == [], f"the chart sets {unread}, which kubetune.operator.settings.Settings does not read"
+
+
+def test_the_object_names_the_docs_commands_use(helm, tmp_path) -> None:
+    """`helm install kubetune …` (README, docs/install.md) makes the names the docs then use:
+    deployment/kubetune, svc/kubetune-metrics, svc/kubetune-tensorboard (in tensorboard.namespace)."""
+    import yaml
+
+    from tests.chart.conftest import CHART, run_helm
+
+    values = {"tensorboard": {"enabled": True, "namespace": "team-a", "claimName": "quickstart-workspace"}}
+    docs = [d for d in yaml.safe_load_all(run_helm(helm, "template", "kubetune", str(CHART), "--namespace", NAMESPACE,
+                                                   values=values, tmp=tmp_path)) if d]
+    names = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs}
+    assert {("Deployment", NAMESPACE, "kubetune"), ("Service", NAMESPACE, "kubetune-metrics"),
+            ("Service", "team-a", "kubetune-tensorboard")} <= names, sorted(names)
+    # another release name gets the chart's name appended: <release>-kubetune-metrics
+    other = [d for d in yaml.safe_load_all(run_helm(helm, "template", "ml", str(CHART), "--namespace", NAMESPACE)) if d]
+    assert "ml-kubetune-metrics" in {d["metadata"]["name"] for d in by_kind(other, "Service")}

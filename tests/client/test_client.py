@@ -284,3 +284,81 @@ def test_ctrl_c_stops_following_but_not_the_job(cluster, tmp_path, capsys, monke
     assert cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "runs-on")), "--follow") == 130
     assert "stopped following; the job runs on" in capsys.readouterr().err
     assert cluster.find(*FTJ, "runs-on") is not None
+
+
+def test_raw_status_log_tail_and_which_namespace(cluster, kubeconfig_file, k8s_emulator, tmp_path, capsys):
+    """docs/client.md: `status -o json` prints the raw status, `logs --tail N` the last N lines; the
+    namespace is -n, else the manifest's metadata.namespace, else the kubeconfig context's."""
+    import json
+
+    from tests.support.clusters import write_kubeconfig
+
+    body = manifest("placed")
+    body["metadata"]["namespace"] = cluster.namespace
+    path = tmp_path / "placed.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert main(["submit", "-f", str(path)]) == 0  # no -n; the context's namespace is `default`
+    assert cluster.find(*FTJ, "placed") is not None
+    set_phase(cluster, "placed", "Running", "training")
+    capsys.readouterr()
+    assert cli(cluster, "status", "placed", "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out) == cluster.get(*FTJ, "placed")["status"]
+
+    add_rank0_pod(cluster, "placed", POD_LOG)
+    assert cli(cluster, "logs", "placed", "--tail", "1") == 0
+    assert capsys.readouterr().out == POD_LOG.splitlines()[-1] + "\n"
+
+    in_context = write_kubeconfig(tmp_path / "in-context.yaml", k8s_emulator.kubeconfig(namespace=cluster.namespace))
+    assert main(["status", "placed", "--kubeconfig", str(in_context)]) == 0
+    assert capsys.readouterr().out.startswith(f"FineTuneJob {cluster.namespace}/placed: Running")
+    assert main(["status", "placed", "--kubeconfig", str(in_context), "-n", "default"]) == 2  # -n wins
+    assert "no FineTuneJob placed in namespace default" in capsys.readouterr().err
+    # --context picks another context of the kubeconfig, with its namespace
+    config = k8s_emulator.kubeconfig()
+    config["contexts"].append({"name": "team", "context": {**config["contexts"][0]["context"], "namespace": cluster.namespace}})
+    two = write_kubeconfig(tmp_path / "two-contexts.yaml", config)
+    assert main(["status", "placed", "--kubeconfig", str(two)]) == 2  # the current context's namespace: default
+    capsys.readouterr()
+    assert main(["status", "placed", "--kubeconfig", str(two), "--context", "team"]) == 0
+    assert capsys.readouterr().out.startswith(f"FineTuneJob {cluster.namespace}/placed: Running")
+
+
+def test_submit_follow_without_logs_and_its_timeout(cluster, kubeconfig_file, tmp_path, capsys):
+    """docs/client.md: `--no-logs` leaves the pod's log out of the follow; `--timeout` ends the
+    follow with exit 124 and the job runs on."""
+    assert cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "slow")), "--follow", "--poll", "0.1",
+               "--timeout", "0.3") == 124
+    assert cluster.find(*FTJ, "slow") is not None
+    capsys.readouterr()
+    writer = in_background(fake_run, cluster, kubeconfig_file, "quiet")
+    rc = cli(cluster, "submit", "-f", str(write_manifest(tmp_path, "quiet")), "--follow", "--no-logs", "--no-progress",
+             "--poll", "0.1", "--timeout", "20")
+    join_checked(writer)
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert any(line.startswith("step 3/3 (100.0%)") for line in err.splitlines()), err
+    assert "kubetune.trainer" not in err and "saved the adapter" not in err, err  # no pod log line
+    assert err.splitlines()[-1] == "training ended (completed); output in /workspace/output"
+
+
+def test_the_python_api_runs_as_docs_client_md_writes_it(k8s_emulator, kubeconfig_file, tmp_path, monkeypatch, capsys):
+    """The ```python block of docs/client.md, run as written (the manifest path swapped for a small
+    job's): the module-level functions share one Client of the current kubeconfig context."""
+    import re
+
+    monkeypatch.setattr(kclient, "_default", None)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(.*?)```", page, re.S).group(1)  # type: ignore[union-attr]
+    assert '"examples/quickstart.yaml"' in snippet
+    path = write_manifest(tmp_path, "from-the-docs")  # no namespace: the context's, `default`
+    in_default = Cluster(kubeconfig_file, namespace="default", emulator=k8s_emulator)
+    try:
+        writer = in_background(fake_run, in_default, kubeconfig_file, "from-the-docs")
+        exec(compile(snippet.replace('"examples/quickstart.yaml"', repr(str(path))), "docs/client.md", "exec"), {})
+        join_checked(writer)
+        out = capsys.readouterr().out.splitlines()
+        assert "end training ended (completed); output in /workspace/output" in out
+        assert out[-1] == "Succeeded 1.5 /workspace/output"  # state.phase, state.progress.loss, state.status.output_path
+        in_default.wait_gone(*FTJ, "from-the-docs")  # client.delete(job.name, keep_output=True)
+    finally:
+        in_default.close()

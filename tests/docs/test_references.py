@@ -104,6 +104,58 @@ def test_defaults_and_bounds_in_the_reference_are_the_models() -> None:
     assert "| `16` |" in line and "1 ≤ x ≤ 4096" in rows["r"]
 
 
+def _node(root: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in path.split("."):
+        root = root["properties"][part.removesuffix("[]")]
+        if part.endswith("[]"):
+            root = root["items"]
+    return root
+
+
+def _number(text: str) -> float:
+    return float(text.replace("2^32-1", str(2**32 - 1)).replace("10^", "1e"))
+
+
+def test_every_bound_and_enum_in_the_references_is_the_crds() -> None:
+    """Each "(a ≤ x ≤ b)", character limit and list of values of the two references is what the API
+    server enforces (the CRD's minimum/maximum, minLength/maxLength and enum)."""
+    schema = _spec_schema()
+    checked = 0
+    for page in (documenting.SPEC_PAGE, documenting.TECHNIQUES_PAGE):
+        for title, body in _sections((ROOT / page).read_text()).items():
+            if title.startswith("spec."):
+                root = schema["properties"][title.split()[0].removeprefix("spec.")]
+            elif title == "PEFT methods":
+                root = schema["properties"]["peft"]
+            elif (key := re.search(r"`spec\.techniques\.(\w+)`", body)) is not None:
+                root = schema["properties"]["techniques"]["properties"][key.group(1)]
+            else:
+                continue
+            for line in body.splitlines():
+                row = re.match(r"^\| `([^`]+)` \| (.+?) \| (.+?) \| (.*) \|$", line)
+                if row is None:
+                    continue
+                path, kind, description = row.group(1), row.group(2), row.group(4)
+                node = _node(root, path)
+                enum = re.findall(r"`([^`]+)`", kind) if "\\|" in kind else []
+                if enum:  # the values listed are the ones the server takes
+                    assert enum == [str(v) for v in node["enum"]], path
+                    checked += 1
+                length = re.search(r"\((\d+) to (\d+) characters|\(at most (\d+) characters", description)
+                if length is not None and length.group(2):
+                    assert (node.get("minLength"), node.get("maxLength")) == (int(length.group(1)), int(length.group(2))), path
+                elif length is not None:
+                    assert node.get("maxLength") == int(length.group(3)), path
+                bound = re.search(r"\(([-0-9.e^]+) (<|≤) x (<|≤) ([-0-9.e^]+)\)", description)
+                if bound is None:
+                    continue
+                checked += 1
+                assert (node.get("minimum"), node.get("maximum")) == (_number(bound.group(1)), _number(bound.group(4))), path
+                assert bool(node.get("exclusiveMinimum")) == (bound.group(2) == "<"), path
+                assert bool(node.get("exclusiveMaximum")) == (bound.group(3) == "<"), path
+    assert checked >= 80
+
+
 # --- the chart's values ---------------------------------------------------------------------------
 
 

@@ -167,6 +167,11 @@ def test_kueue_label_creates_the_job_suspended_and_the_operator_leaves_suspend_t
             cluster.patch(*FTJ, "queued", {"spec": {"runPolicy": {"backoffLimit": 5}}})
             cluster.wait_for(lambda: cluster.get("batch/v1", "Job", "queued")["spec"]["backoffLimit"] == 5)
             assert cluster.get("batch/v1", "Job", "queued")["spec"]["suspend"] is False
+            # docs/kueue.md: runPolicy.suspend on a queued job only earns a Warning Event; Kueue keeps suspend
+            cluster.patch(*FTJ, "queued", {"spec": {"runPolicy": {"backoffLimit": 5, "suspend": True}}})
+            cluster.wait_for(lambda: ("Warning", "SuspendManagedByKueue") in [(t, r) for t, r, _ in events(cluster, "queued")],
+                             what="the SuspendManagedByKueue Event")
+            assert cluster.get("batch/v1", "Job", "queued")["spec"]["suspend"] is False
 
 
 def test_immutable_fields_are_refused_run_policy_is_applied(

@@ -168,6 +168,7 @@ class TestJob:
         assert env["NODE_RANK"] == {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
         assert built["spec"]["completions"] == built["spec"]["parallelism"] == 4
         assert container["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+        assert container["resources"]["requests"] == container["resources"]["limits"]  # spec-reference: request and limit
 
     def test_cpu_processes_use_torchrun_without_gpu_requests(self) -> None:
         built = building.build_job(job_of(resources={"processesPerNode": 2, "cpu": "4"}))
@@ -224,6 +225,7 @@ class TestJob:
         pod = built["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 1000  # docs/operations.md: uid 1000 by default
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -277,6 +279,15 @@ class TestJob:
         assert built["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
         assert built["spec"]["suspend"] is True
 
+    def test_the_kueue_label_wins_over_queue_name(self) -> None:
+        """docs/kueue.md: with both set, the FineTuneJob's label names the queue."""
+        m = manifest()
+        m["metadata"]["labels"] = {KUEUE_QUEUE_LABEL: "from-label"}
+        m["spec"]["resources"] = {"queueName": "from-spec"}
+        built = building.build_job(parse_job(m))
+        assert built["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "from-label"
+        assert built["spec"]["suspend"] is True
+
     def test_pvc_sources_are_mounted_read_only(self) -> None:
         job = job_of(model={"source": "pvc://models/llama-3"},
                      data={"datasets": [{"source": "pvc://corpora/a.jsonl", "format": "text"},
@@ -296,6 +307,9 @@ class TestPlan:
         assert [o["kind"] for o in objects] == [
             "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Service", "Job"]
         assert all(o["metadata"]["namespace"] == "ml" for o in objects)
+        # docs/client.md: deleting the FineTuneJob takes everything but the claim with it (garbage collection)
+        owned = {o["kind"] for o in objects if [r["uid"] for r in o["metadata"].get("ownerReferences", [])] == [UID]}
+        assert owned == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"}
 
     @pytest.mark.parametrize("name", [
         "a" * 253,

@@ -57,6 +57,10 @@ class TestFetchInitContainer:
         fetch_env = {e["name"] for e in pod["initContainers"][0]["env"]}
         assert "HF_HUB_OFFLINE" not in fetch_env  # the fetcher downloads
         assert env_of(building.build_job(job_of()))["HF_HUB_OFFLINE"] == "1"
+        # docs/sources.md: the caches on the job's volume, where the next node and a restarted pod find them
+        fetch_values = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+        assert fetch_values["HF_HOME"] == env_of(building.build_job(job_of()))["HF_HOME"] == "/workspace/cache/huggingface"
+        assert building.FETCH_DIR == "/workspace/cache/sources"
 
     def test_local_sources_need_no_fetch_step(self) -> None:
         job = job_of(model={"source": "pvc://models/llama"})

@@ -36,10 +36,20 @@ class TestObserve:
         waiting = pod("p-0", containerStatuses=[{"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}])
         obs = observe(job(active=1), [waiting])
         assert obs is not None and obs.phase == "Initializing" and "ImagePullBackOff: not found" in obs.message
+        assert obs.reason == Reason.PODS_PENDING  # docs/troubleshooting.md: `Initializing`, reason `PodsPending`
         unschedulable = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                                 "message": "0/3 nodes have nvidia.com/gpu"}])
         obs = observe(job(active=1), [unschedulable])
         assert obs is not None and "Unschedulable: 0/3 nodes have nvidia.com/gpu" in obs.message
+        assert (obs.phase, obs.reason) == ("Initializing", Reason.PODS_PENDING)
+
+    def test_a_claim_no_storage_class_can_bind_shows_as_the_schedulers_reason(self) -> None:
+        """docs/troubleshooting.md: a checkpoint claim left Pending shows as the pods' Unschedulable reason."""
+        message = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/3 nodes are available"
+        stuck = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}])
+        obs = observe(job(active=1), [stuck])
+        assert obs is not None and (obs.phase, obs.reason) == ("Initializing", Reason.PODS_PENDING)
+        assert "pod p-0: Unschedulable: 0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims" in obs.message
 
     def test_ready_pods_are_running(self) -> None:
         obs = observe(job(completions=2, active=2, ready=2, startTime="2026-01-01T00:00:05Z"))
@@ -98,6 +108,26 @@ class TestObserve:
         assert obs is not None and (obs.phase, obs.reason) == ("Suspended", Reason.SUSPENDED)
         obs = observe(job(suspend=True), queue="team-a")
         assert obs is not None and (obs.phase, obs.reason) == ("Pending", Reason.QUEUED) and "team-a" in obs.message
+
+
+class TestEvents:
+    def test_transitions_worth_acting_on_get_an_event_the_routine_start_does_not(self) -> None:
+        """docs/troubleshooting.md: Events for running, finished or failed, suspended or resumed, pods that
+        wait for a reason; the routine start (Created, Initializing) is in the conditions only."""
+        status: dict[str, Any] = {}
+        seen = []
+        waiting = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPU"}])
+        for j, pods, suspended in [(job(), [], False), (job(active=1), [], False), (job(active=1), [waiting], False),
+                                   (job(active=1, ready=1), [], False), (job(active=1, ready=1), [], False),
+                                   (job(suspend=True), [], True), (job(active=1, ready=1), [], False),
+                                   (job(conditions=[cond("Failed", "BackoffLimitExceeded")]), [], False)]:
+            obs = observe(j, pods, suspended=suspended)
+            assert obs is not None
+            if phases.worth_an_event(status, obs):
+                seen.append(obs.reason)
+            status = {**status, **phases.status_patch(status, obs, generation=1, timestamp="2026-01-01T03:00:00Z")}
+        assert seen == [Reason.PODS_PENDING, Reason.PODS_RUNNING, Reason.SUSPENDED, Reason.PODS_RUNNING,
+                        Reason.BACKOFF_LIMIT_EXCEEDED]
 
 
 class TestStatusPatch:

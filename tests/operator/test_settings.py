@@ -79,3 +79,20 @@ def test_the_process_environment_is_read_by_pydantic_settings(monkeypatch: pytes
     monkeypatch.setenv("KUBETUNE_REQUEST_TIMEOUT", "soon")
     with pytest.raises(ValueError, match=r"KUBETUNE_REQUEST_TIMEOUT: must be an integer \(got 'soon'\)"):
         Settings.from_env()
+
+
+def test_the_trainer_pod_settings_reach_the_pods() -> None:
+    """docs/operations.md: KUBETUNE_RUN_AS_USER, _TERMINATION_GRACE_SECONDS and _RENDEZVOUS_PORT
+    are the trainer pods' uid, grace period and MASTER_PORT."""
+    from kubetune.operator import building
+    from tests.operator.test_building import job_of
+
+    settings = Settings.from_env({"KUBETUNE_RUN_AS_USER": "2000", "KUBETUNE_TERMINATION_GRACE_SECONDS": "120",
+                                  "KUBETUNE_RENDEZVOUS_PORT": "29400"})
+    pod = building.build_job(job_of(), building.BuildOptions.from_settings(settings))["spec"]["template"]["spec"]
+    assert {pod["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")} == {2000}
+    assert pod["terminationGracePeriodSeconds"] == 120
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["MASTER_PORT"] == "29400"
+    default = building.build_job(job_of(), building.BuildOptions.from_settings(Settings.from_env({})))
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300  # docs/reliability.md

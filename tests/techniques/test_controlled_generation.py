@@ -88,3 +88,21 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tiny_models, tmp_path, metho
     assert before["eval_dpo_margin"] == pytest.approx(0.0, abs=1e-4)
     assert after["eval_logp_margin"] > before["eval_logp_margin"] + 1.5
     assert after["eval_dpo_accuracy"] >= 0.9
+
+
+def test_each_dpo_loss_type_is_its_published_objective():
+    """techniques.controlledGeneration.dpo.lossType: sigmoid (DPO, with conservative label smoothing),
+    ipo (squared distance of the margin from 1/(2 beta)) and hinge (SLiC); beta scales the margin."""
+    from kubetune.techniques.controlled_generation.training import dpo_loss
+
+    h = torch.tensor([-2.0, 0.0, 0.5, 5.0])  # chosen-minus-rejected log-ratio margins
+    beta = 0.5
+    sigmoid = dpo_loss(h, beta, "sigmoid", 0.0)
+    assert torch.allclose(sigmoid, -torch.nn.functional.logsigmoid(beta * h))
+    smoothed = dpo_loss(h, beta, "sigmoid", 0.1)
+    assert torch.allclose(smoothed, 0.9 * sigmoid + 0.1 * -torch.nn.functional.logsigmoid(-beta * h))
+    assert torch.allclose(dpo_loss(h, beta, "ipo", 0.0), (h - 1.0) ** 2)  # 1 / (2 * 0.5) = 1
+    assert torch.allclose(dpo_loss(h, beta, "hinge", 0.0), torch.tensor([2.0, 1.0, 0.75, 0.0]))
+    # the preferred answer gaining lowers sigmoid and hinge; IPO stops at its target margin
+    assert sigmoid[3] < sigmoid[2] < sigmoid[1] < sigmoid[0]
+    assert dpo_loss(torch.tensor([1.0]), beta, "ipo", 0.0).item() == 0.0

@@ -124,3 +124,25 @@ def test_prompt_tuning_starts_from_the_init_text(tiny_models, tokenizer, tmp_pat
     ids = tokenizer("what animal is it")["input_ids"]  # as PEFT tokenises it: with [CLS] … [SEP]
     expected = (ids * 6)[:6]
     assert torch.equal(virtual, words[expected])
+
+
+@pytest.mark.parametrize(("fmt", "row", "task", "target"), [
+    ("instruction", {"prompt": "greet", "response": "hallo", "lang": "de"}, None, "response"),
+    ("seq2seq", {"source": "hello", "target": "hallo", "lang": "de"}, {"type": "seq2seq"}, "target"),
+])
+def test_the_response_template_renders_the_target_side(tmp_path, fmt, row, task, target):
+    """techniques.promptEngineering.responseTemplate renders the response of instruction rows and the
+    target of seq2seq rows from the row's fields."""
+    from kubetune.api import parse_spec
+    from kubetune.techniques.prompt_engineering.training import PromptEngineering
+    from kubetune.trainer.encoding import load_examples
+    from kubetune.trainer.techniques.base import TechniqueContext
+
+    write_jsonl(tmp_path / "rows.jsonl", [row])
+    techniques = {"promptEngineering": {"responseTemplate": "[{{ lang }}] {{ %s }}" % target}, **({"task": task} if task else {})}
+    spec = parse_spec({"model": {"source": "m"}, "data": {"datasets": [{"source": "rows.jsonl", "format": fmt}]},
+                       "techniques": techniques})
+    [example] = load_examples(spec, tmp_path).train
+    [rendered] = PromptEngineering(spec.techniques.prompt_engineering, spec).transform_examples(
+        TechniqueContext(spec=spec), [example], "train")
+    assert rendered[target] == "[de] hallo" and example[target] == "hallo"

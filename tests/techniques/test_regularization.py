@@ -79,6 +79,21 @@ def test_decoupled_weight_decay_exempts_biases_and_norms(tiny_models, tmp_path):
     assert isinstance(t.engine.optimizer, torch.optim.AdamW) or "AdamW" in type(t.engine.optimizer).__name__
 
 
+def test_no_decay_patterns_choose_the_parameters_exempt_from_weight_decay(tiny_models):
+    """techniques.regularization.noDecayPatterns replaces the default exemptions (biases, norms)."""
+    from kubetune.trainer.optimizing import default_param_groups
+
+    spec = _spec(tiny_models, {"weightDecay": 0.05, "noDecayPatterns": ["*embeddings*"]})
+    model = _model()
+    groups = Regularization(spec.techniques.regularization, spec).param_groups(
+        TechniqueContext(spec=spec), model, default_param_groups(model, spec))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert by_decay[0.0] == {n for n in names.values() if "embeddings" in n}
+    assert "bert.encoder.layer.0.attention.self.query.bias" in by_decay[0.05]  # a bias decays now
+    assert by_decay[0.0] | by_decay[0.05] == set(names.values())
+
+
 def test_dropout_override_reaches_every_dropout(tiny_models):
     spec = _spec(tiny_models, {"dropout": 0.3})
     model = _model(dropout=0.1)

@@ -137,3 +137,34 @@ def test_new_head_is_reinitialised_from_the_seed(tiny_models):
         TransferLearning(spec.techniques.transfer_learning, spec).prepare_model(TechniqueContext(spec=spec), m)
     assert torch.equal(a.classifier.weight, b.classifier.weight)  # same seed, same fresh head
     assert not torch.equal(a.bert.pooler.dense.weight, b.bert.pooler.dense.weight)  # base untouched
+
+
+def test_new_head_false_keeps_the_checkpoints_head(tiny_models):
+    """transferLearning.newHead: false reuses the head the checkpoint has instead of a fresh one."""
+    spec = parse(manifest(
+        tiny_models["encoder"], [{"source": "x.jsonl", "format": "classification"}],
+        techniques={"task": CLASSIFY, "transferLearning": {"strategy": "full", "newHead": False}},
+    )).spec
+    model = _tiny_classifier(seed=1)
+    head = model.classifier.weight.detach().clone()
+    TransferLearning(spec.techniques.transfer_learning, spec).prepare_model(TechniqueContext(spec=spec), model)
+    assert torch.equal(model.classifier.weight, head)
+
+
+def test_blocks_per_stage_unfreezes_that_many_blocks_at_a_time(tiny_models):
+    """transferLearning.unfreeze.blocksPerStage: 2 unfreezes both blocks of the 2-layer encoder in one
+    stage (head; the top with both blocks; embeddings) where 1 takes two stages."""
+    def stages(per: int) -> list[set[str]]:
+        spec = parse(manifest(
+            tiny_models["encoder"], [{"source": "x.jsonl", "format": "classification"}],
+            techniques={"task": CLASSIFY, "transferLearning": {"strategy": "gradual-unfreeze",
+                                                                "unfreeze": {"everySteps": 2, "blocksPerStage": per}}},
+        )).spec
+        plugin = TransferLearning(spec.techniques.transfer_learning, spec)
+        plugin.prepare_model(TechniqueContext(spec=spec), _tiny_classifier())
+        return [{".".join(n.split(".")[:4]) for n in names} for names in plugin.stages()]
+
+    one, two = stages(1), stages(2)
+    assert len(one) == 4 and len(two) == 3
+    assert two[0] == one[0] and two[1] == one[1] | one[2] and two[2] == one[3]
+    assert {"bert.encoder.layer.0", "bert.encoder.layer.1"} <= two[1]

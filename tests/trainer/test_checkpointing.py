@@ -47,6 +47,20 @@ def test_keeps_last_k_and_the_best(tiny_model_dir, train_job, tmp_path):
     assert not torch.equal(exported[name], last_states[name])
 
 
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_rotation_keeps_the_best_only_when_asked(tmp_path, keep_best):
+    """checkpointing.keepLast newest are kept, plus the best one unless keepBest is false."""
+    root = tmp_path / "ckpt"
+    for step in range(1, 6):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "trainer.json").write_text(json.dumps({"step": step}))
+    (root / "best.json").write_text(json.dumps({"name": "step-00000001", "step": 1, "metric": "eval_loss", "value": 0.5}))
+    deleted = checkpoints.rotate(root, keep_last=2, keep_best=keep_best)
+    left = sorted(p.name for p in root.glob("step-*"))
+    assert left == (["step-00000001"] if keep_best else []) + ["step-00000004", "step-00000005"]
+    assert sorted(p.name for p in deleted) == [f"step-{s:08d}" for s in ((2, 3) if keep_best else (1, 2, 3))]
+
+
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     root = tmp_path / "ckpt"
     good = root / "step-00000004"

@@ -91,6 +91,22 @@ def test_holdout_is_seeded_and_disjoint(tmp_path):
     assert not {e["_row"] for e in a.eval} & {e["_row"] for e in a.train}
 
 
+def test_max_samples_caps_the_rows_read_and_the_evaluation(tmp_path):
+    """spec-reference: datasets[].maxSamples reads at most that many rows (the first ones, before any
+    holdout); eval.maxSamples evaluates on at most that many examples."""
+    write_dataset(tmp_path / "d.jsonl", "text", n=40)
+    write_dataset(tmp_path / "e.jsonl", "text", n=30, seed=1)
+    def spec(eval_cap: int | None = None):
+        return parse_spec({"model": {"source": "m"}, "data": {
+            "datasets": [{"source": "d.jsonl", "format": "text", "maxSamples": 12}],
+            "eval": {"datasets": [{"source": "e.jsonl", "format": "text", "maxSamples": 20}], "maxSamples": eval_cap}}})
+
+    sets = load_examples(spec(), tmp_path)
+    assert [e["_row"] for e in sets.train] == list(range(1, 13))  # rows count from 1
+    assert [e["_row"] for e in sets.eval] == list(range(1, 21))
+    assert len(load_examples(spec(eval_cap=5), tmp_path).eval) == 5
+
+
 def test_label_outside_task_labels_is_an_error(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -238,3 +254,20 @@ def test_eval_metrics_match_hand_computed_values():
                        rank=0, world_size=1, device="cpu", num_labels=2)
     assert metrics["eval_accuracy"] == pytest.approx(0.75)
     assert metrics["eval_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # macro F1 of the two classes
+
+
+def test_the_tokenizer_comes_from_model_tokenizer_when_set(tmp_path):
+    """spec-reference: model.tokenizer names where the tokenizer comes from, instead of the model's folder."""
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer.models import load_tokenizer
+    from tests.support.tiny_models import word_tokenizer
+
+    model = word_tokenizer(tmp_path / "model", ["alpha", "beta"])  # the model's folder and its own tokenizer
+    other = word_tokenizer(tmp_path / "words", ["gamma", "delta"])
+    data = {"datasets": [{"source": "d.jsonl", "format": "text"}]}
+    own, own_folder = load_tokenizer(parse_spec({"model": {"source": "model"}, "data": data}), tmp_path)
+    chosen, folder = load_tokenizer(parse_spec({"model": {"source": "model", "tokenizer": "words"}, "data": data}), tmp_path)
+    assert (own_folder, folder) == (model, other)
+    assert "gamma" in chosen.get_vocab() and "gamma" not in own.get_vocab()
+    assert chosen.get_vocab() == AutoTokenizer.from_pretrained(str(other)).get_vocab()

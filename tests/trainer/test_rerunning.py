@@ -58,3 +58,34 @@ def test_an_edited_manifest_is_not_resumed_and_a_finished_run_is_not_retrained(t
     assert rc == 0, out[-3000:]
     steps = [yaml.safe_load(line)["step"] for line in log.read_text().splitlines()]
     assert steps and steps[0] == 1 and steps[-1] == 3 and len(steps) == lines_after_first  # trained anew
+
+
+def test_what_a_rerun_does_with_a_finished_run_folder(tmp_path, capsys):
+    """docs/first-job.md: a rerun of the same spec says it is finished; changing only `resources`
+    (GPUs, nodes) or `runPolicy` is the same run; `--max-steps` beyond it resumes; an edited training
+    field is refused naming it. From a finished checkpoint's trainer.json, without training."""
+    import json
+    from types import SimpleNamespace
+
+    from kubetune.api import parse_job
+    from kubetune.trainer.fingerprinting import run_length, training_spec
+    from kubetune.trainer.local import _rerun_refused
+
+    def job(**spec):
+        return parse_job(manifest("hf://o/m", "d.jsonl", "text", overrides={"training.maxSteps": 3, **spec}))
+
+    done = tmp_path / "checkpoints" / "step-00000003"
+    done.mkdir(parents=True)
+    (done / "trainer.json").write_text(json.dumps({"step": 3, "total_steps": 3, "spec": training_spec(job()),
+                                                   "length": run_length(job())}))
+    paths = SimpleNamespace(checkpoint_dir=tmp_path / "checkpoints", run_dir=tmp_path, output_dir=tmp_path / "output")
+    assert _rerun_refused(job(), paths, None) == 0
+    assert "already finished (3 steps)" in capsys.readouterr().out
+    moved = job(**{"resources.gpusPerNode": 2, "resources.nodes": 2, "runPolicy.backoffLimit": 9,
+                   "checkpointing.storage.accessMode": "ReadWriteMany"})
+    assert _rerun_refused(moved, paths, None) == 0
+    assert _rerun_refused(job(), paths, 5) is None  # extended: resumes from step 3
+    capsys.readouterr()
+    assert _rerun_refused(job(**{"training.learningRate": 5e-4}), paths, None) == 2
+    said = capsys.readouterr().err
+    assert "another spec (spec.training.learningRate: " in said and " -> 0.0005)" in said and "--restart" in said

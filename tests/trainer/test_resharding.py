@@ -66,6 +66,7 @@ def test_checkpoint_resumes_on_another_process_count(stage, peft, tiny_model_dir
     to_two = train_job(job, _from_checkpoint(one, 3, tmp_path / "one-to-two"), nproc=2)
     assert to_two.rc == 0, to_two.output[-4000:]
     assert "resharded from 1 to 2 processes" in to_two.output
+    assert "converted step-00000003 to a universal checkpoint in " in to_two.output  # the log line operations.md quotes
     assert (to_two.checkpoint_dir / "step-00000006" / "state").is_dir()
     # 2 → 1: the two-process run's step-6 checkpoint (DeepSpeed's two-rank shards, taken with 4 × 1 × 2)
     # on one process keeps the global batch 8.

@@ -78,6 +78,7 @@ def test_model_and_data_from_buckets_and_the_model_written_back(s3: S3, tiny_mod
     assert rc == 0, out[-3000:]
     [fetched] = [line for line in out.splitlines() if line.startswith("kubetune: fetched")]
     assert "fetched 2 sources" in fetched and "s3://models/tiny-llama" in fetched, fetched
+    assert fetched.endswith(f"(cache {run_dir / 'cache'})"), fetched  # docs/sources.md: runs/<name>/cache locally
     uploaded = s3.objects("results", "runs/tiny/")
     local = {f"runs/tiny/{p.relative_to(run_dir / 'output').as_posix()}": p.stat().st_size
              for p in (run_dir / "output").rglob("*")
@@ -200,3 +201,50 @@ def test_a_single_object_source_is_the_file_itself(s3: S3, tmp_path: Path) -> No
     s3.client().upload_file(str(data), "rows", "a/rows.jsonl")
     rows = read_rows("s3://rows/a/rows.jsonl", base_dir=None, where="spec.data.datasets[0].source")
     assert len(rows) == 5 and rows[0].origin.endswith("rows.jsonl")
+
+
+def test_no_credentials_and_an_unreachable_endpoint_are_one_line_each(s3: S3, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two lines docs/troubleshooting.md quotes for a `Failed` job, from the download a pod runs."""
+    from tests.support.s3server import free_port
+    from kubetune.trainer import buckets
+    from kubetune.trainer.sources import SourceError
+
+    _bucket(s3, "models")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance profile to wait for
+    with pytest.raises(SourceError) as missing:
+        buckets.download("s3://models/tiny", tmp_path / "a", "spec.model.source")
+    assert str(missing.value).startswith("spec.model.source: no S3 credentials for s3://models/tiny; "
+                                         "set spec.model.credentialsSecret to a Secret with keys AWS_ACCESS_KEY_ID")
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", nowhere)
+    with pytest.raises(SourceError) as unreachable:
+        buckets.download("s3://models/tiny", tmp_path / "b", "spec.model.source")
+    assert str(unreachable.value) == (f"spec.model.source: cannot reach the S3 endpoint {nowhere} for s3://models/tiny; "
+                                      "check spec.s3.endpointUrl and network access")
+
+
+def test_the_spec_endpoint_wins_over_the_environment(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/sources.md: without spec.s3.endpointUrl boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+    apply; with it, the spec wins (and spec.s3.region is the region)."""
+    from kubetune.api import parse_spec
+    from kubetune.trainer import buckets
+
+    def spec(**s3_block: str):
+        return parse_spec({"model": {"source": "s3://models/tiny"}, "s3": s3_block,
+                           "data": {"datasets": [{"source": "d.jsonl", "format": "text"}]}})
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # use_spec writes os.environ: monkeypatch restores both
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-the-shell:9000")
+    buckets.use_spec(spec())
+    assert buckets.endpoint() == "http://from-the-shell:9000"
+    buckets.use_spec(spec(endpointUrl=s3.endpoint, region="eu-west-1"))
+    assert buckets.endpoint() == s3.endpoint
+    client = buckets.client()
+    assert client.meta.endpoint_url == s3.endpoint and client.meta.region_name == "eu-west-1"
