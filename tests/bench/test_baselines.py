@@ -160,3 +160,14 @@ def test_the_stock_loss_check_averages_stock_steps_over_the_trainer_windows():
     c = throughput.stock_check(row)
     assert c["step_noise"] > 0.05 and c["tolerance"] > 0.2 and c["within_noise"]  # the same 0.2 is within what the stock run's noise allows
     assert throughput.stock_check({"runs": {"kubetune": row["runs"]["kubetune"]}}) is None
+
+
+def test_the_stock_loss_check_compares_only_steps_of_as_many_documents():
+    from bench import throughput
+
+    stock = [10.0, 9.8, 9.6, 9.4, 9.2, 9.0]
+    row = {"runs": {"baseline": [{"losses": stock, "documents_per_step": 8.0}],
+                    "kubetune": [{"losses": [9.5, 8.5], "loss_steps": [3, 6], "documents_per_step": 37.1}],
+                    "kubetune-budget": [{"losses": [9.8, 9.2], "loss_steps": [3, 6], "documents_per_step": 8.0}]}}
+    assert throughput.stock_check(row) is None  # packed steps: 4.6x the documents, another curve by design
+    assert throughput.stock_check(row, "baseline", "kubetune-budget")["within_noise"]
