@@ -1,7 +1,5 @@
 """``python -m kubetune`` is the console script."""
 
-import sys
+from kubetune.cli import console
 
-from kubetune.cli import main
-
-sys.exit(main())
+console()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 
 def _files(args: argparse.Namespace) -> list[str]:
@@ -209,5 +209,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def console(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``kubetune`` command and ``python -m kubetune``: :func:`main`, then the exit. After
+    ``kubetune train`` (the trainer imported here) the process ends through the trainer's
+    ``end_process``, without the interpreter's teardown of torch and the rest (~2 s of CPU; see
+    ``kubetune.trainer.exiting``); every other command, the operator's included, exits as usual."""
+    code = main(argv)
+    if "kubetune.trainer.local" in sys.modules:
+        from kubetune.trainer.exiting import end_process
+
+        end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

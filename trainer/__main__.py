@@ -79,4 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kubetune.trainer.exiting import end_process
+
+    end_process(main())  # sys.exit's code, without the interpreter's teardown (kubetune.trainer.exiting)
