@@ -35,7 +35,8 @@ def test_a_single_process_ignores_a_stale_master_address(tmp_path: Path) -> None
         "t = torch.ones(2); torch.distributed.all_reduce(t)\n"
         "print('world', torch.distributed.get_world_size(), t.tolist())\n"
     )
-    env = trainer_env(MASTER_ADDR="10.255.255.1", MASTER_PORT="29500")
+    # 192.0.2.1: TEST-NET-1 (RFC 5737), reserved for documentation, routed nowhere (no private-range traffic)
+    env = trainer_env(MASTER_ADDR="192.0.2.1", MASTER_PORT="29500")
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
