@@ -152,6 +152,8 @@ def _layer_cache_entries() -> int:
 
 # Packs of 8 documents, 768 to 5,632 tokens, crossing CPU Inductor's 4,096 threshold three times.
 SPANS = [(20, 150), (20, 700), (500, 900), (20, 700), (20, 150), (500, 900), (20, 150), (20, 700)]
+# Buckets: packs of two buckets (768 and 6,144 tokens, either side of 4,096), each met twice.
+BUCKET_SPANS = [(20, 150), (500, 900), (20, 150), (500, 900)]
 
 
 @pytest.mark.slow
@@ -197,11 +199,11 @@ def test_buckets_compile_one_static_graph_per_bucket_and_keep_the_loss(gpu_atten
     from kubetune.trainer.training import _compile
 
     buckets = compiling.bucket_lengths(8192)
-    packs = _packs(SPANS, buckets)
+    packs = _packs(BUCKET_SPANS, buckets)
     met = {p["input_ids"].shape[1] for p in packs}
-    assert met <= set(buckets) and 1 < len(met) < len(packs)
+    assert met <= set(buckets) and 1 < len(met) < len(packs) and min(met) < 4096 < max(met)
     model = _model()
-    eager = _train(model, _packs(SPANS))
+    eager = _train(model, _packs(BUCKET_SPANS))
 
     monkeypatch.setenv(compiling.ENV, "buckets")
     modes = compiling.length_modes()
