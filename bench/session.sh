@@ -9,6 +9,7 @@
 #                KUBETUNE_EXTRA_SIDES=kubetune-saveall bash bench/session.sh instruct.
 # PART fp8:      training.precision fp8 (torchao float8 linear layers) against the same trainer in bf16, fixed full.
 # PART ab:       the product trainer against itself with environment switches (AB=..., below), fixed full.
+# PART pending:  fixed (stock, Liger, trainer x2), instruct trainer x1 (peak), budget as is and unbacked+traced (~8 min).
 # PART budget:   the trainer at 8 documents per step (instruct) as is and per KUBETUNE_COMPILE_LENGTH candidate, with
 #                TORCH_LOGS=recompiles (~5 runs of ~1 min; BUDGET=..., below).
 # Each part fits one 10-minute device call on an H100 (~6 runs of ~1 min); PART all runs both. Results and the log go to $OUT.
@@ -27,7 +28,7 @@ S=${STEPS:-9}; W=${WARMUP:-3}; R=${REPEATS:-2}; KR=${KUBETUNE_REPEATS:-$R}
 # Every side runs R times (the product trainer's sides too, KUBETUNE_REPEATS to change that; the DeepSpeed numerics
 # reference and the extra sides (KUBETUNE_EXTRA_SIDES=kubetune-fp8,kubetune-buffers) once, last); with KUBETUNE_BENCH_PROFILE=DIR each kubetune run traces two extra steps (profile-*.txt, untimed).
 FIXED_SIDES=baseline,baseline-liger,kubetune,kubetune-deepspeed${KUBETUNE_EXTRA_SIDES:+,$KUBETUNE_EXTRA_SIDES}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || echo "no nvidia-smi (a CPU dry run)" > "$OUT/gpu.txt"
 quiet() { grep -vE 'Warning|warn\(|return func|it/s\]' | tee -a "$OUT/log-$1.txt" | tail -${2:-80}; }
 case "${1:-}" in
   fixed)
@@ -70,8 +71,17 @@ case "${1:-}" in
       python3 -m bench.budget_summary "$OUT" > "$OUT/budget-table.md"  # after every run: a call cut short keeps its table
     done
     cat "$OUT/budget-table.md" | tee -a "$OUT/budget-summary.txt" ;;
+  pending)  # what the sessions of 2026-12-07 could not run (no device started), in one call of ~8 min on an H100:
+             # fixed full stock, stock + Liger and the trainer twice each (the 1.6x and 1.2x targets, the loss curves
+             # against stock), the trainer once on instruct (peak memory with the default loss chunks against the
+             # flattening baseline's 32.86 GiB), then the budget side as is and with KUBETUNE_COMPILE_LENGTH=unbacked+traced
+    python3 -m bench.throughput --workloads fixed --methods full --sides baseline,baseline-liger,kubetune \
+      --repeats $R --kubetune-repeats $KR --steps $S --warmup $W ${BENCH_ARGS:-} --out "$OUT" --tag fixed 2>&1 | quiet fixed 40
+    python3 -m bench.throughput --workloads instruct --methods full --sides kubetune \
+      --repeats 1 --kubetune-repeats 1 --steps $S --warmup $W ${BENCH_ARGS:-} --out "$OUT" --tag instruct-peak 2>&1 | quiet instruct-peak 12
+    BUDGET=${BUDGET:-unbacked-traced:KUBETUNE_COMPILE_LENGTH=unbacked+traced} bash "$0" budget ;;
   all)  # both parts in one call (when device time is short): ~12 runs, ~9 minutes on an H100/H200
     bash "$0" fixed; bash "$0" instruct ;;
-  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|ab|budget|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/session.sh fixed|instruct|recompute|fp8|ab|budget|pending|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

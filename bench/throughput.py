@@ -202,13 +202,15 @@ def stock_check(row: dict[str, Any], baseline: str = "baseline", side: str = "ku
     spreads = {"stock": spread(per_run), "kubetune": spread([r["losses"] for r in ks])}
     x = bs[0]["losses"][:steps[-1]]
     second = [x[i + 2] - 2 * x[i + 1] + x[i] for i in range(len(x) - 2)]
-    sigma = statistics.pstdev(second) / 6 ** 0.5 if len(second) >= 2 else 0.0
+    judged = len(second) >= 4  # fewer steps (a dry run) give no estimate of the noise: reported, not judged
+    sigma = statistics.pstdev(second) / 6 ** 0.5 if judged else 0.0
     window = steps[-1] - steps[-2]
     tolerance = 3 * sigma * (2 / window) ** 0.5 + 3 * max(spreads.values())
     diffs = [abs(a - b) for a, b in zip(kubetune, stock)]
     return {"side": side, "reference": baseline, "steps": steps, "losses": kubetune, "reference_losses": stock,
-            "max_abs_diff": max(diffs), "run_spreads": spreads, "step_noise": sigma, "stock_drop": stock[0] - stock[-1],
-            "tolerance": tolerance, "within_noise": max(diffs) <= tolerance}
+            "max_abs_diff": max(diffs), "run_spreads": spreads, "step_noise": sigma if judged else None,
+            "stock_drop": stock[0] - stock[-1], "tolerance": tolerance if judged else None,
+            "within_noise": max(diffs) <= tolerance if judged else None}
 
 
 def fp8_check(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -267,10 +269,14 @@ def markdown(report: dict[str, Any]) -> str:
                   "losses, plus 3 x the larger run-to-run spread; `bench.throughput.stock_check`):", ""]
         for row, c in stock:
             pairs = ", ".join(f"{s}: {x:.4f}/{y:.4f}" for s, x, y in zip(c["steps"], c["losses"], c["reference_losses"]))
+            if c["within_noise"] is None:
+                verdict = "not judged (fewer than 6 steps: no estimate of the noise)"
+            else:
+                verdict = (f"tolerance {c['tolerance']:.4f} (per-step noise {c['step_noise']:.4f}; spreads: stock "
+                           f"{c['run_spreads']['stock']:.4f}, kubetune {c['run_spreads']['kubetune']:.4f}): "
+                           f"{'within noise' if c['within_noise'] else '**outside noise**'}")
             lines.append(f"- {row['workload']} {row['method']} {c['side']} vs {c['reference']}: max |diff| {c['max_abs_diff']:.4f}, "
-                         f"tolerance {c['tolerance']:.4f} (per-step noise {c['step_noise']:.4f}; spreads: stock {c['run_spreads']['stock']:.4f}, kubetune "
-                         f"{c['run_spreads']['kubetune']:.4f}; stock fell {c['stock_drop']:.3f}): "
-                         f"{'within noise' if c['within_noise'] else '**outside noise**'}; step: {pairs}")
+                         f"stock fell {c['stock_drop']:.3f}, {verdict}; step: {pairs}")
     fp8 = [(row, row.get("fp8_check")) for row in report["rows"] if row.get("fp8_check")]
     if fp8:
         lines += ["", "FP8 (`training.precision: fp8`, torchao float8 linear layers) against the same trainer in bf16, "

@@ -171,3 +171,15 @@ def test_the_stock_loss_check_compares_only_steps_of_as_many_documents():
                     "kubetune-budget": [{"losses": [9.8, 9.2], "loss_steps": [3, 6], "documents_per_step": 8.0}]}}
     assert throughput.stock_check(row) is None  # packed steps: 4.6x the documents, another curve by design
     assert throughput.stock_check(row, "baseline", "kubetune-budget")["within_noise"]
+
+
+def test_the_stock_loss_check_does_not_judge_a_run_too_short_to_estimate_its_noise():
+    from bench import throughput
+
+    row = {"runs": {"baseline": [{"losses": [10.0, 9.9, 9.7]}],
+                    "kubetune": [{"losses": [10.0, 9.5, 9.0], "loss_steps": [1, 2, 3]}]}}
+    c = throughput.stock_check(row)
+    assert c["within_noise"] is None and c["tolerance"] is None and c["max_abs_diff"] == pytest.approx(0.7)
+    report = {"rows": [dict(row, workload="fixed", method="full", ratios=[], stats={}, stock_checks=[c])],
+              "gpu": "cpu", "date": "d", "torch": "t", "transformers": "x", "steps": 3, "warmup": 0}
+    assert "not judged" in throughput.markdown(report)
