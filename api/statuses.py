@@ -65,6 +65,7 @@ class Reason:
     EARLY_STOPPED = "EarlyStopped"
     METRIC_PLATEAU = "MetricPlateau"
     JOB_RECREATED = "JobRecreated"
+    NAME_TAKEN = "NameTaken"
 
 
 class Condition(SpecModel):

@@ -3,10 +3,14 @@
 Called by the create and resume handlers (``kubetune.operator.handlers``). Nothing is created
 before the whole manifest validates (``kubetune.api.parse_job``), so a bad spec never leaves
 half-made objects: it gets a SpecRejected condition, phase Failed, a Warning Event and a
-``kopf.PermanentError``. Names are deterministic, so running this twice (a retry, an operator
+``kopf.PermanentError``; a spec that stops validating once the children exist (an edit, met again
+at the next operator start) gets the condition and Event without phase Failed: the Job runs on as
+created. Names are deterministic, so running this twice (a retry, an operator
 restart between two creates) finds the objects of the first run instead of making more; an object
 of the same name still owned by an earlier, deleted namesake makes it wait for the garbage
-collector (``kopf.TemporaryError``). A finished job's children are not re-made, so a Job removed by
+collector (``kopf.TemporaryError``); one that is someone else's (no owner reference to the job, no
+kubetune labels) is neither overwritten nor used: condition ``Created`` False, reason ``NameTaken``,
+one Warning Event, no Job, and the handler retries until the name is free. A finished job's children are not re-made, so a Job removed by
 ``ttlSecondsAfterFinished`` does not train again when the operator restarts.
 
 :func:`restore_job` is called for a managed Job's deletion and a stopped pod whose Job is not seen
@@ -61,6 +65,12 @@ async def parse_or_reject(body: dict[str, Any], *, fail: bool) -> FineTuneJob:
         raise kopf.PermanentError(message) from None
 
 
+def was_created(body: dict[str, Any]) -> bool:
+    """Whether the job's children were made (its ``Created`` condition is True)."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == ConditionType.CREATED and c.get("status") == "True" for c in conditions)
+
+
 def _foreign_owner(existing: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """The uid of another owner when ``existing`` belongs to an earlier namesake of the job."""
     wanted_uids = {ref["uid"] for ref in wanted["metadata"].get("ownerReferences") or []}
@@ -78,7 +88,9 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     One status write says it: the ``Created`` condition and the phase the new Job shows
     (Initializing, or Suspended/Pending when it starts suspended). No Event: the condition carries
     what was made; Events are left for what a person acts on (``phases.worth_an_event``)."""
-    job = await parse_or_reject(body, fail=True)
+    # A spec that no longer validates after its children were made (an edit; this runs again at
+    # every operator start) is refused without failing the job: its Job runs on, as created.
+    job = await parse_or_reject(body, fail=not was_created(body))
     if statusing.is_finished(body):
         return {"children": "kept: the job has finished"}
     # kopf may hand us a body that is already gone (a retry racing a delete): children made now
@@ -102,9 +114,9 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     for wanted, outcome in zip(children, outcomes, strict=True):
         assert not isinstance(outcome, BaseException)
         existing, created = outcome
-        await _check_made(job, wanted, existing, created, made, settings)
+        await _check_made(job, wanted, existing, created, made, settings, live)
     existing, created = await kubeapi.create(job_manifest)
-    await _check_made(job, job_manifest, existing, created, made, settings)
+    await _check_made(job, job_manifest, existing, created, made, settings, live)
     if created:
         new_job = existing
     if made:
@@ -126,9 +138,36 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     return {"children": count, "created": len(made)}
 
 
+def _made_by_us(job: FineTuneJob, existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether an object found under a child's name is this job's: owned by it, or made by kubetune
+    for a FineTuneJob of this name (a claim kept from an earlier namesake). Anything else is someone
+    else's object, which the operator neither overwrites nor uses."""
+    meta = existing["metadata"]
+    if job.metadata.uid and any(ref.get("uid") == job.metadata.uid for ref in meta.get("ownerReferences") or []):
+        return True
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    return (labels.get(naming.LABEL_MANAGED_BY) == wanted["metadata"]["labels"][naming.LABEL_MANAGED_BY]
+            and annotations.get(naming.ANNOTATION_JOB) == job.name)
+
+
+async def _report_name_taken(job: FineTuneJob, live: dict[str, Any], kind: str, name: str) -> str:
+    """Say (once: not again on each retry) that a child's name is taken by someone else's object."""
+    message = (f"{kind} {name} already exists and is not this FineTuneJob's (no owner reference to it, no "
+               "kubetune labels): it was left untouched and no trainer Job was made; delete or rename it and "
+               "the job goes on")
+    shown = {c.get("type"): c for c in (live.get("status") or {}).get("conditions") or []}.get(ConditionType.CREATED)
+    if not (shown and shown.get("reason") == Reason.NAME_TAKEN and shown.get("message") == message):
+        await statusing.update_conditions(
+            job.namespace, job.name, [(ConditionType.CREATED, "False", Reason.NAME_TAKEN, message)],
+            defaults=status_fields(phase="Pending", message=message))
+        await kubeapi.post_event(statusing.involved(job), reason=Reason.NAME_TAKEN, message=message, type="Warning")
+    return message
+
+
 async def _check_made(job: FineTuneJob, wanted: dict[str, Any], existing: dict[str, Any], created: bool,
-                      made: list[str], settings: Settings) -> None:
-    """Note a child just made; for one that existed, wait while it belongs to an earlier namesake."""
+                      made: list[str], settings: Settings, live: dict[str, Any]) -> None:
+    """Note a child just made; for one that existed, wait while it belongs to an earlier namesake,
+    or to someone else (reported as NameTaken)."""
     kind, name = wanted["kind"], wanted["metadata"]["name"]
     if created:
         made.append(f"{kind}/{name}")
@@ -138,6 +177,9 @@ async def _check_made(job: FineTuneJob, wanted: dict[str, Any], existing: dict[s
         raise kopf.TemporaryError(
             f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {stale}); "
             "waiting for the garbage collector to remove it", delay=settings.retry_delay)
+    if not _made_by_us(job, existing, wanted):
+        message = await _report_name_taken(job, live, kind, name)
+        raise kopf.TemporaryError(message, delay=settings.retry_delay)
     if kind == "PersistentVolumeClaim":
         await _note_reused_claim(job, existing)
 
@@ -179,8 +221,7 @@ async def _restore_once(namespace: str, name: str, settings: Settings) -> bool:
     ftj = await kubeapi.get("FineTuneJob", namespace, name)
     if ftj is None or ftj["metadata"].get("deletionTimestamp") or statusing.is_finished(ftj):
         return False
-    created = {c.get("type"): c.get("status") for c in (ftj.get("status") or {}).get("conditions") or []}
-    if created.get(ConditionType.CREATED) != "True":
+    if not was_created(ftj):
         return False  # the create handler has not finished (or refused the spec): it makes the Job
     job, _ = await statusing.read_job_and_pods(namespace, ftj)
     if job is not None:
