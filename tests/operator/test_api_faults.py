@@ -23,7 +23,7 @@ import pytest
 
 from kubetune.api import ConditionType
 from kubetune.operator import kubeapi, naming, retrying
-from tests.operator.operating import JobController, condition, manifest, status, wait_phase
+from tests.operator.operating import FTJ, JobController, condition, manifest, status, wait_phase
 from tests.support.clusters import Cluster
 
 Operator = Callable[..., Any]
@@ -232,3 +232,51 @@ def test_watch_streams_that_expire_drop_or_break_lose_no_event(
         cluster.wait_for(lambda: condition(cluster, "later", ConditionType.CREATED), timeout=30, what="later created")
     assert final["phase"] == "Succeeded"
     assert_children_once(cluster, ["later", "watched"], multi_node=[])
+
+
+def test_suspend_and_resume_survive_a_failing_job_patch_status_patch_and_event_create(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    """The Job's suspend patch meets a 500 and a 429 with Retry-After, the Suspended transition's
+    status write a 500 and a 503, and every Event create a 500 meanwhile (Events are best effort):
+    the Job is still suspended and resumed, once each, the phase follows, and the operator goes on."""
+    cluster = emulated_cluster
+    emulator = cluster.emulator.emulator  # type: ignore[union-attr]
+
+    def job_patches(r: kmock.Request) -> bool:
+        return _operator(r) and _method(r) == "PATCH" and _plural(r) == "jobs" and r.subresource is None
+
+    def status_patches(r: kmock.Request) -> bool:
+        return _operator(r) and _method(r) == "PATCH" and _plural(r) == "finetunejobs" and r.subresource == "status"
+
+    def event_creates(r: kmock.Request) -> bool:
+        return _operator(r) and _method(r) == "POST" and _plural(r) == "events"
+
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("pausable"))
+        cluster.wait_for(lambda: condition(cluster, "pausable", ConditionType.CREATED), timeout=30, what="created")
+        job = cluster.get("batch/v1", "Job", "pausable")
+        faults = {
+            "job patch 500": inject(cluster, job_patches, Fault(emulator, 500, 1)),
+            "job patch 429": inject(cluster, job_patches, Fault(emulator, 429, 1, headers={"Retry-After": "1"})),
+            "events 500": inject(cluster, event_creates, Fault(emulator, 500, 2)),
+        }
+        cluster.patch(*FTJ, "pausable", {"spec": {"runPolicy": {"suspend": True}}})
+        cluster.wait_for(lambda: cluster.get("batch/v1", "Job", "pausable")["spec"].get("suspend") is True,
+                         timeout=30, what="the Job suspended")
+        faults["status 500"] = inject(cluster, status_patches, Fault(emulator, 500, 1))
+        faults["status 503"] = inject(cluster, status_patches, Fault(emulator, 503, 1))
+        job_controller.suspend("pausable")
+        wait_phase(cluster, "pausable", "Suspended", timeout=30)
+        cluster.patch(*FTJ, "pausable", {"spec": {"runPolicy": {"suspend": False}}})
+        cluster.wait_for(lambda: cluster.get("batch/v1", "Job", "pausable")["spec"].get("suspend") is False,
+                         timeout=30, what="the Job resumed")
+        job_controller.resume("pausable")
+        cluster.wait_for(lambda: (c := condition(cluster, "pausable", ConditionType.SUSPENDED)) and c["status"] == "False",
+                         timeout=30, what="Suspended=False")
+        cluster.create(manifest("after"))  # the operator still serves new jobs
+        cluster.wait_for(lambda: condition(cluster, "after", ConditionType.CREATED), timeout=30, what="after created")
+    for what, fault in faults.items():
+        assert len(fault.met) == fault.times, (what, len(fault.met))
+    assert cluster.get("batch/v1", "Job", "pausable")["metadata"]["uid"] == job["metadata"]["uid"]
+    assert_children_once(cluster, ["after", "pausable"], multi_node=[])
+    assert status(cluster, "pausable")["phase"] != "Suspended"
