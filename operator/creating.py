@@ -234,9 +234,12 @@ async def _restore_once(namespace: str, name: str, settings: Settings) -> bool:
                     namespace, name, ", ".join(running))
         return False  # their termination is an event of a managed pod, which brings us back here
     try:
+        # No Job runs now: a spec edited into something invalid cannot make one, which fails the job
+        # (ensure_children alone would only refuse the edit, as it does while the Job runs).
+        await parse_or_reject(ftj, fail=True)
         result = await ensure_children(ftj, settings)
     except kopf.PermanentError:
-        return False  # the spec no longer validates: ensure_children marked it rejected
+        return False  # the spec no longer validates: marked rejected, phase Failed
     if not result.get("created"):
         return False  # a concurrent event (the Job's, one of its pods') made it first: one Event, from that one
     await kubeapi.post_event(

@@ -59,3 +59,26 @@ def test_an_invalid_edit_of_a_running_job_is_refused_and_survives_an_operator_re
         final = wait_phase(cluster, "edited", "Succeeded", timeout=30)
     assert {c["type"]: c["status"] for c in final["conditions"]}[ConditionType.SPEC_REJECTED] == "True"
     assert _children(cluster, "edited") == before
+
+
+def test_a_job_deleted_after_an_invalid_edit_is_not_made_again_and_the_job_fails_by_field_path(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    cluster = emulated_cluster
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("orphan"))
+        cluster.wait_for(lambda: condition(cluster, "orphan", ConditionType.CREATED), what="orphan created")
+        job_controller.set_status("orphan", {"active": 1, "ready": 1})
+        wait_phase(cluster, "orphan", "Running")
+        old = cluster.get("batch/v1", "Job", "orphan")
+        claim = cluster.get("v1", "PersistentVolumeClaim", naming.names_for("orphan").claim)
+        cluster.patch(*FTJ, "orphan", {"spec": {"resources": {"nodes": 2}}})
+        cluster.wait_for(lambda: (c := condition(cluster, "orphan", ConditionType.SPEC_REJECTED)) and c["status"] == "True",
+                         what="SpecRejected")
+        cluster.delete("batch/v1", "Job", "orphan", propagation_policy="Background")
+        failed = wait_phase(cluster, "orphan", "Failed", timeout=30)
+        assert "spec.checkpointing.storage.accessMode" in failed["message"], failed
+        time.sleep(1.0)
+        assert cluster.find("batch/v1", "Job", "orphan") is None or \
+            cluster.get("batch/v1", "Job", "orphan")["metadata"]["uid"] == old["metadata"]["uid"]
+    # the checkpoints' claim is kept: nothing of the run's data is deleted
+    assert cluster.get("v1", "PersistentVolumeClaim", claim["metadata"]["name"])["metadata"]["uid"] == claim["metadata"]["uid"]
