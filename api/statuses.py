@@ -66,6 +66,7 @@ class Reason:
     METRIC_PLATEAU = "MetricPlateau"
     JOB_RECREATED = "JobRecreated"
     NAME_TAKEN = "NameTaken"
+    CREATE_REFUSED = "CreateRefused"
 
 
 class Condition(SpecModel):

@@ -10,7 +10,10 @@ restart between two creates) finds the objects of the first run instead of makin
 of the same name still owned by an earlier, deleted namesake makes it wait for the garbage
 collector (``kopf.TemporaryError``); one that is someone else's (no owner reference to the job, no
 kubetune labels) is neither overwritten nor used: condition ``Created`` False, reason ``NameTaken``,
-one Warning Event, no Job, and the handler retries until the name is free. A finished job's children are not re-made, so a Job removed by
+one Warning Event, no Job, and the handler retries until the name is free. A create the server
+refuses for good (a ResourceQuota's 403, an admission policy's 400/403/422) is reported the same
+way (reason ``CreateRefused``; of a 422 only the field paths, as its message echoes the object's
+values) and retried every ``retry_delay`` seconds, as one log line instead of a traceback. A finished job's children are not re-made, so a Job removed by
 ``ttlSecondsAfterFinished`` does not train again when the operator restarts.
 
 :func:`restore_job` is called for a managed Job's deletion and a stopped pod whose Job is not seen
@@ -106,16 +109,21 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     # are made at once; the Job last, once they all exist: its pods name the ServiceAccount, which
     # admission refuses when it is missing, and mount the ConfigMap and claim.
     outcomes = await asyncio.gather(*(kubeapi.create(wanted) for wanted in children), return_exceptions=True)
-    failed = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
-    if failed is not None:
-        raise failed  # a transient failure: the handler runs again and finds what was made (409 → existing)
+    for wanted, outcome in zip(children, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            await _raise_refused(job, live, wanted, outcome, settings)
+            raise outcome  # a transient failure: the handler runs again and finds what was made (409 → existing)
     made: list[str] = []
     new_job: dict[str, Any] | None = None
     for wanted, outcome in zip(children, outcomes, strict=True):
         assert not isinstance(outcome, BaseException)
         existing, created = outcome
         await _check_made(job, wanted, existing, created, made, settings, live)
-    existing, created = await kubeapi.create(job_manifest)
+    try:
+        existing, created = await kubeapi.create(job_manifest)
+    except Exception as exc:
+        await _raise_refused(job, live, job_manifest, exc, settings)
+        raise
     await _check_made(job, job_manifest, existing, created, made, settings, live)
     if created:
         new_job = existing
@@ -150,17 +158,47 @@ def _made_by_us(job: FineTuneJob, existing: dict[str, Any], wanted: dict[str, An
             and annotations.get(naming.ANNOTATION_JOB) == job.name)
 
 
+def refusal_text(exc: kubeapi.ApiError) -> str:
+    """Why the server refused a write, without what it echoes of the object: a 422's message quotes
+    the refused values, so of a 422 only the field paths and reasons of its causes are kept."""
+    causes = (exc.body.get("details") or {}).get("causes") or []
+    if exc.status == 422:
+        fields = "; ".join(f"{c.get('field') or '?'}: {c.get('reason') or 'invalid'}" for c in causes if isinstance(c, dict))
+        return f"{exc.status} {exc.reason or 'Invalid'}" + (f" ({fields})" if fields else "")
+    message = str(exc.body.get("message") or "")[:512]
+    return f"{exc.status} {exc.reason}".strip() + (f": {message}" if message else "")
+
+
+async def _raise_refused(job: FineTuneJob, live: dict[str, Any], wanted: dict[str, Any], exc: BaseException,
+                         settings: Settings) -> None:
+    """A create the server refused for good (a quota's 403, an admission policy's 400/403/422): say
+    which child and why on the job (once, not per retry) and retry later, as one log line with no
+    traceback; transient failures and our own bugs are left to the caller."""
+    if not isinstance(exc, kubeapi.ApiError) or kubeapi.is_transient(exc) or exc.status in (0, 401, 404):
+        return
+    kind, name = wanted["kind"], wanted["metadata"]["name"]
+    message = (f"the API server refused to create {kind} {name}: {refusal_text(exc)}; no trainer Job was made, "
+               f"retrying every {settings.retry_delay} s")
+    await _report_created_false(job, live, Reason.CREATE_REFUSED, message)
+    raise kopf.TemporaryError(message, delay=settings.retry_delay) from None
+
+
+async def _report_created_false(job: FineTuneJob, live: dict[str, Any], reason: str, message: str) -> None:
+    """Condition ``Created`` False and a Warning Event, unless the condition says so already."""
+    shown = {c.get("type"): c for c in (live.get("status") or {}).get("conditions") or []}.get(ConditionType.CREATED)
+    if not (shown and shown.get("reason") == reason and shown.get("message") == message):
+        await statusing.update_conditions(
+            job.namespace, job.name, [(ConditionType.CREATED, "False", reason, message)],
+            defaults=status_fields(phase="Pending", message=message))
+        await kubeapi.post_event(statusing.involved(job), reason=reason, message=message, type="Warning")
+
+
 async def _report_name_taken(job: FineTuneJob, live: dict[str, Any], kind: str, name: str) -> str:
     """Say (once: not again on each retry) that a child's name is taken by someone else's object."""
     message = (f"{kind} {name} already exists and is not this FineTuneJob's (no owner reference to it, no "
                "kubetune labels): it was left untouched and no trainer Job was made; delete or rename it and "
                "the job goes on")
-    shown = {c.get("type"): c for c in (live.get("status") or {}).get("conditions") or []}.get(ConditionType.CREATED)
-    if not (shown and shown.get("reason") == Reason.NAME_TAKEN and shown.get("message") == message):
-        await statusing.update_conditions(
-            job.namespace, job.name, [(ConditionType.CREATED, "False", Reason.NAME_TAKEN, message)],
-            defaults=status_fields(phase="Pending", message=message))
-        await kubeapi.post_event(statusing.involved(job), reason=Reason.NAME_TAKEN, message=message, type="Warning")
+    await _report_created_false(job, live, Reason.NAME_TAKEN, message)
     return message
 
 
