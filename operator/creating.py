@@ -158,17 +158,6 @@ def _made_by_us(job: FineTuneJob, existing: dict[str, Any], wanted: dict[str, An
             and annotations.get(naming.ANNOTATION_JOB) == job.name)
 
 
-def refusal_text(exc: kubeapi.ApiError) -> str:
-    """Why the server refused a write, without what it echoes of the object: a 422's message quotes
-    the refused values, so of a 422 only the field paths and reasons of its causes are kept."""
-    causes = (exc.body.get("details") or {}).get("causes") or []
-    if exc.status == 422:
-        fields = "; ".join(f"{c.get('field') or '?'}: {c.get('reason') or 'invalid'}" for c in causes if isinstance(c, dict))
-        return f"{exc.status} {exc.reason or 'Invalid'}" + (f" ({fields})" if fields else "")
-    message = str(exc.body.get("message") or "")[:512]
-    return f"{exc.status} {exc.reason}".strip() + (f": {message}" if message else "")
-
-
 async def _raise_refused(job: FineTuneJob, live: dict[str, Any], wanted: dict[str, Any], exc: BaseException,
                          settings: Settings) -> None:
     """A create the server refused for good (a quota's 403, an admission policy's 400/403/422): say
@@ -177,7 +166,7 @@ async def _raise_refused(job: FineTuneJob, live: dict[str, Any], wanted: dict[st
     if not isinstance(exc, kubeapi.ApiError) or kubeapi.is_transient(exc) or exc.status in (0, 401, 404):
         return
     kind, name = wanted["kind"], wanted["metadata"]["name"]
-    message = (f"the API server refused to create {kind} {name}: {refusal_text(exc)}; no trainer Job was made, "
+    message = (f"the API server refused to create {kind} {name}: {exc}; no trainer Job was made, "
                f"retrying every {settings.retry_delay} s")
     await _report_created_false(job, live, Reason.CREATE_REFUSED, message)
     raise kopf.TemporaryError(message, delay=settings.retry_delay) from None
