@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -68,6 +69,16 @@ async def parse_or_reject(body: dict[str, Any], *, fail: bool) -> FineTuneJob:
         raise kopf.PermanentError(message) from None
 
 
+#: Seconds after which the FineTuneJob is read again before its Job is made: its children's
+#: creates took that long (retries, a slow server), time enough for someone to delete it.
+RECHECK_AFTER = 1.0
+
+
+async def _still_there(job: FineTuneJob) -> bool:
+    live = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+    return bool(live and not live["metadata"].get("deletionTimestamp") and live["metadata"].get("uid") == job.metadata.uid)
+
+
 def was_created(body: dict[str, Any]) -> bool:
     """Whether the job's children were made (its ``Created`` condition is True)."""
     conditions = (body.get("status") or {}).get("conditions") or []
@@ -98,7 +109,7 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
         return {"children": "kept: the job has finished"}
     # kopf may hand us a body that is already gone (a retry racing a delete): children made now
     # would belong to a dead owner, so look again first.
-    live = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+    live, looked = await kubeapi.get("FineTuneJob", job.namespace, job.name), time.monotonic()
     if live is None or live["metadata"].get("deletionTimestamp") or live["metadata"].get("uid") != job.metadata.uid:
         return {"children": "none: the FineTuneJob is gone"}
     options = building.BuildOptions.from_settings(settings)
@@ -119,6 +130,10 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
         assert not isinstance(outcome, BaseException)
         existing, created = outcome
         await _check_made(job, wanted, existing, created, made, settings, live)
+    if time.monotonic() - looked > RECHECK_AFTER and not await _still_there(job):
+        # deleted while its children were made (slowly: retries); they go with it (owner
+        # references), and no trainer Job is made for nobody: its pods would start training
+        return {"children": "none: the FineTuneJob was deleted meanwhile"}
     try:
         existing, created = await kubeapi.create(job_manifest)
     except Exception as exc:

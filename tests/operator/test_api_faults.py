@@ -329,3 +329,24 @@ def test_a_child_create_the_server_refuses_is_reported_on_the_job_without_echo_a
     assert_children_once(cluster, ["refused"], multi_node=[])
     stored = json.dumps([status(cluster, "refused"), events(cluster, "refused")])
     assert SECRET_ECHO not in stored and SECRET_ECHO not in runner.output
+
+
+def test_a_finetunejob_deleted_while_its_children_are_made_gets_no_job(
+        emulated_cluster: Cluster, operator_process: Operator) -> None:
+    """The FineTuneJob is deleted while its ConfigMap's create is slow (retried after a 503): no
+    trainer Job is made for a job that is gone (its pods would start training for nobody). The
+    children made for it carry its owner reference: the garbage collector removes them (a real
+    cluster's also those made after the owner went, which the emulator's does not)."""
+    cluster = emulated_cluster
+    emulator = cluster.emulator.emulator  # type: ignore[union-attr]
+    slow = inject(cluster, lambda r: _operator(r) and _method(r) == "POST" and _plural(r) == "configmaps",
+                  Fault(emulator, 503, 1, delay=1.5))
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("brief"))
+        cluster.wait_for(lambda: slow.met, timeout=30, what="the ConfigMap's create under way")
+        cluster.delete(*FTJ, "brief")
+        cluster.wait_gone(*FTJ, "brief")
+        time.sleep(3.0)  # the create is answered, retried and done; the handler has finished
+        cluster.create(manifest("next"))
+        cluster.wait_for(lambda: condition(cluster, "next", ConditionType.CREATED), timeout=30, what="next created")
+    assert cluster.find("batch/v1", "Job", "brief") is None, "a Job was made for a deleted FineTuneJob"
