@@ -65,6 +65,8 @@ class Reason:
     EARLY_STOPPED = "EarlyStopped"
     METRIC_PLATEAU = "MetricPlateau"
     JOB_RECREATED = "JobRecreated"
+    NAME_TAKEN = "NameTaken"
+    CREATE_REFUSED = "CreateRefused"
 
 
 class Condition(SpecModel):

@@ -3,10 +3,17 @@
 Called by the create and resume handlers (``kubetune.operator.handlers``). Nothing is created
 before the whole manifest validates (``kubetune.api.parse_job``), so a bad spec never leaves
 half-made objects: it gets a SpecRejected condition, phase Failed, a Warning Event and a
-``kopf.PermanentError``. Names are deterministic, so running this twice (a retry, an operator
+``kopf.PermanentError``; a spec that stops validating once the children exist (an edit, met again
+at the next operator start) gets the condition and Event without phase Failed: the Job runs on as
+created. Names are deterministic, so running this twice (a retry, an operator
 restart between two creates) finds the objects of the first run instead of making more; an object
 of the same name still owned by an earlier, deleted namesake makes it wait for the garbage
-collector (``kopf.TemporaryError``). A finished job's children are not re-made, so a Job removed by
+collector (``kopf.TemporaryError``); one that is someone else's (no owner reference to the job, no
+kubetune labels) is neither overwritten nor used: condition ``Created`` False, reason ``NameTaken``,
+one Warning Event, no Job, and the handler retries until the name is free. A create the server
+refuses for good (a ResourceQuota's 403, an admission policy's 400/403/422) is reported the same
+way (reason ``CreateRefused``; of a 422 only the field paths, as its message echoes the object's
+values) and retried every ``retry_delay`` seconds, as one log line instead of a traceback. A finished job's children are not re-made, so a Job removed by
 ``ttlSecondsAfterFinished`` does not train again when the operator restarts.
 
 :func:`restore_job` is called for a managed Job's deletion and a stopped pod whose Job is not seen
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -61,6 +69,22 @@ async def parse_or_reject(body: dict[str, Any], *, fail: bool) -> FineTuneJob:
         raise kopf.PermanentError(message) from None
 
 
+#: Seconds after which the FineTuneJob is read again before its Job is made: its children's
+#: creates took that long (retries, a slow server), time enough for someone to delete it.
+RECHECK_AFTER = 1.0
+
+
+async def _still_there(job: FineTuneJob) -> bool:
+    live = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+    return bool(live and not live["metadata"].get("deletionTimestamp") and live["metadata"].get("uid") == job.metadata.uid)
+
+
+def was_created(body: dict[str, Any]) -> bool:
+    """Whether the job's children were made (its ``Created`` condition is True)."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == ConditionType.CREATED and c.get("status") == "True" for c in conditions)
+
+
 def _foreign_owner(existing: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """The uid of another owner when ``existing`` belongs to an earlier namesake of the job."""
     wanted_uids = {ref["uid"] for ref in wanted["metadata"].get("ownerReferences") or []}
@@ -78,12 +102,14 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     One status write says it: the ``Created`` condition and the phase the new Job shows
     (Initializing, or Suspended/Pending when it starts suspended). No Event: the condition carries
     what was made; Events are left for what a person acts on (``phases.worth_an_event``)."""
-    job = await parse_or_reject(body, fail=True)
+    # A spec that no longer validates after its children were made (an edit; this runs again at
+    # every operator start) is refused without failing the job: its Job runs on, as created.
+    job = await parse_or_reject(body, fail=not was_created(body))
     if statusing.is_finished(body):
         return {"children": "kept: the job has finished"}
     # kopf may hand us a body that is already gone (a retry racing a delete): children made now
     # would belong to a dead owner, so look again first.
-    live = await kubeapi.get("FineTuneJob", job.namespace, job.name)
+    live, looked = await kubeapi.get("FineTuneJob", job.namespace, job.name), time.monotonic()
     if live is None or live["metadata"].get("deletionTimestamp") or live["metadata"].get("uid") != job.metadata.uid:
         return {"children": "none: the FineTuneJob is gone"}
     options = building.BuildOptions.from_settings(settings)
@@ -94,17 +120,26 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     # are made at once; the Job last, once they all exist: its pods name the ServiceAccount, which
     # admission refuses when it is missing, and mount the ConfigMap and claim.
     outcomes = await asyncio.gather(*(kubeapi.create(wanted) for wanted in children), return_exceptions=True)
-    failed = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
-    if failed is not None:
-        raise failed  # a transient failure: the handler runs again and finds what was made (409 → existing)
+    for wanted, outcome in zip(children, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            await _raise_refused(job, live, wanted, outcome, settings)
+            raise outcome  # a transient failure: the handler runs again and finds what was made (409 → existing)
     made: list[str] = []
     new_job: dict[str, Any] | None = None
     for wanted, outcome in zip(children, outcomes, strict=True):
         assert not isinstance(outcome, BaseException)
         existing, created = outcome
-        await _check_made(job, wanted, existing, created, made, settings)
-    existing, created = await kubeapi.create(job_manifest)
-    await _check_made(job, job_manifest, existing, created, made, settings)
+        await _check_made(job, wanted, existing, created, made, settings, live)
+    if time.monotonic() - looked > RECHECK_AFTER and not await _still_there(job):
+        # deleted while its children were made (slowly: retries); they go with it (owner
+        # references), and no trainer Job is made for nobody: its pods would start training
+        return {"children": "none: the FineTuneJob was deleted meanwhile"}
+    try:
+        existing, created = await kubeapi.create(job_manifest)
+    except Exception as exc:
+        await _raise_refused(job, live, job_manifest, exc, settings)
+        raise
+    await _check_made(job, job_manifest, existing, created, made, settings, live)
     if created:
         new_job = existing
     if made:
@@ -126,9 +161,55 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     return {"children": count, "created": len(made)}
 
 
+def _made_by_us(job: FineTuneJob, existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether an object found under a child's name is this job's: owned by it, or made by kubetune
+    for a FineTuneJob of this name (a claim kept from an earlier namesake). Anything else is someone
+    else's object, which the operator neither overwrites nor uses."""
+    meta = existing["metadata"]
+    if job.metadata.uid and any(ref.get("uid") == job.metadata.uid for ref in meta.get("ownerReferences") or []):
+        return True
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    return (labels.get(naming.LABEL_MANAGED_BY) == wanted["metadata"]["labels"][naming.LABEL_MANAGED_BY]
+            and annotations.get(naming.ANNOTATION_JOB) == job.name)
+
+
+async def _raise_refused(job: FineTuneJob, live: dict[str, Any], wanted: dict[str, Any], exc: BaseException,
+                         settings: Settings) -> None:
+    """A create the server refused for good (a quota's 403, an admission policy's 400/403/422): say
+    which child and why on the job (once, not per retry) and retry later, as one log line with no
+    traceback; transient failures and our own bugs are left to the caller."""
+    if not isinstance(exc, kubeapi.ApiError) or kubeapi.is_transient(exc) or exc.status in (0, 401, 404):
+        return
+    kind, name = wanted["kind"], wanted["metadata"]["name"]
+    message = (f"the API server refused to create {kind} {name}: {exc}; no trainer Job was made, "
+               f"retrying every {settings.retry_delay} s")
+    await _report_created_false(job, live, Reason.CREATE_REFUSED, message)
+    raise kopf.TemporaryError(message, delay=settings.retry_delay) from None
+
+
+async def _report_created_false(job: FineTuneJob, live: dict[str, Any], reason: str, message: str) -> None:
+    """Condition ``Created`` False and a Warning Event, unless the condition says so already."""
+    shown = {c.get("type"): c for c in (live.get("status") or {}).get("conditions") or []}.get(ConditionType.CREATED)
+    if not (shown and shown.get("reason") == reason and shown.get("message") == message):
+        await statusing.update_conditions(
+            job.namespace, job.name, [(ConditionType.CREATED, "False", reason, message)],
+            defaults=status_fields(phase="Pending", message=message))
+        await kubeapi.post_event(statusing.involved(job), reason=reason, message=message, type="Warning")
+
+
+async def _report_name_taken(job: FineTuneJob, live: dict[str, Any], kind: str, name: str) -> str:
+    """Say (once: not again on each retry) that a child's name is taken by someone else's object."""
+    message = (f"{kind} {name} already exists and is not this FineTuneJob's (no owner reference to it, no "
+               "kubetune labels): it was left untouched and no trainer Job was made; delete or rename it and "
+               "the job goes on")
+    await _report_created_false(job, live, Reason.NAME_TAKEN, message)
+    return message
+
+
 async def _check_made(job: FineTuneJob, wanted: dict[str, Any], existing: dict[str, Any], created: bool,
-                      made: list[str], settings: Settings) -> None:
-    """Note a child just made; for one that existed, wait while it belongs to an earlier namesake."""
+                      made: list[str], settings: Settings, live: dict[str, Any]) -> None:
+    """Note a child just made; for one that existed, wait while it belongs to an earlier namesake,
+    or to someone else (reported as NameTaken)."""
     kind, name = wanted["kind"], wanted["metadata"]["name"]
     if created:
         made.append(f"{kind}/{name}")
@@ -138,6 +219,9 @@ async def _check_made(job: FineTuneJob, wanted: dict[str, Any], existing: dict[s
         raise kopf.TemporaryError(
             f"{kind} {name} still belongs to an earlier FineTuneJob of this name (uid {stale}); "
             "waiting for the garbage collector to remove it", delay=settings.retry_delay)
+    if not _made_by_us(job, existing, wanted):
+        message = await _report_name_taken(job, live, kind, name)
+        raise kopf.TemporaryError(message, delay=settings.retry_delay)
     if kind == "PersistentVolumeClaim":
         await _note_reused_claim(job, existing)
 
@@ -179,8 +263,7 @@ async def _restore_once(namespace: str, name: str, settings: Settings) -> bool:
     ftj = await kubeapi.get("FineTuneJob", namespace, name)
     if ftj is None or ftj["metadata"].get("deletionTimestamp") or statusing.is_finished(ftj):
         return False
-    created = {c.get("type"): c.get("status") for c in (ftj.get("status") or {}).get("conditions") or []}
-    if created.get(ConditionType.CREATED) != "True":
+    if not was_created(ftj):
         return False  # the create handler has not finished (or refused the spec): it makes the Job
     job, _ = await statusing.read_job_and_pods(namespace, ftj)
     if job is not None:
@@ -193,9 +276,12 @@ async def _restore_once(namespace: str, name: str, settings: Settings) -> bool:
                     namespace, name, ", ".join(running))
         return False  # their termination is an event of a managed pod, which brings us back here
     try:
+        # No Job runs now: a spec edited into something invalid cannot make one, which fails the job
+        # (ensure_children alone would only refuse the edit, as it does while the Job runs).
+        await parse_or_reject(ftj, fail=True)
         result = await ensure_children(ftj, settings)
     except kopf.PermanentError:
-        return False  # the spec no longer validates: ensure_children marked it rejected
+        return False  # the spec no longer validates: marked rejected, phase Failed
     if not result.get("created"):
         return False  # a concurrent event (the Job's, one of its pods') made it first: one Event, from that one
     await kubeapi.post_event(

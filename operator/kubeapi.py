@@ -24,7 +24,8 @@ The answers every caller would otherwise have to special-case are folded in here
 treats 409 AlreadyExists as "already there" and returns the existing object, :func:`get` and
 :func:`delete` treat 404 as "absent". Every failed request is counted in
 ``kubetune.operator.metrics``; a failed answer is raised as :class:`ApiError` (status, reason,
-headers, the server's ``Status`` body).
+headers, the server's ``Status`` body), whose text — what logs, Events and conditions show — leaves
+out a 422's message, which quotes the refused values of the object (:func:`refusal_text`).
 
 Transient failures — the connection refused or reset, a timeout, 429 Too Many Requests, 502, 503 or
 504 (an API server restarting, overloaded or behind a load balancer) — are retried here with
@@ -137,8 +138,20 @@ class ApiError(Exception):
         self.reason = reason
         self.headers: Mapping[str, str] = headers or {}
         self.body = body or {}
-        message = self.body.get("message")
-        super().__init__(f"{status} {reason}" + (f": {message}" if message else ""))
+        super().__init__(refusal_text(status, reason, self.body))
+
+
+def refusal_text(status: int, reason: str, body: Mapping[str, Any]) -> str:
+    """One line for an error answer, as logged and shown: the status, the reason and the server's
+    message, except for a 422, whose message quotes the refused values of the object (``Invalid
+    value: "…"``): of a 422 only its causes' field paths and reasons are kept."""
+    head = f"{status} {reason}".strip()
+    if status == 422:
+        causes = (body.get("details") or {}).get("causes") or []
+        fields = "; ".join(f"{c.get('field') or '?'}: {c.get('reason') or 'invalid'}" for c in causes if isinstance(c, dict))
+        return head + (f" ({fields})" if fields else "")
+    message = str(body.get("message") or "")[:512]
+    return head + (f": {message}" if message else "")
 
 
 # ------------------------------------------------------------------------------------ credentials

@@ -13,6 +13,7 @@ traceback (``run_operator`` checks its output).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ from typing import Any
 import kmock
 import pytest
 
-from kubetune.api import ConditionType
+from kubetune.api import ConditionType, Reason
 from kubetune.operator import kubeapi, naming, retrying
-from tests.operator.operating import JobController, condition, manifest, status, wait_phase
+from tests.operator.operating import FTJ, JobController, condition, events, manifest, status, wait_phase
 from tests.support.clusters import Cluster
 
 Operator = Callable[..., Any]
@@ -68,6 +69,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     land: bool = False
     delay: float = 0.0
+    body: dict[str, Any] | None = None  # the Status answered, when not the default one
     met: list[float] = field(default_factory=list)  # when each injected answer was given
 
     async def __call__(self, request: kmock.Request) -> Any:
@@ -78,9 +80,10 @@ class Fault:
             await asyncio.sleep(self.delay)
         if self.land:
             self.emulator._serve_resource_request(request)  # the write happens; the client never hears so
-        reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}[self.status]
+        reason = {403: "Forbidden", 409: "Conflict", 422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
+                  503: "ServiceUnavailable"}[self.status]
         return kmock.Response(status=self.status, headers=self.headers,
-                              payload=_status_body(self.status, reason, f"injected {self.status}"))
+                              payload=self.body or _status_body(self.status, reason, f"injected {self.status}"))
 
 
 @dataclass
@@ -232,3 +235,118 @@ def test_watch_streams_that_expire_drop_or_break_lose_no_event(
         cluster.wait_for(lambda: condition(cluster, "later", ConditionType.CREATED), timeout=30, what="later created")
     assert final["phase"] == "Succeeded"
     assert_children_once(cluster, ["later", "watched"], multi_node=[])
+
+
+def test_suspend_and_resume_survive_a_failing_job_patch_status_patch_and_event_create(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    """The Job's suspend patch meets a 500 and a 429 with Retry-After, the Suspended transition's
+    status write a 500 and a 503, and every Event create a 500 meanwhile (Events are best effort):
+    the Job is still suspended and resumed, once each, the phase follows, and the operator goes on."""
+    cluster = emulated_cluster
+    emulator = cluster.emulator.emulator  # type: ignore[union-attr]
+
+    def job_patches(r: kmock.Request) -> bool:
+        return _operator(r) and _method(r) == "PATCH" and _plural(r) == "jobs" and r.subresource is None
+
+    def status_patches(r: kmock.Request) -> bool:
+        return _operator(r) and _method(r) == "PATCH" and _plural(r) == "finetunejobs" and r.subresource == "status"
+
+    def event_creates(r: kmock.Request) -> bool:
+        return _operator(r) and _method(r) == "POST" and _plural(r) == "events"
+
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("pausable"))
+        cluster.wait_for(lambda: condition(cluster, "pausable", ConditionType.CREATED), timeout=30, what="created")
+        job = cluster.get("batch/v1", "Job", "pausable")
+        faults = {
+            "job patch 500": inject(cluster, job_patches, Fault(emulator, 500, 1)),
+            "job patch 429": inject(cluster, job_patches, Fault(emulator, 429, 1, headers={"Retry-After": "1"})),
+            "events 500": inject(cluster, event_creates, Fault(emulator, 500, 2)),
+        }
+        cluster.patch(*FTJ, "pausable", {"spec": {"runPolicy": {"suspend": True}}})
+        cluster.wait_for(lambda: cluster.get("batch/v1", "Job", "pausable")["spec"].get("suspend") is True,
+                         timeout=30, what="the Job suspended")
+        faults["status 500"] = inject(cluster, status_patches, Fault(emulator, 500, 1))
+        faults["status 503"] = inject(cluster, status_patches, Fault(emulator, 503, 1))
+        job_controller.suspend("pausable")
+        wait_phase(cluster, "pausable", "Suspended", timeout=30)
+        cluster.patch(*FTJ, "pausable", {"spec": {"runPolicy": {"suspend": False}}})
+        cluster.wait_for(lambda: cluster.get("batch/v1", "Job", "pausable")["spec"].get("suspend") is False,
+                         timeout=30, what="the Job resumed")
+        job_controller.resume("pausable")
+        cluster.wait_for(lambda: (c := condition(cluster, "pausable", ConditionType.SUSPENDED)) and c["status"] == "False",
+                         timeout=30, what="Suspended=False")
+        cluster.create(manifest("after"))  # the operator still serves new jobs
+        cluster.wait_for(lambda: condition(cluster, "after", ConditionType.CREATED), timeout=30, what="after created")
+    for what, fault in faults.items():
+        assert len(fault.met) == fault.times, (what, len(fault.met))
+    assert cluster.get("batch/v1", "Job", "pausable")["metadata"]["uid"] == job["metadata"]["uid"]
+    assert_children_once(cluster, ["after", "pausable"], multi_node=[])
+    assert status(cluster, "pausable")["phase"] != "Suspended"
+
+
+SECRET_ECHO = "hf_echoedTOPSECRET0123456789"  # what a 422 may echo of the object it refuses
+
+
+@pytest.mark.parametrize("refusal", ["quota 403", "invalid 422"])
+def test_a_child_create_the_server_refuses_is_reported_on_the_job_without_echo_and_retried(
+        emulated_cluster: Cluster, operator_process: Operator, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
+    """A create refused for good by the server (a ResourceQuota's 403, an admission policy's 422) is
+    no crash: the job says which child and why (a 422 by field path and reason only: its message
+    echoes the object's values), one Warning Event, no traceback, no Job; when the server accepts
+    again the job goes on with each child made once."""
+    monkeypatch.setenv("KUBETUNE_RETRY_DELAY", "1")
+    cluster = emulated_cluster
+    emulator = cluster.emulator.emulator  # type: ignore[union-attr]
+    claims = naming.names_for("refused").claim
+    if refusal == "quota 403":
+        quota = (f'persistentvolumeclaims "{claims}" is forbidden: exceeded quota: storage, '
+                 "requested: requests.storage=50Gi, used: requests.storage=0, limited: requests.storage=10Gi")
+        body = _status_body(403, "Forbidden", quota)
+        shown = "exceeded quota: storage"
+    else:
+        body = {**_status_body(422, "Invalid", f'PersistentVolumeClaim "{claims}" is invalid: '
+                               f'metadata.labels: Invalid value: "{SECRET_ECHO}"'),
+                "details": {"name": claims, "kind": "persistentvolumeclaims", "causes": [
+                    {"reason": "FieldValueInvalid", "message": f'Invalid value: "{SECRET_ECHO}"',
+                     "field": "metadata.labels"}]}}
+        shown = "metadata.labels: FieldValueInvalid"
+    fault = inject(cluster, lambda r: _operator(r) and _method(r) == "POST" and _plural(r) == "persistentvolumeclaims",
+                   Fault(emulator, body["code"], 3, body=body))
+    with operator_process(cluster.namespace) as runner:
+        cluster.create(manifest("refused"))
+        created = cluster.wait_for(lambda: condition(cluster, "refused", ConditionType.CREATED), timeout=30,
+                                   what="the Created condition")
+        assert created["status"] == "False" and created["reason"] == Reason.CREATE_REFUSED, created
+        assert f"PersistentVolumeClaim {claims}" in created["message"] and shown in created["message"], created
+        assert cluster.find("batch/v1", "Job", "refused") is None
+        cluster.wait_for(lambda: len(fault.met) == fault.times, timeout=30, what="every refusal met")
+        cluster.wait_for(lambda: (c := condition(cluster, "refused", ConditionType.CREATED)) and c["status"] == "True",
+                         timeout=30, what="Created once the server accepts")
+    refusals = [(t, m) for t, r, m in events(cluster, "refused") if r == Reason.CREATE_REFUSED]
+    assert [t for t, _ in refusals] == ["Warning"], refusals  # once, not once per retry
+    assert f"PersistentVolumeClaim {claims}" in refusals[0][1] and shown in refusals[0][1], refusals
+    assert_children_once(cluster, ["refused"], multi_node=[])
+    stored = json.dumps([status(cluster, "refused"), events(cluster, "refused")])
+    assert SECRET_ECHO not in stored and SECRET_ECHO not in runner.output
+
+
+def test_a_finetunejob_deleted_while_its_children_are_made_gets_no_job(
+        emulated_cluster: Cluster, operator_process: Operator) -> None:
+    """The FineTuneJob is deleted while its ConfigMap's create is slow (retried after a 503): no
+    trainer Job is made for a job that is gone (its pods would start training for nobody). The
+    children made for it carry its owner reference: the garbage collector removes them (a real
+    cluster's also those made after the owner went, which the emulator's does not)."""
+    cluster = emulated_cluster
+    emulator = cluster.emulator.emulator  # type: ignore[union-attr]
+    slow = inject(cluster, lambda r: _operator(r) and _method(r) == "POST" and _plural(r) == "configmaps",
+                  Fault(emulator, 503, 1, delay=1.5))
+    with operator_process(cluster.namespace):
+        cluster.create(manifest("brief"))
+        cluster.wait_for(lambda: slow.met, timeout=30, what="the ConfigMap's create under way")
+        cluster.delete(*FTJ, "brief")
+        cluster.wait_gone(*FTJ, "brief")
+        time.sleep(3.0)  # the create is answered, retried and done; the handler has finished
+        cluster.create(manifest("next"))
+        cluster.wait_for(lambda: condition(cluster, "next", ConditionType.CREATED), timeout=30, what="next created")
+    assert cluster.find("batch/v1", "Job", "brief") is None, "a Job was made for a deleted FineTuneJob"

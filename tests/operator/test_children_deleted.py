@@ -164,3 +164,36 @@ def test_a_job_deleted_while_the_operator_is_down_comes_back_at_restart_unless_f
         _settle(cluster, "marker")
     assert cluster.find("batch/v1", "Job", "finished") is None
     assert status(cluster, "finished")["phase"] == "Succeeded"
+
+
+def test_a_running_jobs_config_and_rbac_deleted_by_someone_come_back_at_the_next_start_the_job_untouched(
+        emulated_cluster: Cluster, operator_process: Operator, job_controller: JobController) -> None:
+    """The operator does not watch ConfigMaps or RBAC objects (no watch per kind for what only a
+    person deletes): what was deleted while the job runs is made again, from the same spec, when the
+    operator starts, with the running Job and its claim untouched and no crash in between."""
+    cluster = emulated_cluster
+    names = naming.names_for("bare")
+    kinds = [("v1", "ConfigMap", names.config_map), ("v1", "ServiceAccount", names.service_account),
+             ("rbac.authorization.k8s.io/v1", "Role", names.role),
+             ("rbac.authorization.k8s.io/v1", "RoleBinding", names.role_binding)]
+    with operator_process(cluster.namespace):
+        job = _run(cluster, job_controller, "bare")
+        claim = cluster.get("v1", "PersistentVolumeClaim", names.claim)
+        before = {kind: cluster.get(api, kind, name) for api, kind, name in kinds}
+        for api, kind, name in kinds:
+            cluster.delete(api, kind, name)
+        _settle(cluster, "marker-1")
+        assert status(cluster, "bare")["phase"] == "Running"
+    with operator_process(cluster.namespace):
+        _settle(cluster, "marker-2")
+        for api, kind, name in kinds:
+            again = cluster.get(api, kind, name)
+            assert again["metadata"]["uid"] != before[kind]["metadata"]["uid"], kind
+            assert [r["uid"] for r in again["metadata"]["ownerReferences"]] == \
+                [r["uid"] for r in before[kind]["metadata"]["ownerReferences"]], kind
+            for field in ("data", "rules", "roleRef", "subjects"):
+                assert again.get(field) == before[kind].get(field), (kind, field)
+        assert cluster.get("batch/v1", "Job", "bare")["metadata"]["uid"] == job["metadata"]["uid"]
+        assert cluster.get("v1", "PersistentVolumeClaim", names.claim)["metadata"]["uid"] == claim["metadata"]["uid"]
+        assert status(cluster, "bare")["phase"] == "Running"
+    assert _jobs(cluster) == ["bare", "marker-1", "marker-2"]
