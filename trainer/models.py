@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.sources import resolve_model_dir
+from kubetune.trainer.sources import check_model_folder, resolve_model_dir
 
 _AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -53,7 +53,8 @@ class ModelError(RuntimeError):
 
 
 def model_dir(spec: Any, base_dir: Any) -> Path:
-    return resolve_model_dir(spec.model.source, base_dir, "spec.model.source", spec.model.revision)
+    folder = resolve_model_dir(spec.model.source, base_dir, "spec.model.source", spec.model.revision)
+    return check_model_folder(folder, spec.model.source)
 
 
 def load_tokenizer(spec: Any, base_dir: Any) -> tuple[Any, Path]:
