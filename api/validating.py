@@ -18,7 +18,7 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetune.api.jobs import FineTuneJob
+from kubetune.api.jobs import KIND, FineTuneJob
 from kubetune.api.problems import Problem, SpecError, format_path
 from kubetune.api.rules import check_rules
 from kubetune.api.specs import FineTuneJobSpec
@@ -257,7 +257,7 @@ def validate_manifest(body: Any) -> tuple[FineTuneJob | None, list[Problem]]:
     if not isinstance(body, dict):
         return None, [Problem("(root)", f"a FineTuneJob manifest must be a mapping, got {type(body).__name__}")]
     kind = body.get("kind")
-    if isinstance(kind, str) and kind != FineTuneJob.model_fields["kind"].annotation.__args__[0]:
+    if isinstance(kind, str) and kind != KIND:
         # Another object (a Deployment, a ConfigMap): one line, not one per field it lacks.
         api = body.get("apiVersion")
         got = f"{_describe(kind)}, apiVersion {_describe(api)}" if api is not None else _describe(kind)
