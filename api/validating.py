@@ -40,6 +40,11 @@ _TYPE_WORDS = {
 }
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "nullable"}
 _NAME_HINT = "must be lowercase letters, digits, '-' and '.', starting and ending with a letter or digit (a Kubernetes name)"
+_PATTERN_WORDS = {  # the field vocabulary of kubetune.api.base, in words rather than as a regex
+    r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$": "must be a Kubernetes quantity such as 64Gi, 500Mi, 500m or 8 (no space)",
+    r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$": _NAME_HINT,
+    r"^[A-Za-z0-9_.\-]+$": "must be a column name of letters, digits, '_', '.' and '-'",
+}
 _SOURCE_HINT = "must be hf://org/name[@revision], pvc://claim/path, s3://bucket/key, pkg://package/path or a file path"
 
 
@@ -213,8 +218,8 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
     if kind == "string_pattern_mismatch":
         if str(err["loc"][-1]) in {"source", "tokenizer"}:
             return f"{_SOURCE_HINT} (got {_describe(value)})"
-        if tuple(err["loc"][-2:]) in {("metadata", "name"), ("metadata", "namespace")}:
-            return f"{_NAME_HINT} (got {_describe(value)})"
+        if tuple(err["loc"][-2:]) in {("metadata", "name"), ("metadata", "namespace")} or ctx.get("pattern") in _PATTERN_WORDS:
+            return f"{_PATTERN_WORDS.get(str(ctx.get('pattern')), _NAME_HINT)} (got {_describe(value)})"
         return f"must match {ctx.get('pattern')} (got {_describe(value)})"
     if kind in {"string_too_short", "too_short"}:
         n = ctx.get("min_length")
@@ -224,6 +229,8 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
     if kind in _TYPE_WORDS:
         got = "null" if value is None else f"{type(value).__name__} {_describe(value)}"
         return f"must be {_TYPE_WORDS[kind]} (got {got})"
+    if kind == "invalid_key":
+        return f"keys must be strings (got {_describe(err['loc'][-1])}; quote it)"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     return str(err["msg"])

@@ -50,6 +50,15 @@ CASES = [
      "(a Kubernetes name) (got 'My_Job')"),
     # was: "(got NoneType None)"
     ("null number", _edit("microBatchSize: 16", "microBatchSize:"), "spec.training.microBatchSize: must be an integer (got null)"),
+    # was: the quantity's regular expression
+    ("memory with a space", _edit("  deepspeed:\n", "  resources: {memory: 64 GB}\n  deepspeed:\n"),
+     "spec.resources.memory: must be a Kubernetes quantity such as 64Gi, 500Mi, 500m or 8 (no space) (got '64 GB')"),
+    # was: valid, and the two labels became one class id
+    ("a label twice", _edit("labels: [negative, positive]", "labels: [negative, positive, negative]"),
+     "spec.techniques.task.labels[2]: 'negative' is already labels[0]; give each label once"),
+    # was: "Keys should be strings"
+    ("a number as a key", _edit("    logEverySteps: 5\n", "    logEverySteps: 5\n    1: 2\n"),
+     "spec.training[1]: keys must be strings (got 1; quote it)"),
     # the rest already read well; kept so they stay that way
     # was: valid — the models also take Python names, the API server does not (refused, or pruned and lost)
     ("snake_case key", _edit("learningRate:", "learning_rate:"), "spec.training.learning_rate: unknown field; did you mean 'learningRate'?"),
