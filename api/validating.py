@@ -41,7 +41,7 @@ _TYPE_WORDS = {
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "nullable"}
 _NAME_HINT = "must be lowercase letters, digits, '-' and '.', starting and ending with a letter or digit (a Kubernetes name)"
 _PATTERN_WORDS = {  # the field vocabulary of kubetune.api.base, in words rather than as a regex
-    r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$": "must be a Kubernetes quantity such as 64Gi, 500Mi, 500m or 8 (no space)",
+    r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$": "must be a Kubernetes quantity: a number and an optional unit, no space, such as 64Gi, 500Mi, 500m or 8",
     r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$": _NAME_HINT,
     r"^[A-Za-z0-9_.\-]+$": "must be a column name of letters, digits, '_', '.' and '-'",
 }

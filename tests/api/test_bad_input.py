@@ -52,7 +52,7 @@ CASES = [
     ("null number", _edit("microBatchSize: 16", "microBatchSize:"), "spec.training.microBatchSize: must be an integer (got null)"),
     # was: the quantity's regular expression
     ("memory with a space", _edit("  deepspeed:\n", "  resources: {memory: 64 GB}\n  deepspeed:\n"),
-     "spec.resources.memory: must be a Kubernetes quantity such as 64Gi, 500Mi, 500m or 8 (no space) (got '64 GB')"),
+     "spec.resources.memory: must be a Kubernetes quantity: a number and an optional unit, no space, such as 64Gi, 500Mi, 500m or 8 (got '64 GB')"),
     # was: valid, and the two labels became one class id
     ("a label twice", _edit("labels: [negative, positive]", "labels: [negative, positive, negative]"),
      "spec.techniques.task.labels[2]: 'negative' is already labels[0]; give each label once"),
