@@ -135,3 +135,18 @@ def test_python_field_names_are_refused_at_every_depth() -> None:
         "spec.deepspeed.zero_stage: unknown field; did you mean 'zeroStage'?",
         "spec.training.learning_rate: unknown field; did you mean 'learningRate'?",
     ]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["train", "-f", "job.yaml", "--max-steps", "0"], "argument --max-steps: must be an integer >= 1 (got 0)"),
+    (["train", "-f", "job.yaml", "--max-steps", "-1"], "argument --max-steps: must be an integer >= 1 (got -1)"),
+    (["train", "-f", "job.yaml", "--nproc", "0"], "argument --nproc: must be an integer >= 1 (got 0)"),
+    (["validate", "--preview", "-2", "job.yaml"], "argument --preview: must be an integer >= 0 (got -2)"),
+    (["render", "--preview", "two", "job.yaml"], "argument --preview: must be an integer >= 0 (got 'two')"),
+], ids=["max-steps 0", "max-steps -1", "nproc 0", "preview -2", "preview word"])
+def test_counts_on_the_command_line_are_checked(capsys: pytest.CaptureFixture[str], argv: list[str], said: str) -> None:
+    """Before, ``--max-steps -1`` trained 0 steps and reported success, and ``--max-steps 0`` trained the whole run."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err

@@ -49,3 +49,17 @@ def test_a_model_source_that_is_not_a_model(tmp_path: Path, capsys: pytest.Captu
     assert expected in captured.out + captured.err and "Traceback" not in captured.out + captured.err
     after = _files(run_dir / "checkpoints") | {f"output/{k}": v for k, v in _files(run_dir / "output").items()}
     assert after == before
+
+
+def test_a_run_directory_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``-o`` naming a file: one line and exit 2, the file untouched (before: a FileExistsError traceback)."""
+    base = tmp_path / "job"
+    data = write_dataset(base / "data" / "train.jsonl", "text", n=4)
+    (base / "job.yaml").write_text(yaml.safe_dump(manifest("model", data, "text")))
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    rc = main(["train", "-f", str(base / "job.yaml"), "-o", str(taken), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and taken.read_text() == "mine"
+    assert f"kubetune: run directory {taken} is a file, not a folder; give another with -o" in captured.err
+    assert "Traceback" not in captured.out + captured.err
