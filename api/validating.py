@@ -45,6 +45,9 @@ _PATTERN_WORDS = {  # the field vocabulary of kubetune.api.base, in words rather
     r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$": _NAME_HINT,
     r"^[A-Za-z0-9_.\-]+$": "must be a column name of letters, digits, '_', '.' and '-'",
 }
+#: Names of one number format: training.precision says bf16, model.dtype bfloat16 (as torch does).
+_SAME_DTYPE = {"bfloat16": "bf16", "bf16": "bfloat16", "float16": "fp16", "fp16": "float16", "half": "fp16",
+               "float32": "fp32", "fp32": "float32", "float": "fp32"}
 _SOURCE_HINT = "must be hf://org/name[@revision], pvc://claim/path, s3://bucket/key, pkg://package/path or a file path"
 
 
@@ -214,7 +217,15 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
         expected = str(ctx.get("expected"))
         if " or " not in expected and ", " not in expected:  # one allowed value: "must be one of 'X'" reads oddly
             return f"must be {expected} (got {_describe(value)})"
-        return f"must be one of {expected} (got {_describe(value)})"
+        hint = ""
+        if isinstance(value, str):  # LoRA, classifcation, constant_with_warmup: name the value meant
+            allowed = re.findall(r"'([^']*)'", expected)
+            folded = {a.lower().replace("_", "-"): a for a in allowed}
+            close = difflib.get_close_matches(value.lower().replace("_", "-"), list(folded), n=1, cutoff=0.75)
+            same = _SAME_DTYPE.get(value.lower())
+            meant = same if same in allowed else folded[close[0]] if close else None
+            hint = f"; did you mean {meant!r}?" if meant else ""
+        return f"must be one of {expected} (got {_describe(value)}){hint}"
     if kind == "string_pattern_mismatch":
         if str(err["loc"][-1]) in {"source", "tokenizer"}:
             return f"{_SOURCE_HINT} (got {_describe(value)})"

