@@ -20,6 +20,19 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 
+def _at_least(low: int):  # noqa: ANN202 - an argparse type
+    """An argparse type: an integer >= ``low`` (``--max-steps -1`` trained 0 steps and reported success)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} (got {text!r})") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} (got {value})")
+        return value
+    return parse
+
+
 def _files(args: argparse.Namespace) -> list[str]:
     files = list(args.file or []) + list(getattr(args, "paths", None) or [])
     if not files:
@@ -159,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     p.add_argument("--no-data-check", action="store_true",
                    help="check the manifest only, not the local data files it names (read them by default)")
-    p.add_argument("--preview", type=int, default=0, metavar="N", help="also show the first N training examples as the model will read them")
+    p.add_argument("--preview", type=_at_least(0), default=0, metavar="N", help="also show the first N training examples as the model will read them")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
@@ -171,14 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="more manifest files")
     p.add_argument("-n", "--namespace", default=None, help="namespace to render into (default: the manifest's, else default)")
     p.add_argument("--image", default=None, help="trainer image (default: the operator's default)")
-    p.add_argument("--preview", type=int, default=0, metavar="N", help="prefix the output with the first N training examples, as YAML comments")
+    p.add_argument("--preview", type=_at_least(0), default=0, metavar="N", help="prefix the output with the first N training examples, as YAML comments")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("train", help="train locally from a FineTuneJob manifest")
     p.add_argument("-f", "--file", required=True, help="manifest file")
     p.add_argument("-o", "--output-dir", default=None, help="run directory (default ./runs/<name>)")
-    p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 1 on CPU)")
-    p.add_argument("--max-steps", type=int, default=None, help="override spec.training.maxSteps (quick tries)")
+    p.add_argument("--nproc", type=_at_least(1), default=None, help="processes (default: GPUs, or 1 on CPU)")
+    p.add_argument("--max-steps", type=_at_least(1), default=None, help="override spec.training.maxSteps (quick tries)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--restart", action="store_true",
                    help="start over: remove this run's checkpoints instead of resuming (also after a spec edit)")

@@ -275,7 +275,7 @@ class Client:
         [state] = self.submit_all(manifest, namespace=namespace, allow_many=False)
         return state
 
-    def submit_all(self, manifest: str | os.PathLike[str] | Mapping[str, Any] | FineTuneJob, *,
+    def submit_all(self, manifest: str | os.PathLike[str] | Mapping[str, Any] | FineTuneJob | list[Any], *,
                    namespace: str | None = None, allow_many: bool = True) -> list[JobState]:
         """Like :meth:`submit`, for a file of several FineTuneJobs: all are validated before any is created."""
         bodies = _manifests(manifest)
@@ -569,10 +569,18 @@ class _PodLogTail:
         self._stop.set()
 
 
-def _manifests(manifest: str | os.PathLike[str] | Mapping[str, Any] | FineTuneJob) -> list[dict[str, Any]]:
+def read_manifests(manifest: str | os.PathLike[str] | Mapping[str, Any] | FineTuneJob | list[Any]) -> list[dict[str, Any]]:
+    """The FineTuneJob bodies of a file (``-``: stdin), a dict or a FineTuneJob, validated as
+    ``kubetune validate`` does; InvalidManifest with its lines. Needs no cluster."""
+    return _manifests(manifest)
+
+
+def _manifests(manifest: str | os.PathLike[str] | Mapping[str, Any] | FineTuneJob | list[Any]) -> list[dict[str, Any]]:
     """The FineTuneJob bodies to create, validated; InvalidManifest with ``kubetune validate``'s lines."""
     if isinstance(manifest, FineTuneJob):
         return [manifest.model_dump(mode="json", by_alias=True, exclude_none=True)]
+    if isinstance(manifest, list):  # bodies read before (kubetune submit reads the file before it connects)
+        return [body for item in manifest for body in _manifests(item)]
     if isinstance(manifest, Mapping):
         from kubetune.api.validating import validate_manifest
 
@@ -586,6 +594,8 @@ def _manifests(manifest: str | os.PathLike[str] | Mapping[str, Any] | FineTuneJo
         text = sys.stdin.read() if path == "-" else pathlib.Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidManifest([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidManifest([f"{name}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     from kubetune.api.problems import SpecError
 
     try:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
-from kubetune.client import Client, ClientError, InvalidManifest, JobState, Update, WaitTimeout
+from kubetune.client import Client, ClientError, InvalidManifest, JobState, Update, WaitTimeout, read_manifests
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_ERROR, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 
@@ -85,16 +85,20 @@ def _run(args: argparse.Namespace, body: Any) -> int:
 
 def submit_main(args: argparse.Namespace) -> int:
     def body() -> int:
+        # The manifest first: a wrong one is reported without a cluster (or a kubeconfig) at hand.
+        bodies = read_manifests(args.file)
+        if args.follow and len(bodies) != 1:
+            raise InvalidManifest([f"{args.file}: holds {len(bodies)} FineTuneJobs; submit one at a time"])
         with _client(args) as client:
             if args.follow:
-                state = client.submit(args.file, namespace=args.namespace)
+                state = client.submit(bodies[0], namespace=args.namespace)
                 print(f"finetunejob.{state.namespace}/{state.name} created", flush=True)
                 final = show_updates(
                     client.follow(state.name, namespace=state.namespace, logs=not args.no_logs, poll=args.poll,
                                   timeout=args.timeout),
                     Display(progress_bar=not args.no_progress))
                 return _exit_for(final) if final is not None else EXIT_ERROR
-            for state in client.submit_all(args.file, namespace=args.namespace):
+            for state in client.submit_all(bodies, namespace=args.namespace):
                 print(f"finetunejob.{state.namespace}/{state.name} created"
                       f" (follow it: kubetune status {state.name}, kubetune wait {state.name})")
             return EXIT_SUCCEEDED

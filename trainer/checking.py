@@ -1,6 +1,7 @@
 """Checking the data a manifest names before anything trains, for ``kubetune validate``.
 
-Every dataset of the spec whose source is on this machine (a path, or ``pkg://``) is read and
+The model folder (when on this machine) must hold a model, and every dataset of the spec whose
+source is on this machine (a path, or ``pkg://``) is read and
 turned into examples by the very code the trainer uses (:mod:`kubetune.trainer.reading`,
 :mod:`kubetune.trainer.encoding`), so a missing file, a malformed row or a missing column fails
 validation with the field path, the file and the row. Sources only the cluster (or the network)
@@ -15,7 +16,7 @@ from typing import Any
 
 from kubetune.trainer.encoding import canonical_example, dataset_name
 from kubetune.trainer.reading import DataError, read_rows
-from kubetune.trainer.sources import SourceError
+from kubetune.trainer.sources import SourceError, check_model_folder, resolve_path
 
 NOT_CHECKED_HERE = ("hf://", "s3://", "pvc://")
 
@@ -27,10 +28,10 @@ def is_checkable(source: str) -> bool:
 
 def check_data(spec: Any, base_dir: str | os.PathLike[str] | None) -> list[str]:
     """One line per dataset that cannot be read as the trainer will read it ([] when all can)."""
+    problems = _model_problems(spec, base_dir)
     groups = [("spec.data.datasets", spec.data.datasets)]
     if spec.data.eval is not None and spec.data.eval.datasets:
         groups.append(("spec.data.eval.datasets", spec.data.eval.datasets))
-    problems = []
     for field, datasets in groups:
         for i, ds in enumerate(datasets):
             if not is_checkable(ds.source):
@@ -47,3 +48,16 @@ def check_data(spec: Any, base_dir: str | os.PathLike[str] | None) -> list[str]:
                 message = str(exc)
                 problems.append(message if message.startswith(where) else f"{where}.source: {message}")
     return problems
+
+
+def _model_problems(spec: Any, base_dir: str | os.PathLike[str] | None) -> list[str]:
+    """The model source, when on this machine: it exists and is a model folder (config.json)."""
+    source = spec.model.source
+    if not is_checkable(source):
+        return []
+    try:
+        check_model_folder(resolve_path(source, base_dir, "spec.model.source"), source)
+    except SourceError as exc:
+        return [str(exc)]
+    return []
+

@@ -60,7 +60,12 @@ def train_main(args: argparse.Namespace) -> int:
         refused = _rerun_refused(job, paths, args.max_steps)
         if refused is not None:
             return refused
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # -o names a file, or a folder that cannot be made: one line, not a traceback
+        what = "is a file, not a folder" if run_dir.is_file() else f"cannot be made ({exc.strerror or exc})"
+        print(f"kubetune: run directory {run_dir} {what}; give another with -o", file=sys.stderr)
+        return 2
     code = _fetch(job, run_dir)
     if code:
         return code

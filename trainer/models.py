@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.sources import resolve_model_dir
+from kubetune.trainer.sources import check_model_folder, resolve_model_dir
 
 _AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -67,6 +67,8 @@ def load_tokenizer(spec: Any, base_dir: Any) -> tuple[Any, Path]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.model.trust_remote_code)
     except Exception as exc:
+        if not spec.model.tokenizer:  # a folder of data, a weights file: say that, not the tokenizer loader's words
+            check_model_folder(folder, spec.model.source)
         raise ModelError(f"spec.model.{'tokenizer' if spec.model.tokenizer else 'source'}: no usable tokenizer in {folder} ({type(exc).__name__}: {exc})") from exc
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padding positions are masked anyway.
@@ -114,7 +116,7 @@ def build_model(spec: Any, base_dir: Any, tokenizer: Any, tokenizer_dir: Path, l
     if method == "qlora":
         quantization = _qlora_config()
     model = load_pretrained(
-        model_dir(spec, base_dir),
+        check_model_folder(model_dir(spec, base_dir), spec.model.source),
         spec.head,
         labels=labels,
         dtype=spec.model.dtype,

@@ -111,3 +111,18 @@ def resolve_model_dir(
     if not path.exists():
         raise SourceError(f"{where}: {path} does not exist (from {source!r})")
     return path
+
+
+def check_model_folder(folder: Path, source: str, where: str = "spec.model.source") -> Path:
+    """``folder`` when it holds a model (``config.json``), else SourceError saying what belongs there.
+
+    Without this a folder of data or a weights file reached the tokenizer loader, whose error
+    talks about sentencepiece and slow tokenizers instead of the path."""
+    if folder.is_dir() and (folder / "config.json").is_file():
+        return folder
+    if not folder.exists():
+        raise SourceError(f"{where}: {folder} does not exist (from {source!r})")
+    what = "is a file" if folder.is_file() else "has no config.json"
+    raise SourceError(f"{where}: {folder} (from {source!r}) is not a model folder: it {what}; give the folder a "
+                      "Hugging Face model was saved to (config.json, weights, tokenizer files), hf://org/name or pkg://package/path")
+

@@ -73,7 +73,7 @@ CASES = [
     ("bad dataset format", _with(data__datasets=[{"source": "d.jsonl", "format": "csv"}]), "spec.data.datasets[0].format", "must be one of"),
     ("bad model source", _with(model={"source": "ftp://x/y"}), "spec.model.source", "hf://org/name"),
     ("negative zero stage", _with(deepspeed={"zeroStage": 4}), "spec.deepspeed.zeroStage", "must be one of"),
-    ("quantity", _with(resources={"memory": "lots"}), "spec.resources.memory", "must match"),
+    ("quantity", _with(resources={"memory": "lots"}), "spec.resources.memory", "must be a Kubernetes quantity: a number and an optional unit"),
     ("holdout above 1", _with(data__eval={"holdoutFraction": 1.5}), "spec.data.eval.holdoutFraction", "must be <= 1"),
     ("layer range syntax", _with(techniques={"layerSelection": {"layers": ["a-b"]}}), "spec.techniques.layerSelection.layers[0]", "must match"),
     # cross-field rules
