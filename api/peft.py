@@ -12,6 +12,15 @@ from pydantic import Field
 
 from kubetune.api.base import Fraction, Pattern, SpecModel
 
+#: Characters that make a targetModules entry a regular expression rather than a module name ('.' alone
+#: does not: ``mlp.down_proj`` is a dotted name, matched as a suffix).
+REGEX_MARKS = frozenset("*+?^$[]{}()|\\")
+
+
+def is_module_regex(entry: str) -> bool:
+    return any(c in REGEX_MARKS for c in entry)
+
+
 PeftMethod = Literal["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "p-tuning"]
 PROMPT_LEARNING_METHODS = frozenset({"prefix", "prompt", "p-tuning"})
 ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "ia3"})
@@ -33,7 +42,12 @@ class PeftSpec(SpecModel):
     target_modules: list[Pattern] | None = Field(
         default=None,
         max_length=256,
-        description="Module names or regex the adapters attach to; default all linear layers of the blocks.",
+        description=(
+            "Modules the adapters attach to; default all linear layers of the blocks. An entry is a module name, "
+            "matching a module called that or ending in '.<name>' (q_proj, mlp.down_proj), or, when it has any of "
+            "* + ? ^ $ [ ] { } ( ) | \\, a regular expression matched against the whole module name "
+            "('.*self_attn\\.(q|v)_proj'). Names and expressions may be mixed."
+        ),
     )
     layers: list[Annotated[int, Field(ge=0, le=100000)]] | None = Field(
         default=None,

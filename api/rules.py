@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from kubetune.api.peft import ADAPTER_METHODS, PROMPT_LEARNING_METHODS
+import re
+
+from kubetune.api.peft import ADAPTER_METHODS, PROMPT_LEARNING_METHODS, is_module_regex
 from kubetune.api.problems import Problem
 from kubetune.techniques import registered
 from kubetune.techniques.declarations import Capability, Declaration, Requirement
@@ -90,6 +92,17 @@ def _adapters_settings(spec: FineTuneJobSpec) -> Iterator[Problem]:
         yield Problem("spec.peft.layers", f"restricting to layers applies to {', '.join(sorted(ADAPTER_METHODS))}, not {spec.peft.method!r}")
     if spec.output.merge_adapters and spec.peft.method not in {"lora", "dora", "ia3"}:
         yield Problem("spec.output.mergeAdapters", f"only lora, dora and ia3 adapters can be merged, not {spec.peft.method!r}")
+
+
+@rule
+def _target_modules_compile(spec: FineTuneJobSpec) -> Iterator[Problem]:
+    for i, entry in enumerate(spec.peft.target_modules or []):
+        if is_module_regex(entry):
+            try:
+                re.compile(entry)
+            except re.error as exc:
+                yield Problem(f"spec.peft.targetModules[{i}]", f"{entry!r} is not a valid regular expression ({exc}); "
+                              "give a module name (q_proj) or a Python regular expression matched against the whole module name")
 
 
 @rule

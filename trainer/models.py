@@ -24,6 +24,7 @@ bitsandbytes; a CUDA GPU is required and its absence is a clear :class:`ModelErr
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,17 @@ def _qlora_config() -> Any:
     )
 
 
+def peft_targets(entries: list[str] | None) -> list[str] | str | None:
+    """``peft.targetModules`` as PEFT takes it. PEFT matches a list by name or '.<name>' suffix and only a
+    single string as a regular expression (``re.fullmatch`` on the module name), so a list that holds any
+    expression becomes one alternation, each name in it written as PEFT would match it."""
+    from kubetune.api.peft import is_module_regex
+
+    if not entries or not any(is_module_regex(e) for e in entries):
+        return entries
+    return "|".join(f"(?:{e})" if is_module_regex(e) else f"(?:.*\\.)?{re.escape(e)}" for e in entries)
+
+
 def peft_config(spec: Any, tokenizer_dir: Path) -> Any:
     """The PEFT config for ``spec.peft`` (method other than full)."""
     import peft
@@ -174,14 +186,14 @@ def peft_config(spec: Any, tokenizer_dir: Path) -> Any:
             r=p.r,
             lora_alpha=p.alpha,
             lora_dropout=p.dropout,
-            target_modules=p.target_modules or "all-linear",
+            target_modules=peft_targets(p.target_modules) or "all-linear",
             layers_to_transform=p.layers,
             use_dora=p.method == "dora",
         )
     if p.method == "ia3":
         return peft.IA3Config(
             task_type=task_type,
-            target_modules=p.target_modules,
+            target_modules=peft_targets(p.target_modules),
             feedforward_modules=[] if p.target_modules else None,
         )
     if p.method == "prefix":

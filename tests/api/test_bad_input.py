@@ -161,3 +161,13 @@ def test_counts_on_the_command_line_are_checked(capsys: pytest.CaptureFixture[st
         main(argv)
     assert exited.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_a_target_module_that_is_a_broken_regular_expression_is_refused_by_its_index():
+    from kubetune.api import SpecError, parse_spec
+
+    base = {"model": {"source": "m"}, "data": {"datasets": [{"name": "d", "source": "d.jsonl", "format": "text"}]}}
+    parse_spec({**base, "peft": {"method": "lora", "targetModules": ["q_proj", r".*\.(q|v)_proj", "mlp.down_proj"]}})
+    with pytest.raises(SpecError) as err:
+        parse_spec({**base, "peft": {"method": "lora", "targetModules": ["q_proj", "self_attn.(q_proj"]}})
+    assert "spec.peft.targetModules[1]: 'self_attn.(q_proj' is not a valid regular expression" in str(err.value)

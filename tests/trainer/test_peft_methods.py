@@ -94,3 +94,27 @@ def test_prefix_tuning_on_a_model_without_cache_is_a_clear_error(tiny_model_dir,
     assert run.rc == 2
     out = capsys.readouterr()
     assert "spec.peft.method: prefix tuning" in out.out + out.err
+
+
+@pytest.mark.parametrize(("targets", "wanted"), [
+    (["q_proj", "v_proj"], lambda n: n.endswith((".q_proj", ".v_proj"))),  # names: PEFT's own matching, list unchanged
+    ([r".*self_attn\.(q|k)_proj"], lambda n: n.endswith((".self_attn.q_proj", ".self_attn.k_proj"))),  # a whole-name regex
+    ([r".*\.0\.self_attn\.q_proj", "mlp.down_proj"],  # mixed: the name stays a suffix match
+     lambda n: n.endswith(".layers.0.self_attn.q_proj") or n.endswith(".mlp.down_proj")),
+], ids=["names", "regex", "mixed"])
+def test_target_modules_take_names_and_regular_expressions(targets, wanted, tiny_model_dir):
+    """spec.peft.targetModules as documented: a name matches a module called that or ending in '.<name>';
+    an entry with regex characters is a regular expression matched against the whole module name."""
+    import peft as peft_lib
+
+    from kubetune.api import parse_spec
+    from kubetune.trainer.models import peft_config
+
+    spec = parse_spec({"model": {"source": "m"}, "data": {"datasets": [{"name": "d", "source": "d.jsonl", "format": "text"}]},
+                       "peft": {"method": "lora", "r": 4, "targetModules": targets}})
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")))
+    expected = {name for name, module in base.named_modules() if isinstance(module, torch.nn.Linear) and wanted(name)}
+    model = peft_lib.get_peft_model(base, peft_config(spec, tiny_model_dir("llama")))
+    adapted = {name.removeprefix("base_model.model.") for name, module in model.named_modules()
+               if isinstance(module, peft_lib.tuners.lora.LoraLayer)}
+    assert expected and adapted == expected
