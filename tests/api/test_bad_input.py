@@ -171,3 +171,7 @@ def test_a_target_module_that_is_a_broken_regular_expression_is_refused_by_its_i
     with pytest.raises(SpecError) as err:
         parse_spec({**base, "peft": {"method": "lora", "targetModules": ["q_proj", "self_attn.(q_proj"]}})
     assert "spec.peft.targetModules[1]: 'self_attn.(q_proj' is not a valid regular expression" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        parse_spec({**base, "peft": {"method": "lora", "targetModules": [r".*\.(q|v)_proj"], "layers": [0]}})
+    assert "spec.peft.layers: cannot be combined with a regular expression in targetModules" in str(err.value)
+    parse_spec({**base, "peft": {"method": "lora", "targetModules": ["q_proj"], "layers": [0]}})  # names and layers: fine
