@@ -106,7 +106,7 @@ def _target_modules_compile(spec: FineTuneJobSpec) -> Iterator[Problem]:
     regexes = [e for e in spec.peft.target_modules or [] if is_module_regex(e)]
     if regexes and spec.peft.layers and spec.peft.method in {"lora", "dora", "qlora"}:
         yield Problem("spec.peft.layers", "cannot be combined with a regular expression in targetModules (PEFT takes "
-                      f"{regexes[0]!r} as a whole-name expression and no layer list with it); put the layers in the "
+                      f"'{regexes[0]}' as a whole-name expression and no layer list with it); put the layers in the "
                       "expression instead, e.g. '.*\\.(0|1)\\.self_attn\\.q_proj'")
 
 
