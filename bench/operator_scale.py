@@ -279,6 +279,9 @@ class Api:
             if kind:
                 self.counts[kind] += 1
             async with self.session.get(self.host + path, params=query) as response:
+                if response.status == 429:  # a real API server whose watch cache is (re)initializing
+                    await asyncio.sleep(float(response.headers.get("Retry-After") or 1))
+                    continue
                 if response.status >= 400:
                     raise RuntimeError(f"watch {path}: {response.status} {await response.text()}")
                 async for line in response.content:
@@ -300,7 +303,7 @@ class OperatorProcess:
     """``kubetune operator`` as production runs it, with RSS/CPU read from /proc."""
 
     def __init__(self, kubeconfig: pathlib.Path, namespace: str, log_path: pathlib.Path,
-                 extra_env: dict[str, str] | None = None, profile: str | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, profile: str | None = None, reference: bool = False) -> None:
         self.health_port = free_port()
         env = {
             **os.environ,
@@ -316,6 +319,10 @@ class OperatorProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         command = [*command, "operator", "--namespace", namespace]
+        if reference:  # the issue's yardstick (bench/reference_operator.py), run as kopf's CLI runs it
+            command = [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", namespace,
+                       "--liveness", f"http://127.0.0.1:{self.health_port}/healthz",
+                       str(REPO / "bench" / "reference_operator.py")]
         if profile:  # py-spy samples the operator (100/s, the thread holding the GIL: Python CPU, not threads blocked in I/O) and writes collapsed stacks at its exit
             spy = pathlib.Path(sys.executable).with_name("py-spy")
             command = [str(spy), "record", "--format", "raw", "--rate", "100", "--gil",
@@ -642,15 +649,24 @@ async def _apiserver_counts(api: Api) -> Counter[tuple[str, str]]:
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="kubetune-opscale-"))
     emulator: EmulatorProcess | None = None
-    if args.kubeconfig:
+    crd_server: Any = None
+    api_server = "emulator"
+    if args.crd_server:
+        from bench.crd_apiserver import ShimmedCrdServer
+
+        crd_server = ShimmedCrdServer(args.crd_server, workdir).start()
+        kubeconfig, api_server = crd_server.kubeconfig_path, crd_server.describe()
+    elif args.kubeconfig:
         kubeconfig = pathlib.Path(args.kubeconfig).expanduser().resolve()
+        api_server = "real (--kubeconfig)"
     else:
         emulator = EmulatorProcess()
         kubeconfig = workdir / "kubeconfig.yaml"
         kubeconfig.write_text(yaml.safe_dump(emulator.kubeconfig()))
     namespace = args.namespace or f"opscale-{uuid.uuid4().hex[:6]}"
     operator: OperatorProcess | None = None
-    result: dict[str, Any] = {"n": args.n, "api_server": "real (--kubeconfig)" if args.kubeconfig else "emulator",
+    result: dict[str, Any] = {"n": args.n, "api_server": api_server,
+                              "operator_under_test": "reference (bench/reference_operator.py)" if args.reference else "kubetune",
                               "date": now_iso(), "cpus": os.cpu_count(), "namespace": namespace,
                               "commit": _commit(), "load_before": list(os.getloadavg())}
     try:
@@ -658,13 +674,14 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             await api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                               "metadata": {"name": namespace}}, ok=(409,))
             operator = OperatorProcess(kubeconfig, namespace, workdir / "operator.log", extra_env=args.operator_env,
-                                       profile=args.profile_operator)
+                                       profile=args.profile_operator, reference=args.reference)
             await operator.wait_healthy()
             run = Run(api, namespace, args.n, args.concurrency)
             watchers = [asyncio.create_task(run.watch_jobs()), asyncio.create_task(run.watch_finetunejobs())]
             await asyncio.sleep(args.settle)  # the operator's watches are open
             before_usage = operator.usage()
             before = emulator.stats() if emulator else None
+            server_cpu_before = crd_server.cpu_seconds() if crd_server else None
             before_real = await _apiserver_counts(api) if not emulator else None
             before_bench = Counter(api.counts)
 
@@ -713,6 +730,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 assert before_real is not None and after_real is not None
                 counts = (after_real - before_real) - (api.counts - before_bench)
                 failures, emulator_cpu = [], None
+                if crd_server:  # etcd + API server + shim, as the emulator's CPU is reported
+                    emulator_cpu = round(crd_server.cpu_seconds() - server_cpu_before, 2)
             log = operator.stop()
             operator = None
             errors = log_errors(log)
@@ -731,7 +750,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                              "rss_idle_mb": before_usage["rss_mb"],
                              "cpu_seconds": round(after_usage["cpu_seconds"] - before_usage["cpu_seconds"], 2),
                              "torch_loaded": "/torch/" in modules},
-                "emulator_cpu_seconds": emulator_cpu,
+                "emulator_cpu_seconds": emulator_cpu,  # the API server's (etcd + server + shim) with --crd-server
+                "api_server_cpu_seconds": emulator_cpu,
                 "bench_requests": sum(api.counts.values()) - sum(before_bench.values()),
                 "api": requests_table(counts, args.n),
                 "errors": {"operator_log": len(errors), "api": failures, "controller": run.controller_errors,
@@ -748,6 +768,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result.setdefault("operator_log_tail", log[-3000:])
         if emulator is not None:
             emulator.stop()
+        if crd_server is not None:
+            crd_server.stop()
 
 
 # ----------------------------------------------------------------------- the emulator alone
@@ -877,7 +899,7 @@ def markdown_row(result: dict[str, Any], label: str = "") -> str:
 
 MARKDOWN_HEADER = (
     "| run | API server | N | create→Job p50 / p99 s | last create→Job p50 / p99 s | complete→Succeeded p50 / p99 s "
-    "| operator peak RSS MB | operator CPU s | emulator CPU s | writes / lifecycle | requests / lifecycle "
+    "| operator peak RSS MB | operator CPU s | API server CPU s | writes / lifecycle | requests / lifecycle "
     "| errors | lost |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
@@ -886,6 +908,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.operator_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="FineTuneJobs created at once (100, 1000, 3000)")
     parser.add_argument("--kubeconfig", default=None, help="a real API server (no Job controller) instead of the emulator")
+    parser.add_argument("--crd-server", default=None, metavar="DIR",
+                        help="Kubernetes' API server code instead of the emulator: etcd, apiextensions-apiserver and "
+                             "bench/apishim as tests/support/build_crd_server.sh DIR builds them (bench/crd_apiserver.py)")
+    parser.add_argument("--reference", action="store_true",
+                        help="run the issue's yardstick, a minimal idiomatic kopf operator (bench/reference_operator.py), "
+                             "instead of kubetune's")
     parser.add_argument("--namespace", default=None, help="namespace to use (default: a fresh one)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests the bench keeps in flight")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each stage")

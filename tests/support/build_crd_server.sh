@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the real CRD API server the `crdserver` tests run against (tests/support/apiserver.py):
-#   bash tests/support/build_crd_server.sh OUTDIR      ->  OUTDIR/etcd, OUTDIR/apiextensions-apiserver
+#   bash tests/support/build_crd_server.sh OUTDIR      ->  OUTDIR/etcd, OUTDIR/apiextensions-apiserver, OUTDIR/apishim
 #   pytest -m crdserver --crd-server OUTDIR
+#   python -m bench.operator_scale --crd-server OUTDIR   (apishim, bench/apishim: the core kinds on it)
 #
 # Everything comes from Debian unstable through apt, into a private apt folder (the system's apt
 # configuration and installed packages are not touched, no root needed): etcd-server (a binary),
@@ -45,6 +46,7 @@ goroot=$(ls -d "$work"/root/usr/lib/go-1.* | sort -V | tail -1)
 export GOROOT=$goroot GOPATH=$work/root/usr/share/gocode GO111MODULE=off CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=
 export GOCACHE=${GOCACHE:-$work/gocache}
 (cd "$GOPATH/src/k8s.io/apiextensions-apiserver" && "$GOROOT/bin/go" build -trimpath -o "$out/apiextensions-apiserver" .)
+(cd "$(dirname "$0")/../../bench/apishim" && "$GOROOT/bin/go" build -trimpath -o "$out/apishim" .)
 cp "$work/root/usr/bin/etcd" "$out/etcd"
 "$out/etcd" --version | head -1
 "$out/apiextensions-apiserver" --version 2>/dev/null || true
