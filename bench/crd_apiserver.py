@@ -113,8 +113,14 @@ class ShimmedCrdServer:
         return round(sum(_cpu_seconds(pid) for pid in pids), 2)
 
     def describe(self) -> str:
-        versions = (self.bin_dir / "VERSIONS").read_text().split() if (self.bin_dir / "VERSIONS").exists() else []
-        return "apiextensions-apiserver + etcd via apishim (" + ", ".join(v.split("_amd64")[0] for v in versions) + ")"
+        """``apiextensions-apiserver 0.36.4 + etcd 3.5.30 via apishim``, from the Debian packages in VERSIONS."""
+        found: dict[str, str] = {}
+        listing = self.bin_dir / "VERSIONS"
+        for deb in listing.read_text().split() if listing.exists() else []:  # name_version_arch.deb
+            name, version = deb.split("_")[:2]
+            found[name] = version.split("-")[0]
+        server = found.get("golang-k8s-apiextensions-apiserver-dev", "?")
+        return f"apiextensions-apiserver {server} + etcd {found.get('etcd-server', '?')} via apishim"
 
     # ---------------------------------------------------------------- helpers
 

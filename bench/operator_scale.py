@@ -904,7 +904,7 @@ MARKDOWN_HEADER = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.operator_scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="FineTuneJobs created at once (100, 1000, 3000)")
     parser.add_argument("--kubeconfig", default=None, help="a real API server (no Job controller) instead of the emulator")
@@ -929,7 +929,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulator-only", action="store_true",
                         help="no operator: replay its request mix per lifecycle from a lean client and report the "
                              "emulator's ceiling (lifecycles/s, CPU per lifecycle)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.operator_env = dict(item.split("=", 1) for item in args.operator_env)
     result = asyncio.run(run_emulator_only(args) if args.emulator_only else run_bench(args))
     text = json.dumps(result, indent=2)

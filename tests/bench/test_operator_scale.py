@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import pathlib
 
 import pytest
 
@@ -17,10 +18,20 @@ from bench import operator_scale
 pytestmark = pytest.mark.slow
 
 
+def bench_args(**given: object) -> argparse.Namespace:
+    """The bench's command line as its parser fills it (tiny N, short timeouts), with ``given`` over it."""
+    defaults = dict(n=3, kubeconfig=None, crd_server=None, reference=False, namespace=None, concurrency=8,
+                    timeout=60.0, settle=0.5, operator_env={}, profile_operator=None)
+    return argparse.Namespace(**{**defaults, **given})
+
+
+def test_the_parser_fills_every_field_run_bench_reads() -> None:
+    parsed = vars(operator_scale.build_parser().parse_args(["--n", "3"]))
+    assert set(vars(bench_args())) <= set(parsed), set(vars(bench_args())) - set(parsed)
+
+
 def test_small_run_completes_and_counts_every_write() -> None:
-    args = argparse.Namespace(n=3, kubeconfig=None, namespace=None, concurrency=8, timeout=60.0,
-                              settle=0.5, operator_env={}, profile_operator=None)
-    result = asyncio.run(operator_scale.run_bench(args))
+    result = asyncio.run(operator_scale.run_bench(bench_args(n=3)))
 
     assert result["complete"], result
     assert result["lost"] == 0
@@ -90,3 +101,25 @@ def test_profile_summary_ranks_functions_and_packages() -> None:
     assert "75.0%  JSONDecoder.raw_decode (/usr/lib/python3.11/json/decoder.py)" in summary
     assert "25.0%  kubetune/operator" in summary
     assert "100.0%  main (/x/kubetune/cli.py)" in summary
+
+
+def test_the_reference_operator_runs_under_the_same_bench() -> None:
+    """The issue's yardstick (a minimal idiomatic kopf operator) is measured by the same bench: it
+    makes each FineTuneJob's Job and mirrors its phase, and its writes are counted the same way."""
+    result = asyncio.run(operator_scale.run_bench(bench_args(n=3, reference=True)))
+
+    assert result["operator_under_test"].startswith("reference"), result
+    assert result["complete"] and result["lost"] == 0, result
+    assert result["errors"]["operator_log"] == 0, result["errors"]
+    per = result["api"]["per_lifecycle"]
+    assert per.get("create jobs") == 1.0, per
+    assert "create configmaps" not in per and "create roles" not in per, per  # the Job only
+    assert per.get("patch finetunejobs/status", 0) >= 2.0, per  # Running, then Succeeded at least
+    assert result["complete_to_succeeded_s"]["p99"] is not None
+
+
+def test_a_folder_without_the_shim_is_named(tmp_path: pathlib.Path) -> None:
+    from bench.crd_apiserver import ShimmedCrdServer
+
+    with pytest.raises(FileNotFoundError, match="build_crd_server.sh"):
+        ShimmedCrdServer(tmp_path, tmp_path / "work")
