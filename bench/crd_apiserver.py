@@ -51,7 +51,9 @@ def _cpu_seconds(pid: int) -> float:
 class ShimmedCrdServer:
     """etcd + apiextensions-apiserver + the shim; ``kubeconfig_path`` points clients at the shim."""
 
-    def __init__(self, bin_dir: str | os.PathLike[str], work_dir: pathlib.Path) -> None:
+    def __init__(self, bin_dir: str | os.PathLike[str], work_dir: pathlib.Path, *, collect_garbage: bool = False) -> None:
+        """``collect_garbage``: the shim deletes the dependents of deleted objects, as Kubernetes'
+        garbage collector does (tests of deletion flows; the scale bench runs without it)."""
         sys.path.insert(0, str(REPO))
         from tests.support.apiserver import CrdApiServer, free_port
 
@@ -64,6 +66,7 @@ class ShimmedCrdServer:
         self.shim_port = free_port()
         self.shim: subprocess.Popen[bytes] | None = None
         self.kubeconfig_path = work_dir / "kubeconfig-shim.yaml"
+        self.collect_garbage = collect_garbage
 
     # ---------------------------------------------------------------- start / stop
 
@@ -83,7 +86,8 @@ class ShimmedCrdServer:
             log = open(self.work_dir / "apishim.log", "wb")  # noqa: SIM115 - closed by the child's exit
             self.shim = subprocess.Popen(
                 [str(self.bin_dir / SHIM), "-listen", f"127.0.0.1:{self.shim_port}", "-upstream", self.server.url,
-                 "-ca", str(pki / "ca.crt"), "-cert", str(pki / "admin.crt"), "-key", str(pki / "admin.key")],
+                 "-ca", str(pki / "ca.crt"), "-cert", str(pki / "admin.crt"), "-key", str(pki / "admin.key"),
+                 *(["-gc"] if self.collect_garbage else [])],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             self.kubeconfig_path.write_text(yaml.safe_dump({

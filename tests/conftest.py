@@ -17,7 +17,9 @@ Fixtures (see ``tests/support`` for the classes):
 * ``crd_server`` — a real CRD API server (etcd + ``apiextensions-apiserver``, see
   ``tests/support/apiserver.py``) for the session, kubetune's CRD installed; ``crd_backend`` —
   a :class:`Cluster` serving finetunejobs, parametrised: ``emulator`` always, ``crdserver``
-  (marked ``crdserver``) only with ``--crd-server DIR``.
+  (marked ``crdserver``) only with ``--crd-server DIR``; ``shim_server`` — the same server with
+  ``bench/apishim`` in front, serving the core, batch and RBAC kinds from stand-in CRDs (see
+  ``bench/crd_apiserver.py``), for the operator's flows on Kubernetes' API server code.
 
 Tests marked ``k8s`` are skipped unless ``--kubeconfig PATH`` is given, and tests marked
 ``crdserver`` unless ``--crd-server DIR`` (or ``KUBETUNE_CRD_SERVER``) names the folder that
@@ -225,3 +227,21 @@ def crd_backend(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="session")
+def shim_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """etcd + apiextensions-apiserver + ``bench/apishim`` for the session; yields the shim's kubeconfig
+    (plain HTTP on loopback). Every kind the operator uses is served; Namespaces from the shim's memory;
+    the shim also collects garbage (owner references), as kube-controller-manager would."""
+    value = pytestconfig.getoption("--crd-server")
+    if not value:
+        pytest.skip("needs the real CRD API server: pass --crd-server DIR")
+    from bench.crd_apiserver import ShimmedCrdServer
+
+    server = ShimmedCrdServer(value, tmp_path_factory.mktemp("shim-server"), collect_garbage=True).start()
+    try:
+        yield server.kubeconfig_path
+    finally:
+        server.stop()
+

@@ -10,7 +10,7 @@
 // (tests/support/build_crd_server.sh says what was looked at); bench/operator_scale.py's numbers
 // are meant to come from a real API server. See bench/README.md, "On Kubernetes' API server code".
 //
-// Namespaces are served by the shim from memory (create, get, list, an idle watch):
+// Namespaces are served by the shim from memory (create, get, list, delete, an idle watch):
 // apiextensions-apiserver stores namespaced custom resources in any namespace (NamespaceLifecycle
 // admission is off there), and a cluster-scoped stand-in named "namespaces" would collide with the
 // /namespaces/NAME/ paths of the namespaced ones.
@@ -29,6 +29,7 @@ import (
 	"flag"
 	"io"
 	"log"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"regexp"
@@ -114,8 +115,9 @@ func notFound(w http.ResponseWriter, name string) {
 		"message": `namespaces "` + name + `" not found`, "reason": "NotFound", "details": map[string]any{"name": name, "kind": "namespaces"}, "code": 404})
 }
 
-// namespaces serves /api/v1/namespaces[/NAME] from memory: create, get, list, and a watch that
-// stays open with nothing to say (a client in namespaced mode watches them for deletions).
+// namespaces serves /api/v1/namespaces[/NAME] from memory: create, get, list, delete (the name
+// only: what the namespace held stays), and a watch that stays open with nothing to say (a client
+// in namespaced mode watches them for deletions).
 func (s *shim) namespaces(w http.ResponseWriter, r *http.Request, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -136,8 +138,17 @@ func (s *shim) namespaces(w http.ResponseWriter, r *http.Request, name string) {
 		}
 		s.known[ns.Metadata.Name] = true
 		writeJSON(w, 201, namespaceObject(ns.Metadata.Name))
+	case r.Method == http.MethodDelete && name != "":
+		if !s.known[name] {
+			notFound(w, name)
+			return
+		}
+		delete(s.known, name) // what it held stays in etcd: nothing here garbage-collects
+		gone := namespaceObject(name)
+		gone["status"] = map[string]any{"phase": "Terminating"}
+		writeJSON(w, 200, gone)
 	case r.Method != http.MethodGet:
-		writeJSON(w, 405, map[string]any{"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "apishim serves only create, get, list and watch of Namespaces", "reason": "MethodNotAllowed", "code": 405})
+		writeJSON(w, 405, map[string]any{"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "apishim serves only create, get, list, watch and delete of Namespaces", "reason": "MethodNotAllowed", "code": 405})
 	case name != "":
 		if !s.known[name] {
 			notFound(w, name)
@@ -171,7 +182,7 @@ func (s *shim) namespaces(w http.ResponseWriter, r *http.Request, name string) {
 
 // namespacesResource is /api/v1's entry for Namespaces, added to the stand-ins' list.
 var namespacesResource = map[string]any{"name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace",
-	"verbs": []string{"create", "get", "list", "watch"}, "shortNames": []string{"ns"}}
+	"verbs": []string{"create", "delete", "get", "list", "watch"}, "shortNames": []string{"ns"}}
 
 func (s *shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.verbose {
@@ -202,6 +213,9 @@ func (s *shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			http.Error(w, err.Error(), 400)
 			return
+		}
+		if r.Method == http.MethodPost && strings.HasSuffix(path, "/events") {
+			raw = nameEvent(raw)
 		}
 		body = bytes.NewReader(toStandin(raw))
 	}
@@ -349,6 +363,34 @@ func (s *shim) groupList(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, 200, list)
 }
 
+// nameEvent gives an Event created with a generateName ending in "." (as "job." for the Events of
+// job) its name here: kube-apiserver checks a core Event's generateName only as a path segment,
+// apiextensions-apiserver checks a custom resource's as a DNS subdomain prefix, which may not end
+// in a dot. The name is what kube-apiserver would generate: the prefix and five random characters.
+func nameEvent(raw []byte) []byte {
+	var event map[string]any
+	if json.Unmarshal(raw, &event) != nil {
+		return raw
+	}
+	meta, _ := event["metadata"].(map[string]any)
+	prefix, _ := meta["generateName"].(string)
+	if meta == nil || meta["name"] != nil || !strings.HasSuffix(prefix, ".") {
+		return raw
+	}
+	const letters = "bcdfghjklmnpqrstvwxz2456789" // apimachinery's utilrand alphabet
+	suffix := make([]byte, 5)
+	for i := range suffix {
+		suffix[i] = letters[rand.IntN(len(letters))]
+	}
+	meta["name"] = prefix + string(suffix)
+	delete(meta, "generateName")
+	out, err := json.Marshal(event)
+	if err != nil {
+		return raw
+	}
+	return out
+}
+
 // withNamespaces adds the Namespaces entry to /api/v1's resource list.
 func withNamespaces(list string) string {
 	var doc map[string]any
@@ -364,6 +406,126 @@ func withNamespaces(list string) string {
 	return string(out)
 }
 
+// A garbage collector, as kube-controller-manager's deletes dependents in the background: when an
+// object of any namespaced kind the server holds is deleted (its DELETED watch event, so after its
+// finalizers), every object whose ownerReferences name its uid is deleted too, and so on down.
+// Only with -gc (tests of deletion flows); the scale bench runs without it.
+type collector struct {
+	shim  *shim
+	kinds []string // /apis/GROUP/VERSION/PLURAL of every namespaced kind
+}
+
+func (c *collector) get(path string) (*http.Response, error) {
+	request, _ := http.NewRequest(http.MethodGet, c.shim.upstream+path, nil)
+	request.Header.Set("Accept", "application/json")
+	return c.shim.client.Do(request)
+}
+
+func (c *collector) discover() error {
+	answer, err := c.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+	if err != nil {
+		return err
+	}
+	defer answer.Body.Close()
+	var crds struct {
+		Items []struct {
+			Spec struct {
+				Group string `json:"group"`
+				Scope string `json:"scope"`
+				Names struct {
+					Plural string `json:"plural"`
+				} `json:"names"`
+				Versions []struct {
+					Name    string `json:"name"`
+					Storage bool   `json:"storage"`
+				} `json:"versions"`
+			} `json:"spec"`
+		} `json:"items"`
+	}
+	if err := json.NewDecoder(answer.Body).Decode(&crds); err != nil {
+		return err
+	}
+	for _, crd := range crds.Items {
+		for _, v := range crd.Spec.Versions {
+			if v.Storage && crd.Spec.Scope == "Namespaced" {
+				c.kinds = append(c.kinds, "/apis/"+crd.Spec.Group+"/"+v.Name+"/"+crd.Spec.Names.Plural)
+			}
+		}
+	}
+	return nil
+}
+
+type object struct {
+	Metadata struct {
+		Name            string `json:"name"`
+		Namespace       string `json:"namespace"`
+		UID             string `json:"uid"`
+		OwnerReferences []struct {
+			UID string `json:"uid"`
+		} `json:"ownerReferences"`
+	} `json:"metadata"`
+}
+
+// watch follows one kind's deletions for as long as the shim runs.
+func (c *collector) watch(kind string) {
+	for {
+		answer, err := c.get(kind + "?watch=true")
+		if err != nil || answer.StatusCode != 200 {
+			if answer != nil {
+				answer.Body.Close()
+			}
+			time.Sleep(time.Second)
+			continue
+		}
+		reader := bufio.NewReader(answer.Body)
+		for {
+			line, err := reader.ReadBytes('\n')
+			if err != nil {
+				break
+			}
+			var event struct {
+				Type   string `json:"type"`
+				Object object `json:"object"`
+			}
+			if json.Unmarshal(line, &event) == nil && event.Type == "DELETED" {
+				go c.collect(event.Object.Metadata.UID)
+			}
+		}
+		answer.Body.Close()
+	}
+}
+
+// collect deletes the dependents of the object with this uid.
+func (c *collector) collect(uid string) {
+	for _, kind := range c.kinds {
+		answer, err := c.get(kind)
+		if err != nil {
+			continue
+		}
+		var list struct {
+			Items []object `json:"items"`
+		}
+		json.NewDecoder(answer.Body).Decode(&list)
+		answer.Body.Close()
+		for _, item := range list.Items {
+			for _, owner := range item.Metadata.OwnerReferences {
+				if owner.UID != uid {
+					continue
+				}
+				parts := strings.SplitN(strings.TrimPrefix(kind, "/apis/"), "/", 3) // group, version, plural
+				path := "/apis/" + parts[0] + "/" + parts[1] + "/namespaces/" + item.Metadata.Namespace + "/" + parts[2] + "/" + item.Metadata.Name
+				request, _ := http.NewRequest(http.MethodDelete, c.shim.upstream+path+"?propagationPolicy=Background", nil)
+				if answer, err := c.shim.client.Do(request); err == nil {
+					answer.Body.Close()
+				}
+				if c.shim.verbose {
+					log.Printf("gc: deleted %s (owner %s gone)", path, uid)
+				}
+			}
+		}
+	}
+}
+
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve plain HTTP on")
 	upstream := flag.String("upstream", "", "the CRD server's URL (https://127.0.0.1:PORT)")
@@ -371,6 +533,7 @@ func main() {
 	certFile := flag.String("cert", "", "client certificate (system:masters)")
 	keyFile := flag.String("key", "", "its key")
 	verbose := flag.Bool("v", false, "log every request")
+	collect := flag.Bool("gc", false, "delete the dependents of deleted objects, as Kubernetes' garbage collector does")
 	flag.Parse()
 	pool := x509.NewCertPool()
 	ca, err := os.ReadFile(*caFile)
@@ -388,7 +551,17 @@ func main() {
 		MaxIdleConnsPerHost: 512,
 		IdleConnTimeout:     90 * time.Second,
 	}
-	server := &http.Server{Addr: *listen, Handler: &shim{upstream: strings.TrimRight(*upstream, "/"), client: &http.Client{Transport: transport}, verbose: *verbose, known: map[string]bool{}}}
+	handler := &shim{upstream: strings.TrimRight(*upstream, "/"), client: &http.Client{Transport: transport}, verbose: *verbose, known: map[string]bool{}}
+	if *collect {
+		gc := &collector{shim: handler}
+		if err := gc.discover(); err != nil {
+			log.Fatalf("apishim: -gc: listing CRDs: %v", err)
+		}
+		for _, kind := range gc.kinds {
+			go gc.watch(kind)
+		}
+	}
+	server := &http.Server{Addr: *listen, Handler: handler}
 	log.Printf("apishim: serving %s for %s", *listen, *upstream)
 	log.Fatal(server.ListenAndServe())
 }

@@ -11,12 +11,14 @@ does nothing and the real controller answers instead. Both the ``tests/operator`
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
 import kopf.testing
+import kubernetes
 import pytest
 import yaml
 
@@ -92,14 +94,15 @@ def wait_event(cluster: Cluster, name: str, reason: str, kind: str | None = None
 
 
 class JobController:
-    """Plays the Job controller on the emulator (which has none); a no-op on a real cluster."""
+    """Plays the Job controller where there is none (the emulator, the CRD server through apishim);
+    a no-op on a real cluster."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
     @property
     def active(self) -> bool:
-        return self.cluster.is_emulated
+        return self.cluster.plays_controllers
 
     def set_status(self, job: str, status: dict[str, Any]) -> None:
         if self.active:
@@ -146,11 +149,38 @@ def operator_process(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Any]:
     return run_operator
 
 
-@pytest.fixture()
-def ftj_cluster(cluster: Cluster) -> Cluster:
-    """``cluster`` (emulator, and a real one with --kubeconfig) with the FineTuneJob CRD installed."""
+@pytest.fixture(params=["emulator", pytest.param("real", marks=pytest.mark.k8s),
+                        pytest.param("apishim", marks=pytest.mark.crdserver)])
+def ftj_cluster(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A :class:`Cluster` with the FineTuneJob CRD installed, in a fresh namespace: the emulator; a real
+    cluster with ``--kubeconfig``; with ``--crd-server DIR``, Kubernetes' API server code serving every
+    kind through ``bench/apishim`` (no controllers there: :class:`JobController` plays them)."""
+    if request.param == "apishim":
+        kubeconfig: pathlib.Path = request.getfixturevalue("shim_server")
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # as tests/conftest.py's use_kubeconfig does
+        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        monkeypatch.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        namespace = fresh_namespace_name()
+        cluster = Cluster(kubeconfig, namespace=namespace, plays_controllers=True)
+        cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+        return
+    if request.param == "real":
+        cluster = request.getfixturevalue("real_cluster")
+    else:
+        request.getfixturevalue("kubeconfig_file")
+        emulator: EmulatorThread = request.getfixturevalue("k8s_emulator")
+        cluster = Cluster(pathlib.Path(os.environ["KUBECONFIG"]), namespace=fresh_namespace_name(), emulator=emulator)
+        cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cluster.namespace}})
     install_crd(cluster)
-    return cluster
+    try:
+        yield cluster
+    finally:
+        if request.param == "emulator":
+            cluster.close()
 
 
 @pytest.fixture()
@@ -168,6 +198,6 @@ def emulated_cluster(k8s_emulator: EmulatorThread, kubeconfig_file: pathlib.Path
 
 @pytest.fixture()
 def job_controller(request: pytest.FixtureRequest) -> JobController:
-    """A JobController for whichever of ``cluster`` / ``emulated_cluster`` the test uses."""
-    name = "emulated_cluster" if "emulated_cluster" in request.fixturenames else "cluster"
+    """A JobController for whichever of ``emulated_cluster`` / ``ftj_cluster`` / ``cluster`` the test uses."""
+    name = next(name for name in ("emulated_cluster", "ftj_cluster", "cluster") if name in request.fixturenames)
     return JobController(request.getfixturevalue(name))

@@ -41,10 +41,14 @@ class Cluster:
     a test that needs it (fault injection, peeking at history) is emulator-only by nature.
     """
 
-    def __init__(self, kubeconfig: pathlib.Path, *, namespace: str, emulator: EmulatorThread | None = None) -> None:
+    def __init__(self, kubeconfig: pathlib.Path, *, namespace: str, emulator: EmulatorThread | None = None,
+                 plays_controllers: bool | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.emulator = emulator
+        #: No Job controller or kubelet answers here: tests play them (the emulator; the CRD server
+        #: behind bench/apishim). Defaults to "emulated".
+        self.plays_controllers = emulator is not None if plays_controllers is None else plays_controllers
         self.api_client: ApiClient = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
         self._plurals: dict[tuple[str, str], tuple[str, bool]] = {}
 
