@@ -87,7 +87,8 @@ class ShimmedCrdServer:
             self.shim = subprocess.Popen(
                 [str(self.bin_dir / SHIM), "-listen", f"127.0.0.1:{self.shim_port}", "-upstream", self.server.url,
                  "-ca", str(pki / "ca.crt"), "-cert", str(pki / "admin.crt"), "-key", str(pki / "admin.key"),
-                 *(["-gc"] if self.collect_garbage else [])],
+                 *(["-gc"] if self.collect_garbage else []),
+                 *(["-v"] if os.environ.get("KUBETUNE_APISHIM_VERBOSE") else [])],  # every request in apishim.log
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             self.kubeconfig_path.write_text(yaml.safe_dump({

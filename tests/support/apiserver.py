@@ -171,6 +171,8 @@ class CrdApiServer:
             "--authentication-skip-lookup", "--authentication-kubeconfig", str(self.kubeconfig_path),
             "--authorization-kubeconfig", str(self.kubeconfig_path), "--kubeconfig", str(self.kubeconfig_path),
             "--disable-admission-plugins", NO_CORE_ADMISSION, "--enable-priority-and-fairness=false",
+            # e.g. "--v=1" to see the watch cache close watchers that fall behind
+            *os.environ.get("KUBETUNE_CRD_SERVER_ARGS", "").split(),
         ])
         try:
             self._wait_ready(pki, timeout)
