@@ -304,7 +304,6 @@ async def start_queue(memo: kopf.Memo, **_: Any) -> None:
     queue = queueing.WorkQueue(_reconciler(memo.settings))
     _queues[asyncio.get_running_loop()] = queue
     queue.start()
-    kubeapi.start_event_lane()
 
 
 async def stop_queue() -> None:
@@ -312,4 +311,3 @@ async def stop_queue() -> None:
     queue = _queues.pop(asyncio.get_running_loop(), None)
     if queue is not None:
         await queue.stop()
-    await kubeapi.stop_event_lane()  # after the queue: its last decisions may have posted Events

@@ -513,112 +513,13 @@ async def post_event(
     type: str = "Normal",
 ) -> None:
     """Record an Event on ``involved`` (a body with apiVersion, kind and metadata). Best effort: an
-    Event that cannot be written is logged, never a reason to fail a reconcile.
-
-    Where the operator runs an :class:`EventLane` (started with its work queue), the Event is handed
-    to it and this returns at once: the status write that prompted it is already done, and the
-    Event goes out behind it without holding the caller's turn; elsewhere it is written here."""
+    Event that cannot be written is logged, never a reason to fail a reconcile."""
     event = event_body(involved, reason=reason, message=message, type=type)
-    lane = _event_lanes.get(asyncio.get_running_loop())
-    if lane is not None and lane.running:
-        lane.submit(event)
-        return
-    await _write_event(event)
-
-
-async def _write_event(event: dict[str, Any]) -> None:
-    namespace, name = event["metadata"]["namespace"], event["involvedObject"].get("name")
+    namespace, meta = event["metadata"]["namespace"], involved.get("metadata", {})
     try:
         await _request("create", "Event", namespace, body=event)
     except Exception as exc:  # noqa: BLE001 — an Event is never worth failing the reconcile for
-        logger.warning("could not post event %s on %s/%s: %s", event.get("reason"), namespace, name, exc)
-
-
-#: Tasks that write Events (:class:`EventLane`); the rest of the gateway's ``MAX_IN_FLIGHT`` stays
-#: with the writes that decide (children, status).
-EVENT_WRITERS = 4
-#: Events waiting beyond this many are dropped with a warning (an API server that refuses them all
-#: must not grow the operator's memory without end).
-EVENT_BACKLOG = 20_000
-
-
-class EventLane:
-    """Events written by a few tasks of their own, in the order they were posted for each object.
-
-    On a busy API server every request waits its turn there: an Event written inline takes a turn
-    from the next FineTuneJob's status write (bench/README.md, "Events in a lane of their own").
-    Here the caller returns at once; ``EVENT_WRITERS`` tasks write the Events, each object's always
-    through the same task, so they reach the server in the order they were posted (their
-    timestamps are taken when posted). :meth:`stop` writes what is waiting, for up to a timeout."""
-
-    def __init__(self, writers: int = EVENT_WRITERS) -> None:
-        if writers < 1:
-            raise ValueError(f"writers: must be >= 1 (got {writers})")
-        self._queues: list[asyncio.Queue[dict[str, Any]]] = [asyncio.Queue() for _ in range(writers)]
-        self._tasks: list[asyncio.Task[None]] = []
-        self.dropped = 0
-
-    @property
-    def running(self) -> bool:
-        return bool(self._tasks)
-
-    def __len__(self) -> int:
-        return sum(queue.qsize() for queue in self._queues)
-
-    def start(self) -> None:
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._write(queue), name=f"kubetune-event-writer-{i}")
-                           for i, queue in enumerate(self._queues)]
-
-    def submit(self, event: dict[str, Any]) -> None:
-        if len(self) >= EVENT_BACKLOG:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("%d Events dropped: %d are waiting to be written", self.dropped, len(self))
-            return
-        involved = event["involvedObject"]
-        key = f"{involved.get('namespace')}/{involved.get('name')}"
-        self._queues[hash(key) % len(self._queues)].put_nowait(event)
-
-    async def _write(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
-        while True:
-            event = await queue.get()
-            try:
-                await _write_event(event)
-            finally:
-                queue.task_done()
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Write what is waiting (for up to ``timeout`` seconds), then end the tasks."""
-        if self._tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(queue.join() for queue in self._queues)), timeout)
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        left = len(self)
-        if left:
-            logger.warning("%d Events not written: the operator is stopping", left)
-
-
-_event_lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventLane] = weakref.WeakKeyDictionary()
-
-
-def start_event_lane() -> EventLane:
-    """An :class:`EventLane` for the running event loop (one per operator; tests run several)."""
-    loop = asyncio.get_running_loop()
-    lane = _event_lanes.get(loop)
-    if lane is None:
-        lane = _event_lanes[loop] = EventLane()
-    lane.start()
-    return lane
-
-
-async def stop_event_lane(timeout: float = 5.0) -> None:
-    lane = _event_lanes.pop(asyncio.get_running_loop(), None)
-    if lane is not None:
-        await lane.stop(timeout)
+        logger.warning("could not post event %s on %s/%s: %s", reason, namespace, meta.get("name"), exc)
 
 
 _TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
