@@ -562,6 +562,7 @@ func main() {
 		}
 	}
 	server := &http.Server{Addr: *listen, Handler: handler}
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	log.Printf("apishim: serving %s for %s", *listen, *upstream)
 	log.Fatal(server.ListenAndServe())
 }
