@@ -136,9 +136,10 @@ def real_kubeconfig(pytestconfig: pytest.Config) -> pathlib.Path:
     return path
 
 
-def _namespaced_cluster(kubeconfig: pathlib.Path, emulator: EmulatorThread | None) -> Iterator[Cluster]:
+def namespaced_cluster(kubeconfig: pathlib.Path, emulator: EmulatorThread | None, *,
+                        plays_controllers: bool | None = None) -> Iterator[Cluster]:
     namespace = fresh_namespace_name()
-    cluster = Cluster(kubeconfig, namespace=namespace, emulator=emulator)
+    cluster = Cluster(kubeconfig, namespace=namespace, emulator=emulator, plays_controllers=plays_controllers)
     cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     try:
         yield cluster
@@ -153,7 +154,7 @@ def _namespaced_cluster(kubeconfig: pathlib.Path, emulator: EmulatorThread | Non
 def real_cluster(real_kubeconfig: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     """The ``--kubeconfig`` cluster, in a fresh namespace; ``KUBECONFIG`` points at it."""
     use_kubeconfig(monkeypatch, real_kubeconfig)
-    yield from _namespaced_cluster(real_kubeconfig, None)
+    yield from namespaced_cluster(real_kubeconfig, None)
 
 
 @pytest.fixture(params=["emulator", pytest.param("real", marks=pytest.mark.k8s)])
@@ -165,7 +166,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     emulator: EmulatorThread = request.getfixturevalue("k8s_emulator")
     kubeconfig: pathlib.Path = request.getfixturevalue("kubeconfig_file")
     assert os.environ["KUBECONFIG"] == str(kubeconfig)
-    yield from _namespaced_cluster(kubeconfig, emulator)
+    yield from namespaced_cluster(kubeconfig, emulator)
 
 
 CRD_FILE = pathlib.Path(__file__).resolve().parents[1] / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -219,7 +220,7 @@ def crd_backend(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if request.param == "emulator":
         emulator: EmulatorThread = request.getfixturevalue("k8s_emulator")
         kubeconfig: pathlib.Path = request.getfixturevalue("kubeconfig_file")
-        yield from _namespaced_cluster(kubeconfig, emulator)
+        yield from namespaced_cluster(kubeconfig, emulator)
         return
     server: CrdApiServer = request.getfixturevalue("crd_server")
     cluster = Cluster(server.kubeconfig_path, namespace=fresh_namespace_name())

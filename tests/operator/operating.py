@@ -11,19 +11,18 @@ does nothing and the real controller answers instead. Both the ``tests/operator`
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
 import kopf.testing
-import kubernetes
 import pytest
 import yaml
 
 import kubetune.operator
-from tests.support.clusters import Cluster, fresh_namespace_name
+from tests.conftest import namespaced_cluster, use_kubeconfig
+from tests.support.clusters import Cluster
 from tests.support.emulating import EmulatorThread
 
 HANDLERS = str(pathlib.Path(kubetune.operator.__file__).with_name("handlers.py"))
@@ -155,45 +154,23 @@ def ftj_cluster(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """A :class:`Cluster` with the FineTuneJob CRD installed, in a fresh namespace: the emulator; a real
     cluster with ``--kubeconfig``; with ``--crd-server DIR``, Kubernetes' API server code serving every
     kind through ``bench/apishim`` (no controllers there: :class:`JobController` plays them)."""
-    if request.param == "apishim":
-        kubeconfig: pathlib.Path = request.getfixturevalue("shim_server")
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # as tests/conftest.py's use_kubeconfig does
-        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        monkeypatch.setattr(kubernetes.config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        namespace = fresh_namespace_name()
-        cluster = Cluster(kubeconfig, namespace=namespace, plays_controllers=True)
-        cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-        try:
-            yield cluster
-        finally:
-            cluster.close()
-        return
     if request.param == "real":
         cluster = request.getfixturevalue("real_cluster")
-    else:
-        request.getfixturevalue("kubeconfig_file")
-        emulator: EmulatorThread = request.getfixturevalue("k8s_emulator")
-        cluster = Cluster(pathlib.Path(os.environ["KUBECONFIG"]), namespace=fresh_namespace_name(), emulator=emulator)
-        cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cluster.namespace}})
-    install_crd(cluster)
-    try:
+        install_crd(cluster)
         yield cluster
-    finally:
-        if request.param == "emulator":
-            cluster.close()
+    elif request.param == "apishim":  # the CRD is installed with the server
+        kubeconfig: pathlib.Path = request.getfixturevalue("shim_server")
+        use_kubeconfig(monkeypatch, kubeconfig)
+        yield from namespaced_cluster(kubeconfig, None, plays_controllers=True)
+    else:  # the emulator serves the CRD
+        yield from namespaced_cluster(request.getfixturevalue("kubeconfig_file"), request.getfixturevalue("k8s_emulator"))
 
 
 @pytest.fixture()
 def emulated_cluster(k8s_emulator: EmulatorThread, kubeconfig_file: pathlib.Path) -> Iterator[Cluster]:
     """A Cluster on the emulator only, in a fresh namespace: for flows that need to play controllers
     in detail (pods, OOM kills) or to inspect the requests the operator made."""
-    namespace = fresh_namespace_name()
-    cluster = Cluster(kubeconfig_file, namespace=namespace, emulator=k8s_emulator)
-    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    yield from namespaced_cluster(kubeconfig_file, k8s_emulator)
 
 
 @pytest.fixture()
