@@ -40,12 +40,13 @@ STANDINS = REPO / "bench" / "apishim" / "standins.yaml"
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process from /proc (0.0 once it is gone)."""
+    """``process_cpu_seconds``, 0.0 once the process is gone."""
+    from bench.operator_scale import process_cpu_seconds
+
     try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return process_cpu_seconds(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ShimmedCrdServer:
@@ -151,10 +152,9 @@ class ShimmedCrdServer:
 
     @staticmethod
     def _list_paths() -> list[str]:
-        from kubetune.operator.kubeapi import RESOURCES
+        from kubetune.operator import kubeapi
 
-        return [(f"/api/{version}" if not group else f"/apis/{group}/{version}") + f"/namespaces/default/{plural}"
-                for group, version, plural in RESOURCES.values()]
+        return [kubeapi._path(kind, "default")[0] for kind in kubeapi.RESOURCES]  # noqa: SLF001
 
     def _wait_shim(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

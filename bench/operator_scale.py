@@ -205,6 +205,12 @@ class EmulatorProcess:
         }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far, from /proc."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -361,9 +367,7 @@ class OperatorProcess:
         status = pathlib.Path(f"/proc/{self.pid}/status").read_text()
         hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
         rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        cpu = process_cpu_seconds(self.pid)
         return {"peak_rss_mb": round(hwm_kb / 1024, 1), "rss_mb": round(rss_kb / 1024, 1), "cpu_seconds": round(cpu, 2)}
 
     def loaded_modules(self) -> str:
