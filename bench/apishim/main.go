@@ -23,10 +23,12 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"io"
 	"log"
 	"math/rand/v2"
@@ -286,32 +288,62 @@ func (s *shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(w, text)
 }
 
+// crdSpec is what the shim reads of a CustomResourceDefinition.
+type crdSpec struct {
+	Group string `json:"group"`
+	Scope string `json:"scope"`
+	Names struct {
+		Plural string `json:"plural"`
+	} `json:"names"`
+	Versions []struct {
+		Name    string `json:"name"`
+		Served  bool   `json:"served"`
+		Storage bool   `json:"storage"`
+	} `json:"versions"`
+}
+
+// get reads path from the CRD server as the shim (JSON).
+func (s *shim) get(ctx context.Context, path string) (*http.Response, error) {
+	request, err := http.NewRequestWithContext(ctx, http.MethodGet, s.upstream+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	request.Header.Set("Accept", "application/json")
+	return s.client.Do(request)
+}
+
+// listCRDs reads the specs of every CRD the server holds.
+func (s *shim) listCRDs(ctx context.Context) ([]crdSpec, error) {
+	answer, err := s.get(ctx, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+	if err != nil {
+		return nil, err
+	}
+	defer answer.Body.Close()
+	if answer.StatusCode != 200 {
+		return nil, fmt.Errorf("%s", answer.Status)
+	}
+	var list struct {
+		Items []struct {
+			Spec crdSpec `json:"spec"`
+		} `json:"items"`
+	}
+	if err := json.NewDecoder(answer.Body).Decode(&list); err != nil {
+		return nil, err
+	}
+	specs := make([]crdSpec, len(list.Items))
+	for i, item := range list.Items {
+		specs[i] = item.Spec
+	}
+	return specs, nil
+}
+
 // groupList answers /apis, which kube-apiserver's aggregator serves and apiextensions-apiserver
 // alone does not: every group of the installed CRDs (stand-ins under their real names, the core
 // stand-in left out: the core group is /api) and apiextensions.k8s.io itself.
 func (s *shim) groupList(w http.ResponseWriter, r *http.Request) {
-	request, _ := http.NewRequestWithContext(r.Context(), http.MethodGet, s.upstream+"/apis/apiextensions.k8s.io/v1/customresourcedefinitions", nil)
-	request.Header.Set("Accept", "application/json")
-	answer, err := s.client.Do(request)
+	crds, err := s.listCRDs(r.Context())
 	if err != nil {
-		http.Error(w, err.Error(), 502)
-		return
-	}
-	defer answer.Body.Close()
-	var crds struct {
-		Items []struct {
-			Spec struct {
-				Group    string `json:"group"`
-				Versions []struct {
-					Name    string `json:"name"`
-					Served  bool   `json:"served"`
-					Storage bool   `json:"storage"`
-				} `json:"versions"`
-			} `json:"spec"`
-		} `json:"items"`
-	}
-	if err := json.NewDecoder(answer.Body).Decode(&crds); err != nil || answer.StatusCode != 200 {
-		http.Error(w, "apishim: listing CRDs failed", 502)
+		http.Error(w, "apishim: listing CRDs failed: "+err.Error(), 502)
 		return
 	}
 	type version struct {
@@ -326,8 +358,8 @@ func (s *shim) groupList(w http.ResponseWriter, r *http.Request) {
 	byName := map[string]*group{}
 	order := []string{"apiextensions.k8s.io"}
 	byName["apiextensions.k8s.io"] = &group{Name: "apiextensions.k8s.io", Versions: []version{{"apiextensions.k8s.io/v1", "v1"}}, PreferredVersion: version{"apiextensions.k8s.io/v1", "v1"}}
-	for _, crd := range crds.Items {
-		name := toReal.Replace(crd.Spec.Group)
+	for _, crd := range crds {
+		name := toReal.Replace(crd.Group)
 		if name == "" {
 			continue
 		}
@@ -337,7 +369,7 @@ func (s *shim) groupList(w http.ResponseWriter, r *http.Request) {
 			byName[name] = g
 			order = append(order, name)
 		}
-		for _, v := range crd.Spec.Versions {
+		for _, v := range crd.Versions {
 			if !v.Served {
 				continue
 			}
@@ -416,39 +448,18 @@ type collector struct {
 }
 
 func (c *collector) get(path string) (*http.Response, error) {
-	request, _ := http.NewRequest(http.MethodGet, c.shim.upstream+path, nil)
-	request.Header.Set("Accept", "application/json")
-	return c.shim.client.Do(request)
+	return c.shim.get(context.Background(), path)
 }
 
 func (c *collector) discover() error {
-	answer, err := c.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+	crds, err := c.shim.listCRDs(context.Background())
 	if err != nil {
 		return err
 	}
-	defer answer.Body.Close()
-	var crds struct {
-		Items []struct {
-			Spec struct {
-				Group string `json:"group"`
-				Scope string `json:"scope"`
-				Names struct {
-					Plural string `json:"plural"`
-				} `json:"names"`
-				Versions []struct {
-					Name    string `json:"name"`
-					Storage bool   `json:"storage"`
-				} `json:"versions"`
-			} `json:"spec"`
-		} `json:"items"`
-	}
-	if err := json.NewDecoder(answer.Body).Decode(&crds); err != nil {
-		return err
-	}
-	for _, crd := range crds.Items {
-		for _, v := range crd.Spec.Versions {
-			if v.Storage && crd.Spec.Scope == "Namespaced" {
-				c.kinds = append(c.kinds, "/apis/"+crd.Spec.Group+"/"+v.Name+"/"+crd.Spec.Names.Plural)
+	for _, crd := range crds {
+		for _, v := range crd.Versions {
+			if v.Storage && crd.Scope == "Namespaced" {
+				c.kinds = append(c.kinds, "/apis/"+crd.Group+"/"+v.Name+"/"+crd.Names.Plural)
 			}
 		}
 	}
