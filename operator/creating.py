@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import kopf
 
@@ -74,7 +74,7 @@ async def parse_or_reject(body: dict[str, Any], *, fail: bool) -> FineTuneJob:
 RECHECK_AFTER = 1.0
 
 
-def _is_alive(job: FineTuneJob, live: dict[str, Any] | None) -> bool:
+def _is_alive(live: dict[str, Any] | None, job: FineTuneJob) -> TypeGuard[dict[str, Any]]:
     """Whether ``live`` (the FineTuneJob as just read) is this job and not being deleted."""
     return bool(live and not live["metadata"].get("deletionTimestamp") and live["metadata"].get("uid") == job.metadata.uid)
 
@@ -110,7 +110,7 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
     # kopf may hand us a body that is already gone (a retry racing a delete): children made now
     # would belong to a dead owner, so look again first.
     live, looked = await kubeapi.get("FineTuneJob", job.namespace, job.name), time.monotonic()
-    if not _is_alive(job, live):
+    if not _is_alive(live, job):
         return {"children": "none: the FineTuneJob is gone"}
     options = building.BuildOptions.from_settings(settings)
     planned = building.plan(job, options)
@@ -130,7 +130,7 @@ async def ensure_children(body: dict[str, Any], settings: Settings, seen: indexi
         assert not isinstance(outcome, BaseException)
         existing, created = outcome
         await _check_made(job, wanted, existing, created, made, settings, live)
-    if time.monotonic() - looked > RECHECK_AFTER and not _is_alive(job, await kubeapi.get("FineTuneJob", job.namespace, job.name)):
+    if time.monotonic() - looked > RECHECK_AFTER and not _is_alive(await kubeapi.get("FineTuneJob", job.namespace, job.name), job):
         # deleted while its children were made (slowly: retries); they go with it (owner
         # references), and no trainer Job is made for nobody: its pods would start training
         return {"children": "none: the FineTuneJob was deleted meanwhile"}
